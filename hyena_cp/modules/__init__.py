@@ -1,0 +1,5 @@
+from hyena_cp.modules.conditioning import AdaLNZero, FiLM
+from hyena_cp.modules.hyena import Hyena
+from hyena_cp.modules.mixer import QKVSequenceMixer
+
+__all__ = ["Hyena", "QKVSequenceMixer", "FiLM", "AdaLNZero"]

@@ -1,0 +1,53 @@
+"""Everything that talks to other ranks: group helpers, CP layouts, the sequence<->channel
+AllToAll swaps, halo exchange and reductions. Nothing else in hyena_cp calls
+torch.distributed. ``group=None`` (or a group of size 1) always means one process and no
+communication.
+"""
+from __future__ import annotations
+
+from .comm_stats import CommStats, count_comm, record
+from .groups import group_rank, group_size, is_parallel
+from .halo import causal_halo_1d, row_halo_2d
+from .layouts import (
+    LAYOUTS,
+    check_divisible,
+    check_layout,
+    chunk_ids,
+    chunks_per_rank,
+    from_rank_major,
+    num_chunks,
+    shard,
+    to_rank_major,
+    unshard,
+)
+from .p2p import p2p_exchange
+from .reductions import all_gather_seq, all_reduce_sum, broadcast_from, group_sum
+from .swap import channel_to_seq, seq_to_channel
+
+__all__ = [
+    "CommStats",
+    "LAYOUTS",
+    "all_gather_seq",
+    "all_reduce_sum",
+    "broadcast_from",
+    "causal_halo_1d",
+    "channel_to_seq",
+    "check_divisible",
+    "check_layout",
+    "chunk_ids",
+    "chunks_per_rank",
+    "count_comm",
+    "from_rank_major",
+    "group_rank",
+    "group_size",
+    "group_sum",
+    "is_parallel",
+    "num_chunks",
+    "p2p_exchange",
+    "record",
+    "row_halo_2d",
+    "seq_to_channel",
+    "shard",
+    "to_rank_major",
+    "unshard",
+]

@@ -1,0 +1,153 @@
+"""Hyena operator (order 2): ``y = q * (h * z + D z)`` with ``z = k * v`` and ``h`` an
+implicit long filter, in 1-D (causal) and 2-D (centred, global).
+
+Under context parallelism (``cp_group`` of size P) the operator receives sequence shards
+and only ``z`` crosses ranks: one AllToAll turns the shard ``[B, C, L/P]`` into the full
+sequence of this rank's channel block ``[B, C/P, L]``, the FFT conv runs locally with
+only this rank's filters, and one AllToAll brings the result back (backward: the two
+reverse AllToAlls). Layouts: 1-D zigzag, 2-D row blocks (see ``hyena_cp.parallel.layouts``).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from hyena_cp import flops
+from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv2d, fft_size
+from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d, expand_groups
+from hyena_cp.parallel import (all_gather_seq, channel_to_seq, from_rank_major, group_rank, group_size,
+                               seq_to_channel, shard)
+
+__all__ = ["Hyena"]
+
+Sharding = Literal["sequence", "channel"]
+
+
+class Hyena(nn.Module):
+    """Order-2 Hyena long-convolution core.
+
+    Args:
+        hidden_dim: channels C of q, k, v.
+        num_heads: filter groups; the C/num_heads channels of a group share one long
+            filter. Under CP, ``num_heads % P == 0`` so a group is never split.
+        spatial_dims: 1 (causal sequence) or 2 (image grid, centred global filter).
+        filter_bands, filter_width, filter_depth, filter_sin_freq: implicit filter MLP.
+        max_len: 1-D only; longest sequence the filter accepts (positions are normalised
+            by it), or None for length-relative filters.
+        max_grid: 2-D only; ``(H, W)`` maximum, or None for size-relative filters.
+        cp_comm: how the long conv crosses ranks under CP: "alltoall" (default, the
+            communication floor) or "allgather" — a comparison baseline that all-gathers
+            the full ``z`` (P times the bytes) and convolves every channel on every rank.
+    """
+
+    def __init__(self, *, hidden_dim: int, num_heads: int = 1, spatial_dims: int = 1, filter_bands: int = 8,
+                 filter_width: int = 64, filter_depth: int = 2, filter_sin_freq: float = 1.0,
+                 max_len: int | None = None, max_grid: tuple[int, int] | None = None,
+                 cp_comm: Literal["alltoall", "allgather"] = "alltoall"):
+        super().__init__()
+        if cp_comm not in ("alltoall", "allgather"):
+            raise ValueError(f"cp_comm={cp_comm!r} must be 'alltoall' or 'allgather'")
+        if spatial_dims not in (1, 2):
+            raise ValueError(f"spatial_dims must be 1 or 2, got {spatial_dims}")
+        if num_heads < 1 or hidden_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_dim={hidden_dim}; "
+                             f"pick num_heads among the divisors of hidden_dim")
+        if spatial_dims == 1 and max_grid is not None:
+            raise ValueError("max_grid is for spatial_dims=2; use max_len for a 1-D Hyena")
+        if spatial_dims == 2 and max_len is not None:
+            raise ValueError("max_len is for spatial_dims=1; use max_grid=(H, W) for a 2-D Hyena")
+        self.hidden_dim, self.num_heads, self.spatial_dims = hidden_dim, num_heads, spatial_dims
+        self.cp_comm = cp_comm
+        common = dict(num_bands=filter_bands, width=filter_width, depth=filter_depth, sin_freq=filter_sin_freq)
+        if spatial_dims == 1:
+            self.filter = ImplicitFilter1d(num_heads, max_len=max_len, **common)
+        else:
+            self.filter = ImplicitFilter2d(num_heads, max_grid=max_grid, **common)
+        self.skip = nn.Parameter(torch.randn(hidden_dim))  # D, per channel
+
+    @property
+    def layout(self) -> str:
+        return "zigzag" if self.spatial_dims == 1 else "rows"
+
+    def check_input(self, global_spatial: tuple[int, ...], world: int) -> None:
+        """Raise the constraints of this operator for a global size ``(L,)``/``(H, W)`` on a
+        cp_group of ``world`` ranks (called on every rank before any collective)."""
+        self.filter.check_size(*global_spatial)
+        if self.hidden_dim % world:
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by the cp_group size {world}; "
+                             f"change hidden_dim or the context-parallel size")
+        if self.num_heads % world:
+            raise ValueError(f"num_heads={self.num_heads} must be divisible by the cp_group size {world} "
+                             f"(filter groups are never split across ranks); set num_heads to a multiple of {world}")
+
+    def long_conv(self, z: torch.Tensor, channels: slice) -> torch.Tensor:
+        """FFT long conv of the FULL sequence/grid of a channel block.
+
+        Args:
+            z: ``[B, C_blk, L]`` or ``[B, C_blk, H, W]`` (global sequence, this block's channels).
+            channels: which of the ``hidden_dim`` channels ``z`` holds (a contiguous block
+                aligned to filter groups); only their filters are built.
+        """
+        per_group = self.hidden_dim // self.num_heads
+        groups = slice(channels.start // per_group, channels.stop // per_group)
+        n_channels = channels.stop - channels.start
+        if self.spatial_dims == 1:
+            k = expand_groups(self.filter(z.shape[-1], groups), n_channels)  # C_blk, L
+            return fft_causal_conv1d(z, k, self.skip[channels])
+        k = expand_groups(self.filter(z.shape[-2], z.shape[-1], groups), n_channels)  # C_blk, 2H-1, 2W-1
+        return fft_conv2d(z, k, self.skip[channels])
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp_group=None,
+                sharded: Sharding = "sequence", mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``q, k, v``: ``[B, C, L_local]`` (1-D, zigzag shard) or ``[B, C, H_local, W]`` (2-D, row
+        block) when ``sharded="sequence"``; with ``sharded="channel"`` they already hold the
+        full sequence of this rank's channel block ``[B, C/P, L]`` / ``[B, C/P, H, W]``.
+        ``mask`` (1 = real token, 0 = padding), broadcastable to ``z`` in the same layout,
+        zeroes padded positions of ``z`` so the long conv never carries them to real tokens.
+        Returns ``q * (h * z + D z)`` in the same layout as ``q``."""
+        world, rank = group_size(cp_group), group_rank(cp_group)
+        global_spatial = tuple(q.shape[2:]) if sharded == "channel" else (q.shape[2] * world, *q.shape[3:])
+        self.check_input(global_spatial, world)
+        block = self.hidden_dim // world
+        channels = slice(rank * block, (rank + 1) * block)
+        z = k * v if mask is None else k * v * mask
+        if sharded == "channel" or world == 1:
+            return q * self.long_conv(z, channels)
+        if self.cp_comm == "allgather":
+            return q * self._long_conv_allgather(z, cp_group)
+        if self.spatial_dims == 1:
+            y = seq_to_channel(z, cp_group, "zigzag")  # B, C/P, L
+            y = channel_to_seq(self.long_conv(y, channels), cp_group, "zigzag")  # B, C, L/P
+            return q * y
+        width = z.shape[-1]
+        y = seq_to_channel(rearrange(z, "b c h w -> b c (h w)"), cp_group, "rows")  # B, C/P, H*W
+        y = self.long_conv(rearrange(y, "b c (h w) -> b c h w", w=width), channels)
+        y = channel_to_seq(rearrange(y, "b c h w -> b c (h w)"), cp_group, "rows")  # B, C, H/P*W
+        return q * rearrange(y, "b c (h w) -> b c h w", w=width)
+
+    def _long_conv_allgather(self, z: torch.Tensor, cp_group) -> torch.Tensor:
+        """Baseline: gather the full ``z`` on every rank, convolve all C channels, keep the
+        local positions. ``z``: this rank's shard ``[B, C, L_loc]`` / ``[B, C, H_loc, W]``."""
+        world, rank = group_size(cp_group), group_rank(cp_group)
+        full = from_rank_major(all_gather_seq(z, 2, cp_group), 2, self.layout, world)  # B, C, L / B, C, H, W
+        y = self.long_conv(full, slice(0, self.hidden_dim))
+        return shard(y, 2, self.layout, world, rank)
+
+    def flop_count(self, spatial: tuple[int, ...]) -> dict[str, float]:
+        """Forward FLOP breakdown for one sample of global size ``spatial`` ((L,) or (H, W))."""
+        tokens = 1
+        for s in spatial:
+            tokens *= s
+        fft_numel = 1
+        for s in spatial:
+            fft_numel *= fft_size(s)
+        filt = self.filter.flop_count(*spatial)
+        return {
+            "filter_mlp": filt,
+            "fft_conv": flops.fft_conv(self.hidden_dim, fft_numel),
+            # z = k*v, D*z + conv, q*y: 4 elementwise FLOPs per token-channel
+            "gating": 4 * tokens * self.hidden_dim,
+        }

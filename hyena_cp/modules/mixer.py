@@ -1,0 +1,223 @@
+"""QKVSequenceMixer: in_proj (C->3C) -> short depthwise conv -> Hyena -> norm/conditioning ->
+out_proj (C->C), for sequences ``[B, L, C]`` (1-D, causal) or grids ``[B, H, W, C]`` (2-D).
+
+Context parallelism (``cp_group`` of size P): ``x`` is this rank's shard — the zigzag
+layout for 1-D, a block of H/P grid rows for 2-D. Projections, norm and gating are
+token-local; the short conv gets its neighbours by a halo exchange (default,
+``short_conv_cp="halo"``), or — for comparison — q, k, v are swapped to channel shards
+before it (``short_conv_cp="a2a"``, twice the AllToAll bytes of the default).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from hyena_cp import flops
+from hyena_cp.modules.conditioning import broadcast_tokens, build_conditioning
+from hyena_cp.modules.hyena import Hyena
+from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
+from hyena_cp.parallel import (causal_halo_1d, channel_to_seq, group_rank, group_size, row_halo_2d,
+                               seq_to_channel, shard)
+
+__all__ = ["QKVSequenceMixer"]
+
+
+def build_norm(kind: str | None, dim: int) -> nn.Module:
+    norms = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+    if kind is None:
+        return nn.Identity()
+    if kind not in norms:
+        raise ValueError(f"norm={kind!r} is not one of {sorted(norms)} or None")
+    return norms[kind](dim)
+
+
+class QKVSequenceMixer(nn.Module):
+    """Hyena token mixer with projections.
+
+    Args:
+        hidden_dim: channels C (input and output).
+        hyena: the Hyena operator (``hyena.hidden_dim == hidden_dim``); its ``spatial_dims``
+            decides whether this mixer takes ``[B, L, C]`` or ``[B, H, W, C]``.
+        short_kernel_size: K of the short depthwise conv (1-D causal; 2-D K x K "same", K odd).
+        norm: "layernorm", "rmsnorm" or None, applied to ``q * y`` before out_proj.
+        conditioning: None, "film" or "adaln" (adaLN-Zero); needs ``cond_dim``.
+        bias: bias of in_proj, short conv and out_proj.
+        short_conv_cp: "halo" (default) or "a2a", see module docstring.
+    """
+
+    def __init__(self, *, hidden_dim: int, hyena: Hyena, short_kernel_size: int = 3, norm: str | None = "layernorm",
+                 conditioning: str | None = None, cond_dim: int | None = None, bias: bool = True,
+                 short_conv_cp: Literal["halo", "a2a"] = "halo"):
+        super().__init__()
+        if hyena.hidden_dim != hidden_dim:
+            raise ValueError(f"hyena.hidden_dim={hyena.hidden_dim} must equal the mixer's hidden_dim={hidden_dim}")
+        if short_conv_cp not in ("halo", "a2a"):
+            raise ValueError(f"short_conv_cp={short_conv_cp!r} must be 'halo' or 'a2a'")
+        if short_kernel_size < 1 or (hyena.spatial_dims == 2 and short_kernel_size % 2 == 0):
+            raise ValueError(f"short_kernel_size={short_kernel_size} must be >= 1 (and odd for a 2-D mixer)")
+        self.hidden_dim, self.spatial_dims = hidden_dim, hyena.spatial_dims
+        self.short_kernel_size, self.short_conv_cp = short_kernel_size, short_conv_cp
+        self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias)
+        conv = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
+        # Only used to own and initialise the depthwise weights; the ops apply them.
+        self.short_conv = conv(3 * hidden_dim, 3 * hidden_dim, short_kernel_size, groups=3 * hidden_dim, bias=bias)
+        self.hyena = hyena
+        self.norm = build_norm(norm, hidden_dim)
+        self.cond = build_conditioning(conditioning, cond_dim, hidden_dim)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, x: torch.Tensor, conditioning: torch.Tensor | None, world: int) -> None:
+        """Every rank runs this before any collective, so bad input raises everywhere."""
+        shape = "[B, L, C]" if self.spatial_dims == 1 else "[B, H, W, C]"
+        if x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.hidden_dim:
+            raise ValueError(f"x must be {shape} with C=hidden_dim={self.hidden_dim} (channels last); "
+                             f"got shape {tuple(x.shape)}")
+        if (conditioning is None) != (self.cond is None):
+            need = "needs" if self.cond is not None else "was built without conditioning and takes no"
+            raise ValueError(f"this mixer {need} `conditioning=` tensor [B, cond_dim]")
+        if conditioning is not None and (conditioning.dim() != 2 or conditioning.shape[0] != x.shape[0]):
+            raise ValueError(f"conditioning must be [B, cond_dim] with B={x.shape[0]}, got {tuple(conditioning.shape)}")
+        local = x.shape[1]
+        self.hyena.check_input((local * world, *x.shape[2:-1]), world)
+        if world == 1:
+            return
+        k = self.short_kernel_size
+        if self.spatial_dims == 1:
+            if local % 2:
+                raise ValueError(f"sequence length L={local * world} must be divisible by 2*cp_size={2 * world} "
+                                 f"(zigzag layout); pad the sequence")
+            if self.short_conv_cp == "halo" and local // 2 < k - 1:
+                raise ValueError(f"zigzag chunk length L/(2*cp_size)={local // 2} is shorter than the short-conv "
+                                 f"halo K-1={k - 1}; use a longer sequence, a smaller cp_group or short_kernel_size")
+        elif self.short_conv_cp == "halo" and local < k // 2:
+            raise ValueError(f"rows per rank H/cp_size={local} is fewer than the short-conv halo K//2={k // 2}; "
+                             f"use a taller grid, a smaller cp_group or short_kernel_size")
+
+    # ------------------------------------------------------------ short conv
+    def _short_conv_weights(self, channels: slice | None):
+        """Depthwise weights ``[3C, K(, K)]`` and bias, restricted to a channel block of each of q, k, v."""
+        w = self.short_conv.weight[:, 0]
+        b = self.short_conv.bias
+        if channels is None:
+            return w, b
+        w = w.reshape(3, self.hidden_dim, *w.shape[1:])[:, channels].flatten(0, 1)
+        b = None if b is None else b.reshape(3, self.hidden_dim)[:, channels].flatten()
+        return w, b
+
+    def _short_conv_local(self, u: torch.Tensor, cp_group) -> torch.Tensor:
+        """``u``: this rank's sequence shard ``[B, 3C, L_loc]`` / ``[B, 3C, H_loc, W]``; halo exchange."""
+        w, b = self._short_conv_weights(None)
+        world, k = group_size(cp_group), self.short_kernel_size
+        if self.spatial_dims == 2:
+            if world == 1 or k == 1:
+                return depthwise_conv2d_same(u, w, b)
+            above, below = row_halo_2d(u, k // 2, cp_group)
+            return depthwise_conv2d_same(u, w, b, above, below)
+        if world == 1 or k == 1:
+            return causal_depthwise_conv1d(u, w, b)
+        halos = causal_halo_1d(u, k - 1, cp_group)  # B, 3C, 2, K-1
+        chunks = rearrange(u, "b c (n l) -> (b n) c l", n=2)  # the two zigzag chunks
+        y = causal_depthwise_conv1d(chunks, w, b, rearrange(halos, "b c n k -> (b n) c k"))
+        return rearrange(y, "(b n) c l -> b c (n l)", n=2)
+
+    def _short_conv_full(self, u: torch.Tensor, channels: slice) -> torch.Tensor:
+        """``u``: full sequence of a channel block of q, k, v ``[B, 3*C_blk, L]`` / ``[B, 3*C_blk, H, W]``."""
+        w, b = self._short_conv_weights(channels)
+        conv = causal_depthwise_conv1d if self.spatial_dims == 1 else depthwise_conv2d_same
+        return conv(u, w, b)
+
+    # ---------------------------------------------------------------- forward
+    def _valid_mask(self, spatial: tuple[int, ...], num_valid: int | None, cp_group, full: bool,
+                    like: torch.Tensor) -> torch.Tensor | None:
+        """``[*spatial]`` 1/0 mask of real tokens: global flat position < num_valid (row-major)."""
+        if num_valid is None:
+            return None
+        world = 1 if full else group_size(cp_group)
+        positions = torch.arange(math.prod(spatial) * world, device=like.device)
+        if world > 1:
+            positions = shard(positions, 0, self.hyena.layout, world, group_rank(cp_group))
+        return (positions < num_valid).to(like.dtype).reshape(spatial)
+
+    def forward(self, x: torch.Tensor, *, conditioning: torch.Tensor | None = None, cp_group=None,
+                num_valid_tokens: int | None = None) -> torch.Tensor:
+        """Mix tokens.
+
+        Args:
+            x: ``[B, L_local, C]`` (1-D: this rank's zigzag shard) or ``[B, H_local, W, C]`` (2-D:
+                this rank's block of grid rows); the full tensor when ``cp_group`` is None.
+            conditioning: ``[B, cond_dim]`` when built with ``conditioning=``.
+            cp_group: context-parallel process group, or None for one process.
+            num_valid_tokens: tokens at global row-major position >= this are padding; they
+                are zeroed before the short and the long conv so they never reach real tokens.
+
+        Returns:
+            Same shape as ``x``.
+        """
+        world = group_size(cp_group)
+        self._check(x, conditioning, world)
+        spatial = tuple(x.shape[1:-1])
+        u = self.in_proj(x)
+        u = rearrange(u, "b l c -> b c l") if self.spatial_dims == 1 else rearrange(u, "b h w c -> b c h w")
+        if self.short_conv_cp == "a2a" and world > 1:
+            y = self._forward_a2a(u, cp_group, num_valid_tokens)
+        else:
+            mask = self._valid_mask(spatial, num_valid_tokens, cp_group, False, u)
+            u = u if mask is None else u * mask
+            q, k, v = self._short_conv_local(u, cp_group).chunk(3, dim=1)
+            y = self.hyena(q, k, v, cp_group=cp_group, mask=mask)
+        y = rearrange(y, "b c l -> b l c") if self.spatial_dims == 1 else rearrange(y, "b c h w -> b h w c")
+        y = self.norm(y)
+        if self.cond is None:
+            return self.out_proj(y)
+        scale, shift, gate = self.cond(conditioning)
+        out = self.out_proj(y * broadcast_tokens(scale, y) + broadcast_tokens(shift, y))
+        return out if gate is None else out * broadcast_tokens(gate, out)
+
+    def _forward_a2a(self, u: torch.Tensor, cp_group, num_valid: int | None) -> torch.Tensor:
+        """Comparison mode: swap q, k, v to channel shards, run everything on the full sequence."""
+        world, rank = group_size(cp_group), group_rank(cp_group)
+        block = self.hidden_dim // world
+        channels = slice(rank * block, (rank + 1) * block)
+        spatial_local = u.shape[2:]
+        u = rearrange(u, "b (three c) ... -> b three c (...)", three=3)  # B, 3, C, S_loc
+        u = seq_to_channel(u, cp_group, self.hyena.layout, channel_dim=2)  # B, 3, C/P, S
+        full = (spatial_local[0] * world, *spatial_local[1:])
+        u = u.reshape(u.shape[0], 3 * block, *full)
+        mask = self._valid_mask(full, num_valid, cp_group, True, u)
+        u = u if mask is None else u * mask
+        q, k, v = self._short_conv_full(u, channels).chunk(3, dim=1)
+        y = self.hyena(q, k, v, cp_group=cp_group, sharded="channel", mask=mask)  # B, C/P, *full
+        y = channel_to_seq(y.flatten(2), cp_group, self.hyena.layout)  # B, C, S_loc
+        return y.reshape(y.shape[0], self.hidden_dim, *spatial_local)
+
+    # ------------------------------------------------------------------ flops
+    def flop_breakdown(self, num_tokens: int, grid_w: int | None = None) -> dict[str, float]:
+        """Forward FLOPs of one sample of ``num_tokens`` global tokens (see ``hyena_cp.flops``).
+        2-D mixers need the grid: ``grid_w`` (H = num_tokens // grid_w), else a square grid."""
+        if self.spatial_dims == 1:
+            spatial = (num_tokens,)
+        else:
+            if grid_w is None:
+                grid_w = math.isqrt(num_tokens)
+            if grid_w < 1 or num_tokens % grid_w:
+                raise ValueError(f"num_tokens={num_tokens} is not a grid of width grid_w={grid_w}; pass grid_w")
+            spatial = (num_tokens // grid_w, grid_w)
+        c = self.hidden_dim
+        parts = {
+            "in_proj": flops.linear(num_tokens, c, 3 * c),
+            "short_conv": flops.depthwise_conv(num_tokens, 3 * c, self.short_kernel_size**self.spatial_dims),
+            **self.hyena.flop_count(spatial),
+            "out_proj": flops.linear(num_tokens, c, c),
+        }
+        if self.cond is not None:
+            parts["conditioning"] = flops.linear(1, self.cond.proj.in_features, self.cond.proj.out_features)
+        return parts
+
+    def flop_count(self, num_tokens: int, inference: bool = False, grid_w: int | None = None) -> int:
+        """Total FLOPs for one sample (training = 3x forward unless ``inference``)."""
+        return flops.total(self.flop_breakdown(num_tokens, grid_w), inference)

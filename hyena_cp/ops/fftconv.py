@@ -1,0 +1,96 @@
+"""FFT long convolutions (pure math, no process groups).
+
+Both convolutions are *linear* (never circular): inputs are zero-padded so that no output
+we keep sees a wrapped-around term. They run in float32 (or float64 if that is the input
+dtype) even under autocast, because bf16/fp16 FFTs lose most of the signal of a long
+filter; the result is cast back to the input dtype.
+
+Filters are per channel (already expanded from filter groups) and the skip term is
+``y += D * u`` with ``D: [C]``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["fft_causal_conv1d", "fft_conv2d", "centered_to_circular", "fft_size"]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # float64 stays float64 (the reference tests run in it); everything else runs in fp32.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def fft_size(n: int) -> int:
+    """Padded FFT length for a length-``n`` linear convolution: 2n (no wrap-around)."""
+    return 2 * n
+
+
+def fft_causal_conv1d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal long convolution ``y[t] = sum_{s<=t} k[t-s] u[s] + D u[t]``.
+
+    Args:
+        u: ``[B, C, L]`` input, the full sequence (global, not a shard).
+        k: ``[C, L]`` causal filter, ``k[:, 0]`` multiplies the current token.
+        d: ``[C]`` skip term, or None.
+
+    Returns:
+        ``[B, C, L]`` in ``u``'s dtype. Padding to 2L makes the circular FFT product equal
+        the linear convolution on outputs ``[:L]``.
+    """
+    if u.dim() != 3 or k.dim() != 2 or k.shape != u.shape[1:]:
+        raise ValueError(f"fft_causal_conv1d expects u [B, C, L] and k [C, L]; got u {tuple(u.shape)}, k {tuple(k.shape)}")
+    seqlen = u.shape[-1]
+    n = fft_size(seqlen)
+    dtype = _compute_dtype(u, k)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_f = torch.fft.rfft(u.to(dtype), n=n)
+        k_f = torch.fft.rfft(k.to(dtype), n=n)
+        y = torch.fft.irfft(u_f * k_f, n=n)[..., :seqlen]
+        if d is not None:
+            y = y + u.to(dtype) * d.to(dtype)[:, None]
+    return y.to(u.dtype)
+
+
+def centered_to_circular(k: torch.Tensor, n_h: int, n_w: int) -> torch.Tensor:
+    """Place a centred ``[..., 2H-1, 2W-1]`` kernel on an ``n_h x n_w`` circular grid.
+
+    Offset ``(dy, dx)`` (kernel index ``(dy + H-1, dx + W-1)``) goes to ``(dy mod n_h,
+    dx mod n_w)``, so the kernel centre sits at index (0, 0) and the convolution output
+    needs no shift. With ``n_h >= 2H-1`` the offsets land on distinct cells.
+    """
+    kh, kw = k.shape[-2:]
+    h, w = (kh + 1) // 2, (kw + 1) // 2
+    padded = torch.nn.functional.pad(k, (0, n_w - kw, 0, n_h - kh))
+    return torch.roll(padded, shifts=(-(h - 1), -(w - 1)), dims=(-2, -1))
+
+
+def fft_conv2d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """Global, centred 2-D convolution ``y[i,j] = sum_{m,n} k[i-m, j-n] u[m,n] + D u[i,j]``.
+
+    The kernel is *centred*: ``k`` has shape ``[C, 2H-1, 2W-1]`` and index ``(H-1, W-1)`` is
+    offset (0, 0), so every output position sees every input position of the grid (a
+    non-causal global conv, translation-equivariant, with zero padding outside the grid).
+    We chose centred over corner-anchored because images have no preferred direction.
+
+    Args:
+        u: ``[B, C, H, W]`` the full grid (global, not a row shard).
+        k: ``[C, 2H-1, 2W-1]`` centred filter.
+        d: ``[C]`` skip term, or None.
+
+    Returns:
+        ``[B, C, H, W]`` in ``u``'s dtype. Padding to ``2H x 2W`` avoids circular wrap-around.
+    """
+    if u.dim() != 4 or k.dim() != 3:
+        raise ValueError(f"fft_conv2d expects u [B, C, H, W] and k [C, 2H-1, 2W-1]; got u {tuple(u.shape)}, k {tuple(k.shape)}")
+    _, c, h, w = u.shape
+    if k.shape != (c, 2 * h - 1, 2 * w - 1):
+        raise ValueError(f"fft_conv2d: k must be [C, 2H-1, 2W-1] = {(c, 2 * h - 1, 2 * w - 1)}, got {tuple(k.shape)}")
+    n_h, n_w = fft_size(h), fft_size(w)
+    dtype = _compute_dtype(u, k)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_f = torch.fft.rfft2(u.to(dtype), s=(n_h, n_w))
+        k_f = torch.fft.rfft2(centered_to_circular(k.to(dtype), n_h, n_w))
+        y = torch.fft.irfft2(u_f * k_f, s=(n_h, n_w))[..., :h, :w]
+        if d is not None:
+            y = y + u.to(dtype) * d.to(dtype)[:, None, None]
+    return y.to(u.dtype)

@@ -1,0 +1,22 @@
+"""Shared pytest fixtures.
+
+``dist_run(fn, world_size, *args, **kwargs)`` runs the module-level function ``fn`` on every
+rank of an initialized gloo group of ``world_size`` forked processes and returns the
+per-rank return values in rank order. Inside ``fn`` use ``torch.distributed.group.WORLD``
+and ``dist.get_rank()``. Pass ``expect_error=ValueError`` to require that every rank
+raises that error before any hyena_cp communication (the exceptions are returned).
+Worker pools are created on first use per world size and reused for the whole session;
+see tests/dist_harness.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from dist_harness import DistRunner
+
+
+@pytest.fixture(scope="session")
+def dist_run():
+    runner = DistRunner()
+    yield runner
+    runner.close()

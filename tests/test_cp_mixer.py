@@ -1,0 +1,201 @@
+"""Context-parallel QKVSequenceMixer == single process: outputs, input grads, every
+parameter grad (summed over the CP group), for 1-D zigzag and 2-D row blocks."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hyena_cp import Hyena, QKVSequenceMixer
+from hyena_cp.parallel import count_comm, shard, unshard
+from references import rel_err
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@dataclass(frozen=True)
+class Case:
+    dims: int
+    shape: tuple  # global x shape, channels last
+    kernel: int = 3
+    heads: int = 4
+    dtype: torch.dtype = torch.float64
+    mode: str = "halo"
+    cp_comm: str = "alltoall"
+    cond: str | None = None
+    norm: str | None = "layernorm"
+    num_valid: int | None = None
+    worlds: tuple = (1, 2, 4)
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+CASES = {
+    "1d_k3": Case(1, (2, 48, 8)),
+    "1d_k7_adaln": Case(1, (2, 48, 8), kernel=7, cond="adaln"),
+    "1d_k4_fp32_film": Case(1, (2, 48, 8), kernel=4, dtype=torch.float32, cond="film"),
+    "1d_k5_a2a": Case(1, (2, 48, 8), kernel=5, mode="a2a", norm="rmsnorm"),
+    "1d_k1_fp32": Case(1, (1, 16, 8), kernel=1, dtype=torch.float32),
+    "1d_p3": Case(1, (2, 36, 12), heads=6, worlds=(3,)),
+    "2d_k3": Case(2, (2, 8, 5, 8)),
+    "2d_k5_fp32_film": Case(2, (2, 8, 6, 8), kernel=5, dtype=torch.float32, cond="film"),
+    "2d_k7_rms": Case(2, (1, 12, 7, 8), kernel=7, norm="rmsnorm"),
+    "2d_k3_a2a_adaln": Case(2, (2, 8, 5, 8), mode="a2a", cond="adaln"),
+    "2d_k5_padding": Case(2, (2, 8, 6, 8), kernel=5, num_valid=37),
+    "2d_a2a_padding_fp32": Case(2, (2, 8, 6, 8), mode="a2a", num_valid=41, dtype=torch.float32),
+    "2d_p3": Case(2, (2, 9, 4, 12), heads=6, worlds=(3,)),
+    "1d_allgather": Case(1, (2, 48, 8), cp_comm="allgather"),
+    "2d_allgather_fp32": Case(2, (2, 8, 5, 8), cp_comm="allgather", dtype=torch.float32),
+}
+
+
+def build(case: Case) -> tuple[QKVSequenceMixer, dict]:
+    """Same mixer, input, conditioning and upstream grad on every process (seeded)."""
+    torch.manual_seed(1234)
+    c = case.shape[-1]
+    hyena = Hyena(hidden_dim=c, num_heads=case.heads, spatial_dims=case.dims, filter_width=16, cp_comm=case.cp_comm)
+    mixer = QKVSequenceMixer(hidden_dim=c, hyena=hyena, short_kernel_size=case.kernel, norm=case.norm,
+                             conditioning=case.cond, cond_dim=5 if case.cond else None,
+                             short_conv_cp=case.mode).to(case.dtype)
+    with torch.no_grad():  # zero-initialised parts (adaLN-Zero) would hide gradient bugs
+        for p in mixer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    data = {"x": torch.randn(case.shape, dtype=case.dtype), "grad": torch.randn(case.shape, dtype=case.dtype),
+            "cond": torch.randn(case.shape[0], 5, dtype=case.dtype) if case.cond else None}
+    return mixer, data
+
+
+def layout(case: Case) -> str:
+    return "zigzag" if case.dims == 1 else "rows"
+
+
+def run_mixer(case: Case, group=None) -> dict:
+    """Forward + backward on this rank's shard (the whole tensor when group is None)."""
+    mixer, data = build(case)
+    world = 1 if group is None else dist.get_world_size(group)
+    rank = 0 if group is None else dist.get_rank(group)
+    x = shard(data["x"], 1, layout(case), world, rank).requires_grad_(True)
+    grad = shard(data["grad"], 1, layout(case), world, rank)
+    cond = None if data["cond"] is None else data["cond"].requires_grad_(True)
+    with count_comm() as stats:
+        y = mixer(x, conditioning=cond, cp_group=group, num_valid_tokens=case.num_valid)
+        y.backward(grad)
+    return {"y": y.detach(), "dx": x.grad, "dcond": None if cond is None else cond.grad,
+            "params": {n: p.grad for n, p in mixer.named_parameters()}, "bytes": stats.bytes_sent,
+            "by_op": dict(stats.by_op)}
+
+
+def worker_run(case: Case) -> dict:
+    return run_mixer(case, dist.group.WORLD)
+
+
+def check_parity(case: Case, results: list[dict]) -> None:
+    ref = run_mixer(case)
+    tol = TOL[case.dtype]
+    y = unshard([r["y"] for r in results], 1, layout(case))
+    dx = unshard([r["dx"] for r in results], 1, layout(case))
+    assert rel_err(y, ref["y"]) < tol, "output"
+    assert rel_err(dx, ref["dx"]) < tol, "input grad"
+    if ref["dcond"] is not None:
+        assert rel_err(sum(r["dcond"] for r in results), ref["dcond"]) < tol, "conditioning grad"
+    for name, g_ref in ref["params"].items():
+        g = sum(r["params"][name] for r in results)  # gradients are summed over the CP group
+        assert rel_err(g, g_ref) < tol, f"grad of {name}"
+
+
+PARAMS = [pytest.param(name, p, id=f"{name}-P{p}") for name, case in CASES.items() for p in case.worlds]
+
+
+@pytest.mark.parametrize("name,world", PARAMS)
+def test_cp_mixer_parity(dist_run, name, world):
+    case = CASES[name]
+    check_parity(case, dist_run(worker_run, world, case))
+
+
+def test_parity_test_catches_a_wrong_gradient(dist_run):
+    """The comparison is not vacuous: a perturbed rank-1 gradient is caught."""
+    case = CASES["1d_k3"]
+    results = dist_run(worker_run, 2, case)
+    results[1]["params"]["hyena.filter.out.weight"] = results[1]["params"]["hyena.filter.out.weight"] * 1.001
+    with pytest.raises(AssertionError, match="filter.out.weight"):
+        check_parity(case, results)
+
+
+# ------------------------------------------------------------------ bytes sent
+def predicted_bytes(case: Case, world: int, rank: int) -> int:
+    """4 AllToAlls of B*(L/P)*C*(P-1)/P elements (2 forward, 2 backward) + the halos (forward
+    values, backward gradients) of 3C channels."""
+    b, c, item = case.shape[0], case.shape[-1], torch.finfo(case.dtype).bits // 8
+    tokens_local = math.prod(case.shape[1:-1]) // world
+    a2a = 4 * b * tokens_local * c * (world - 1) // world
+    if world == 1:
+        return 0
+    if case.dims == 1:
+        # Rank r sends chunk r's tail to rank r+1 (not from the last rank, whose neighbour
+        # chunk P is its own) and chunk 2P-1-r's tail to rank r-1 (not from rank 0).
+        sends = (rank < world - 1) + (rank > 0)
+        halo = sends * b * 3 * c * (case.kernel - 1)
+    else:
+        width = case.shape[2]
+        sends = (rank < world - 1) + (rank > 0)
+        halo = sends * b * 3 * c * (case.kernel // 2) * width
+    return (a2a + 2 * halo) * item
+
+
+@pytest.mark.parametrize("name", ["1d_k3", "1d_k7_adaln", "2d_k3", "2d_k5_fp32_film"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_bytes_sent_equal_the_floor(dist_run, name, world):
+    case = CASES[name]
+    results = dist_run(worker_run, world, case)
+    for rank, r in enumerate(results):
+        assert r["bytes"] == predicted_bytes(case, world, rank), (rank, r["by_op"])
+
+
+def test_a2a_mode_sends_twice_the_alltoall_bytes(dist_run):
+    halo_case, a2a_case = CASES["1d_k3"], Case(1, (2, 48, 8), mode="a2a")
+    halo = dist_run(worker_run, 2, halo_case)
+    a2a = dist_run(worker_run, 2, a2a_case)
+    assert a2a[0]["by_op"]["all_to_all"] == 2 * halo[0]["by_op"]["all_to_all"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_allgather_baseline_bytes(dist_run, world):
+    # One all-gather of z forward + one reduce-scatter backward, (P-1)/P * P = P times one
+    # AllToAll each, against the default's 4 AllToAlls: P/2 times the bytes in total (and
+    # P times the long-conv compute and memory per rank).
+    a2a = dist_run(worker_run, world, CASES["1d_k3"])
+    gather = dist_run(worker_run, world, CASES["1d_allgather"])
+    ops = gather[0]["by_op"]
+    assert 2 * (ops["all_gather"] + ops["reduce_scatter"]) == world * a2a[0]["by_op"]["all_to_all"]
+
+
+# --------------------------------------------------------------- bad input
+def worker_bad(case: Case, shape: tuple) -> None:
+    mixer, _ = build(case)
+    x = torch.randn(shape, dtype=case.dtype)
+    mixer(x, cp_group=dist.group.WORLD)
+
+
+@pytest.mark.parametrize("case,local_shape,match", [
+    (Case(1, (1, 12, 8)), (1, 3, 8), "divisible by 2\\*cp_size"),  # L % 2P
+    (Case(1, (1, 12, 8), kernel=5), (1, 4, 8), "shorter than the short-conv halo"),
+    (Case(2, (1, 4, 4, 8), kernel=5), (1, 1, 4, 8), "fewer than the short-conv halo"),
+    (Case(1, (1, 12, 8), heads=2), (1, 6, 8), "num_heads=2"),
+    (Case(2, (1, 4, 4, 8)), (1, 2, 8), "\\[B, H, W, C\\]"),  # wrong layout/rank
+])
+def test_bad_input_raises_on_every_rank_before_communicating(dist_run, case, local_shape, match):
+    world = 4
+    errors = dist_run(worker_bad, world, case, local_shape, expect_error=ValueError)
+    assert len(errors) == world
+    for e in errors:
+        assert isinstance(e, ValueError)
+        assert re.search(match, str(e)), str(e)
+
+
+def test_hidden_dim_not_divisible_by_world(dist_run):
+    case = Case(2, (1, 6, 4, 6), heads=3)
+    errors = dist_run(worker_bad, 2, case, (1, 3, 4, 6), expect_error=ValueError)
+    assert all("hidden_dim=6" in str(e) or "num_heads=3" in str(e) for e in errors)

@@ -1,0 +1,79 @@
+"""Short depthwise convs (with and without halos) and implicit filters, single process."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d, expand_groups
+from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3, 5, 7])
+def test_causal_conv1d_against_loop(kernel):
+    x = torch.randn(2, 3, 11, dtype=torch.float64)
+    w = torch.randn(3, kernel, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    y = causal_depthwise_conv1d(x, w, b)
+    ref = torch.zeros_like(x) + b[:, None]
+    for t in range(11):
+        for j in range(kernel):
+            s = t - (kernel - 1) + j
+            if s >= 0:
+                ref[..., t] += w[:, j] * x[..., s]
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [2, 3, 6])
+def test_causal_conv1d_halo_equals_conv_of_whole(kernel):
+    x = torch.randn(2, 4, 20, dtype=torch.float64)
+    w, b = torch.randn(4, kernel, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    whole = causal_depthwise_conv1d(x, w, b)
+    part = causal_depthwise_conv1d(x[..., 9:], w, b, left_context=x[..., 9 - (kernel - 1):9])
+    torch.testing.assert_close(part, whole[..., 9:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_conv2d_same_and_halo_rows(kernel):
+    x = torch.randn(2, 3, 9, 6, dtype=torch.float64)
+    w, b = torch.randn(3, kernel, kernel, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    whole = depthwise_conv2d_same(x, w, b)
+    torch.testing.assert_close(whole, F.conv2d(x, w[:, None], b, padding=kernel // 2, groups=3))
+    p = kernel // 2
+    if p:
+        above, below = x[:, :, 3 - p:3], x[:, :, 6:6 + p]
+        part = depthwise_conv2d_same(x[:, :, 3:6], w, b, rows_above=above, rows_below=below)
+        torch.testing.assert_close(part, whole[:, :, 3:6], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="odd kernel"):
+        depthwise_conv2d_same(x, torch.randn(3, 2, 2, dtype=torch.float64))
+
+
+def test_filter1d_groups_slice_and_prefix():
+    filt = ImplicitFilter1d(4, max_len=64).double()
+    full = filt(40)
+    assert full.shape == (4, 40)
+    torch.testing.assert_close(filt(40, groups=slice(2, 4)), full[2:4], rtol=0, atol=1e-14)
+    # With max_len set, positions are absolute: a shorter sequence gets a prefix filter.
+    torch.testing.assert_close(filt(17), full[:, :17], rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="max_len"):
+        filt(65)
+
+
+def test_filter1d_any_length_without_max_and_decays():
+    filt = ImplicitFilter1d(2)
+    for n in (1, 5, 300):
+        assert filt(n).shape == (2, n)
+    k = filt(300).detach().abs()
+    # The exponential window makes the far end much smaller than the start.
+    assert k[:, -30:].mean() < 0.1 * k[:, :30].mean()
+
+
+def test_filter2d_shape_slice_and_limits():
+    filt = ImplicitFilter2d(6, max_grid=(8, 10)).double()
+    k = filt(5, 7)
+    assert k.shape == (6, 9, 13)
+    torch.testing.assert_close(filt(5, 7, groups=slice(3, 6)), k[3:], rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="max_grid\\[1\\]"):
+        filt(4, 11)
+    assert expand_groups(k, 12).shape == (12, 9, 13)
+    torch.testing.assert_close(expand_groups(k, 12)[2:4], k[1:2].expand(2, 9, 13))
