@@ -60,12 +60,16 @@ def test_filter1d_groups_slice_and_prefix():
 
 
 def test_filter1d_any_length_without_max_and_decays():
-    filt = ImplicitFilter1d(2)
+    filt = ImplicitFilter1d(2, fast_decay_pct=0.3, slow_decay_pct=1.5, target=1e-2).double()
     for n in (1, 5, 300):
         assert filt(n).shape == (2, n)
-    k = filt(300).detach().abs()
-    # The exponential window makes the far end much smaller than the start.
-    assert k[:, -30:].mean() < 0.1 * k[:, :30].mean()
+    with torch.no_grad():  # constant MLP output 1: the filter is the decay window itself
+        filt.out.weight.zero_()
+        filt.out.bias.fill_(1.0)
+    window = filt(100)
+    assert torch.all(window[:, 1:] < window[:, :-1])  # strictly decaying
+    # The fast group reaches `target` at 30% of the length, the slow one at 150%.
+    torch.testing.assert_close(window[:, 30], torch.tensor([1e-2, 1e-2 ** 0.2], dtype=torch.float64))
 
 
 def test_filter2d_shape_slice_and_limits():

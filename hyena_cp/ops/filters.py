@@ -126,9 +126,7 @@ class ImplicitFilter2d(_ImplicitFilter):
 
     def forward(self, height: int, width: int, groups: slice = slice(None),
                 dtype: torch.dtype | None = None) -> torch.Tensor:
-        max_h, max_w = self.max_grid if self.max_grid is not None else (None, None)
-        ref_h = _check_size(height, max_h, "max_grid[0]", "grid height")
-        ref_w = _check_size(width, max_w, "max_grid[1]", "grid width")
+        ref_h, ref_w = self._reference_sizes(height, width)
         kw = dict(device=self.out.weight.device, dtype=dtype or self.out.weight.dtype)
         ty = torch.arange(-(height - 1), height, **kw) / ref_h  # 2H-1 offsets
         tx = torch.arange(-(width - 1), width, **kw) / ref_w  # 2W-1 offsets
@@ -138,11 +136,14 @@ class ImplicitFilter2d(_ImplicitFilter):
         k = self._build(feats, torch.sqrt(gy**2 + gx**2), groups)
         return k.reshape(k.shape[0], 2 * height - 1, 2 * width - 1)
 
+    def _reference_sizes(self, height: int, width: int) -> tuple[float, float]:
+        max_h, max_w = self.max_grid if self.max_grid is not None else (None, None)
+        return (_check_size(height, max_h, "max_grid[0]", "grid height"),
+                _check_size(width, max_w, "max_grid[1]", "grid width"))
+
     def check_size(self, height: int, width: int) -> None:
         """Raise ``ValueError`` now (before any collective) if the grid is not buildable."""
-        max_h, max_w = self.max_grid if self.max_grid is not None else (None, None)
-        _check_size(height, max_h, "max_grid[0]", "grid height")
-        _check_size(width, max_w, "max_grid[1]", "grid width")
+        self._reference_sizes(height, width)
 
     def flop_count(self, height: int, width: int) -> int:
         return self.mlp_flops((2 * height - 1) * (2 * width - 1))
