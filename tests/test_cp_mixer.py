@@ -39,6 +39,7 @@ CASES = {
     "1d_k4_fp32_film": Case(1, (2, 48, 8), kernel=4, dtype=torch.float32, cond="film"),
     "1d_k5_a2a": Case(1, (2, 48, 8), kernel=5, mode="a2a", norm="rmsnorm"),
     "1d_k1_fp32": Case(1, (1, 16, 8), kernel=1, dtype=torch.float32),
+    "1d_k6_heads8": Case(1, (1, 48, 8), kernel=6, heads=8),
     "1d_p3": Case(1, (2, 36, 12), heads=6, worlds=(3,)),
     "2d_k3": Case(2, (2, 8, 5, 8)),
     "2d_k5_fp32_film": Case(2, (2, 8, 6, 8), kernel=5, dtype=torch.float32, cond="film"),
