@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["linear", "depthwise_conv", "real_fft", "fft_conv", "train_multiplier", "total"]
+__all__ = ["linear", "depthwise_conv", "real_fft", "fft_conv", "sdpa", "train_multiplier", "total"]
 
 
 def linear(tokens: int, in_features: int, out_features: int) -> int:
@@ -30,11 +30,20 @@ def real_fft(n: int) -> float:
     return 2.5 * n * math.log2(n) if n > 1 else 0.0
 
 
-def fft_conv(channels: int, fft_numel: int) -> float:
-    """FFT conv of ``channels`` signals padded to ``fft_numel`` points (2L or 2H*2W): input
-    rfft + filter rfft + complex product on the half spectrum + irfft."""
+def fft_conv(channels: int, groups: int, fft_numel: int) -> float:
+    """FFT conv of ``channels`` signals padded to ``fft_numel`` points (2L or 2H*2W) with
+    ``groups`` shared filters: input rfft + irfft per channel, one filter rfft per group,
+    and a complex product on the half spectrum per channel."""
     half_spectrum = fft_numel // 2 + 1
-    return channels * (3 * real_fft(fft_numel) + 6 * half_spectrum)
+    return channels * (2 * real_fft(fft_numel) + 6 * half_spectrum) + groups * real_fft(fft_numel)
+
+
+def sdpa(tokens: int, dim: int, causal: bool) -> float:
+    """Scaled dot-product attention over ``tokens`` with ``dim`` = heads x head_dim: QK^T and
+    AV, 2 * L^2 * dim each; a causal mask keeps half the (query, key) pairs (what a
+    flash kernel computes; softmax not counted)."""
+    full = 4 * tokens * tokens * dim
+    return full / 2 if causal else full
 
 
 def train_multiplier(inference: bool) -> int:

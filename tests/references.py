@@ -19,5 +19,10 @@ def direct_conv2d_centered(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | N
     return y if d is None else y + u * d[:, None, None]
 
 
+def expand_groups(k: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[G, ...]`` group filters -> ``[channels, ...]``: channel c uses group c // (channels/G)."""
+    return k.repeat_interleave(channels // k.shape[0], dim=0)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv2d
-from references import direct_causal_conv1d, direct_conv2d_centered, rel_err
+from references import direct_causal_conv1d, direct_conv2d_centered, expand_groups, rel_err
 
 # FFT vs direct conv in float64 agree to ~1e-15 relative; 1e-10 leaves room for length
 # effects while any indexing or wrap-around bug gives O(1) errors.
@@ -57,6 +57,23 @@ def test_conv2d_matches_direct(h, w):
         assert rel_err(a, b) < TOL64, name
 
 
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_grouped_filters_equal_per_channel_filters(groups):
+    u = torch.randn(2, 6, 10, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(groups, 10, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 6, 10, dtype=torch.float64)
+    y = fft_causal_conv1d(u, k)
+    y_ref = direct_causal_conv1d(u, expand_groups(k, 6))
+    assert rel_err(y, y_ref) < TOL64
+    g, g_ref = (torch.autograd.grad(out, [u, k], grad_out) for out in (y, y_ref))
+    assert rel_err(g[0], g_ref[0]) < TOL64 and rel_err(g[1], g_ref[1]) < TOL64
+    u2 = torch.randn(1, 6, 3, 4, dtype=torch.float64)
+    k2 = torch.randn(groups, 5, 7, dtype=torch.float64)
+    assert rel_err(fft_conv2d(u2, k2), direct_conv2d_centered(u2, expand_groups(k2, 6))) < TOL64
+    with pytest.raises(ValueError, match="must divide the channel count"):
+        fft_causal_conv1d(u, torch.randn(4, 10, dtype=torch.float64))
+
+
 def test_conv2d_centred_delta_is_identity():
     # A kernel that is 1 at offset (0, 0) only (index H-1, W-1) must return the input.
     u = torch.randn(1, 1, 4, 6, dtype=torch.float64)
@@ -81,7 +98,7 @@ def test_low_precision_computes_in_float32(dtype):
 
 
 def test_shape_errors_name_the_problem():
-    with pytest.raises(ValueError, match="k \\[C, L\\]"):
+    with pytest.raises(ValueError, match="k \\[G, L\\]"):
         fft_causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 4))
     with pytest.raises(ValueError, match="2H-1"):
         fft_conv2d(torch.randn(1, 2, 3, 3), torch.randn(2, 3, 3))

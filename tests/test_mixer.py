@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from hyena_cp import Hyena, QKVSequenceMixer
-from hyena_cp.ops.filters import expand_groups
-from references import direct_causal_conv1d, direct_conv2d_centered, rel_err
+from references import direct_causal_conv1d, direct_conv2d_centered, expand_groups, rel_err
 
 
 def make_mixer(dims: int, c: int = 8, heads: int = 2, kernel: int = 3, **kw) -> QKVSequenceMixer:

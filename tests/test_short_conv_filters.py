@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d, expand_groups
+from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
+from references import expand_groups
 
 
 @pytest.mark.parametrize("kernel", [1, 2, 3, 5, 7])

@@ -17,7 +17,7 @@ from torch import nn
 
 from hyena_cp import flops
 from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv2d, fft_size
-from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d, expand_groups
+from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d
 from hyena_cp.parallel import (all_gather_seq, channel_to_seq, from_rank_major, group_rank, group_size,
                                seq_to_channel, shard)
 
@@ -93,11 +93,10 @@ class Hyena(nn.Module):
         """
         per_group = self.hidden_dim // self.num_heads
         groups = slice(channels.start // per_group, channels.stop // per_group)
-        n_channels = channels.stop - channels.start
         if self.spatial_dims == 1:
-            k = expand_groups(self.filter(z.shape[-1], groups), n_channels)  # C_blk, L
+            k = self.filter(z.shape[-1], groups)  # G_blk, L
             return fft_causal_conv1d(z, k, self.skip[channels])
-        k = expand_groups(self.filter(z.shape[-2], z.shape[-1], groups), n_channels)  # C_blk, 2H-1, 2W-1
+        k = self.filter(z.shape[-2], z.shape[-1], groups)  # G_blk, 2H-1, 2W-1
         return fft_conv2d(z, k, self.skip[channels])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp_group=None,
@@ -147,7 +146,7 @@ class Hyena(nn.Module):
         filt = self.filter.flop_count(*spatial)
         return {
             "filter_mlp": filt,
-            "fft_conv": flops.fft_conv(self.hidden_dim, fft_numel),
+            "fft_conv": flops.fft_conv(self.hidden_dim, self.num_heads, fft_numel),
             # z = k*v, D*z + conv, q*y: 4 elementwise FLOPs per token-channel
             "gating": 4 * tokens * self.hidden_dim,
         }

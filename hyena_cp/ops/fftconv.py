@@ -5,8 +5,10 @@ we keep sees a wrapped-around term. They run in float32 (or float64 if that is t
 dtype) even under autocast, because bf16/fp16 FFTs lose most of the signal of a long
 filter; the result is cast back to the input dtype.
 
-Filters are per channel (already expanded from filter groups) and the skip term is
-``y += D * u`` with ``D: [C]``.
+Filters are per *group*: ``k`` has G rows with ``C % G == 0`` and channel c uses row
+``c // (C/G)`` (G = C is one filter per channel). Groups are broadcast in the frequency
+domain, so a filter shared by C/G channels is transformed once, not C/G times. The skip
+term is ``y += D * u`` with ``D: [C]``.
 """
 from __future__ import annotations
 
@@ -25,27 +27,40 @@ def fft_size(n: int) -> int:
     return 2 * n
 
 
+def _grouped_product(u_f: torch.Tensor, k_f: torch.Tensor) -> torch.Tensor:
+    """``u_f: [B, C, *F]`` times ``k_f: [G, *F]`` with channel c using group c // (C/G)."""
+    b, c = u_f.shape[:2]
+    g = k_f.shape[0]
+    return (u_f.reshape(b, g, c // g, *u_f.shape[2:]) * k_f.unsqueeze(1)).reshape(u_f.shape)
+
+
+def _check_groups(u: torch.Tensor, k: torch.Tensor) -> None:
+    if k.shape[0] < 1 or u.shape[1] % k.shape[0]:
+        raise ValueError(f"the filter's group count G={k.shape[0]} must divide the channel count C={u.shape[1]}")
+
+
 def fft_causal_conv1d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
     """Causal long convolution ``y[t] = sum_{s<=t} k[t-s] u[s] + D u[t]``.
 
     Args:
         u: ``[B, C, L]`` input, the full sequence (global, not a shard).
-        k: ``[C, L]`` causal filter, ``k[:, 0]`` multiplies the current token.
+        k: ``[G, L]`` causal filters (G divides C), ``k[:, 0]`` multiplies the current token.
         d: ``[C]`` skip term, or None.
 
     Returns:
         ``[B, C, L]`` in ``u``'s dtype. Padding to 2L makes the circular FFT product equal
         the linear convolution on outputs ``[:L]``.
     """
-    if u.dim() != 3 or k.dim() != 2 or k.shape != u.shape[1:]:
-        raise ValueError(f"fft_causal_conv1d expects u [B, C, L] and k [C, L]; got u {tuple(u.shape)}, k {tuple(k.shape)}")
+    if u.dim() != 3 or k.dim() != 2 or k.shape[1] != u.shape[2]:
+        raise ValueError(f"fft_causal_conv1d expects u [B, C, L] and k [G, L]; got u {tuple(u.shape)}, k {tuple(k.shape)}")
+    _check_groups(u, k)
     seqlen = u.shape[-1]
     n = fft_size(seqlen)
     dtype = _compute_dtype(u, k)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_f = torch.fft.rfft(u.to(dtype), n=n)
         k_f = torch.fft.rfft(k.to(dtype), n=n)
-        y = torch.fft.irfft(u_f * k_f, n=n)[..., :seqlen]
+        y = torch.fft.irfft(_grouped_product(u_f, k_f), n=n)[..., :seqlen]
         if d is not None:
             y = y + u.to(dtype) * d.to(dtype)[:, None]
     return y.to(u.dtype)
@@ -74,23 +89,24 @@ def fft_conv2d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None) 
 
     Args:
         u: ``[B, C, H, W]`` the full grid (global, not a row shard).
-        k: ``[C, 2H-1, 2W-1]`` centred filter.
+        k: ``[G, 2H-1, 2W-1]`` centred filters (G divides C).
         d: ``[C]`` skip term, or None.
 
     Returns:
         ``[B, C, H, W]`` in ``u``'s dtype. Padding to ``2H x 2W`` avoids circular wrap-around.
     """
     if u.dim() != 4 or k.dim() != 3:
-        raise ValueError(f"fft_conv2d expects u [B, C, H, W] and k [C, 2H-1, 2W-1]; got u {tuple(u.shape)}, k {tuple(k.shape)}")
-    _, c, h, w = u.shape
-    if k.shape != (c, 2 * h - 1, 2 * w - 1):
-        raise ValueError(f"fft_conv2d: k must be [C, 2H-1, 2W-1] = {(c, 2 * h - 1, 2 * w - 1)}, got {tuple(k.shape)}")
+        raise ValueError(f"fft_conv2d expects u [B, C, H, W] and k [G, 2H-1, 2W-1]; got u {tuple(u.shape)}, k {tuple(k.shape)}")
+    h, w = u.shape[-2:]
+    if k.shape[1:] != (2 * h - 1, 2 * w - 1):
+        raise ValueError(f"fft_conv2d: k must be [G, 2H-1, 2W-1] = [G, {2 * h - 1}, {2 * w - 1}], got {tuple(k.shape)}")
+    _check_groups(u, k)
     n_h, n_w = fft_size(h), fft_size(w)
     dtype = _compute_dtype(u, k)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_f = torch.fft.rfft2(u.to(dtype), s=(n_h, n_w))
         k_f = torch.fft.rfft2(centered_to_circular(k.to(dtype), n_h, n_w))
-        y = torch.fft.irfft2(u_f * k_f, s=(n_h, n_w))[..., :h, :w]
+        y = torch.fft.irfft2(_grouped_product(u_f, k_f), s=(n_h, n_w))[..., :h, :w]
         if d is not None:
             y = y + u.to(dtype) * d.to(dtype)[:, None, None]
     return y.to(u.dtype)

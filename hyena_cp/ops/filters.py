@@ -18,7 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["ImplicitFilter1d", "ImplicitFilter2d", "expand_groups"]
+__all__ = ["ImplicitFilter1d", "ImplicitFilter2d"]
 
 
 class Sin(nn.Module):
@@ -44,11 +44,6 @@ def decay_rates(num_groups: int, fast_decay_pct: float, slow_decay_pct: float, t
     ``target`` after ``fast_decay_pct`` .. ``slow_decay_pct`` of the reference size."""
     fast, slow = math.log(1 / target) / fast_decay_pct, math.log(1 / target) / slow_decay_pct
     return torch.linspace(fast, slow, num_groups)
-
-
-def expand_groups(k: torch.Tensor, channels: int) -> torch.Tensor:
-    """``[G, ...]`` group filters -> ``[channels, ...]``: channel c uses group c // (channels/G)."""
-    return k.repeat_interleave(channels // k.shape[0], dim=0)
 
 
 class _ImplicitFilter(nn.Module):
