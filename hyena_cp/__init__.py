@@ -1,7 +1,9 @@
 """hyena_cp: context-parallel Hyena (1-D causal and 2-D) with exact-adjoint backward."""
 from hyena_cp.lazy import LazyCall, LazyConfig, instantiate
 from hyena_cp.models.adapter import ViT5HyenaAdapter
+from hyena_cp.models.hierarchical import ViT5ClassificationNet, ViT5HierarchicalClassificationNet
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
 
 __all__ = ["Hyena", "QKVSequenceMixer", "ViT5HyenaAdapter", "LazyCall", "LazyConfig", "instantiate"]
+__all__ += ["ViT5HierarchicalClassificationNet", "ViT5ClassificationNet"]

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["linear", "depthwise_conv", "real_fft", "fft_conv", "sdpa", "train_multiplier", "total"]
+__all__ = ["linear", "attention", "depthwise_conv", "real_fft", "fft_conv", "train_multiplier", "total"]
 
 
 def linear(tokens: int, in_features: int, out_features: int) -> int:
     return 2 * tokens * in_features * out_features
+
+
+def attention(queries: int, keys: int, dim: int) -> int:
+    """Softmax attention core: ``Q K^T`` and ``A V``, each ``queries * keys * dim`` MACs summed
+    over heads (``dim`` = heads * head_dim); softmax and masking are not counted."""
+    return 2 * 2 * queries * keys * dim
 
 
 def depthwise_conv(tokens: int, channels: int, kernel_numel: int) -> int:
@@ -36,14 +42,6 @@ def fft_conv(channels: int, groups: int, fft_numel: int) -> float:
     and a complex product on the half spectrum per channel."""
     half_spectrum = fft_numel // 2 + 1
     return channels * (2 * real_fft(fft_numel) + 6 * half_spectrum) + groups * real_fft(fft_numel)
-
-
-def sdpa(tokens: int, dim: int, causal: bool) -> float:
-    """Scaled dot-product attention over ``tokens`` with ``dim`` = heads x head_dim: QK^T and
-    AV, 2 * L^2 * dim each; a causal mask keeps half the (query, key) pairs (what a
-    flash kernel computes; softmax not counted)."""
-    full = 4 * tokens * tokens * dim
-    return full / 2 if causal else full
 
 
 def train_multiplier(inference: bool) -> int:

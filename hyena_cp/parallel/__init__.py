@@ -21,6 +21,7 @@ from .layouts import (
     unshard,
 )
 from .p2p import p2p_exchange
+from .redistribute import redistribute
 from .reductions import all_gather_seq, all_reduce_sum, broadcast_from, group_sum
 from .swap import channel_to_seq, seq_to_channel
 
@@ -45,6 +46,7 @@ __all__ = [
     "num_chunks",
     "p2p_exchange",
     "record",
+    "redistribute",
     "row_halo_2d",
     "seq_to_channel",
     "shard",
