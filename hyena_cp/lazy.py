@@ -32,6 +32,8 @@ Choices:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import builtins
 import difflib
 import functools
@@ -99,7 +101,12 @@ class LazyCall:
         self._target = target
 
     def __call__(self, *args: Any, **kwargs: Any) -> DictConfig:
-        node: dict[str, Any] = {"_target_": self._target, **({"_args_": list(args)} if args else {})}
+        # omegaconf would turn a dataclass *type* into a structured-config node, so a
+        # dataclass target is stored as its import path (resolved again by instantiate).
+        target = self._target
+        if dataclasses.is_dataclass(target) and isinstance(target, type):
+            target = f"{target.__module__}.{target.__qualname__}"
+        node: dict[str, Any] = {"_target_": target, **({"_args_": list(args)} if args else {})}
         return DictConfig({**node, **kwargs}, flags=_FLAGS)
 
 

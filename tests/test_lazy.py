@@ -1,6 +1,8 @@
 """LazyCall / LazyConfig / instantiate: building, loading, deriving, saving, overrides."""
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import os
 import sys
@@ -237,3 +239,15 @@ def test_apply_overrides_rejects_typos_and_malformed_items():
     with pytest.raises(ValueError, match="key=value"):
         LazyConfig.apply_overrides(cfg, ["train.lr"])
     assert "lrr" not in cfg.train
+
+
+@dataclasses.dataclass
+class _Settings:
+    width: int = 4
+    depth: int = 2
+
+
+def test_dataclass_target():
+    cfg = LazyCall(_Settings)(width=8)
+    cfg.depth = 3
+    assert instantiate(cfg) == _Settings(width=8, depth=3)

@@ -1,0 +1,31 @@
+"""Tiny byte-level Hyena language model on megatron-core (CPU-friendly: a few hundred
+training steps take minutes on 2 cores). Context parallel as is: num_heads=4 and
+hidden_size=64 allow CP sizes 1, 2 and 4; seq 256 keeps zigzag chunks >= the short-conv halo.
+
+    model = instantiate(cfg.model)                   # after parallel_state.initialize_model_parallel
+    model = instantiate(cfg.model, pg_collection=pgs)  # or with explicit process groups
+
+Hybrid variant: ``model.layer_pattern=HAH model.num_layers=3`` (attention layers: CP size 1 only).
+"""
+from hyena_cp.lazy import LazyCall
+from hyena_cp.megatron import build_hyena_lm
+
+model = LazyCall(build_hyena_lm)(
+    vocab_size=256,  # bytes
+    max_sequence_length=256,  # global context; Hyena filters are normalised by it (max_len)
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,  # used by "A" layers only
+    layer_pattern="HH",
+    hyena=dict(  # HyenaMixerConfig fields
+        num_heads=4,  # filter groups: a multiple of the CP size
+        short_kernel_size=3,
+        filter_bands=8,
+        filter_width=32,
+        filter_depth=2,
+        max_len=256,
+    ),
+    normalization="RMSNorm",
+    hidden_dropout=0.0,  # CP parity needs identical dropout masks, i.e. none
+)

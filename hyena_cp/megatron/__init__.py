@@ -1,0 +1,30 @@
+"""megatron-core integration: Hyena as a ``TransformerLayer`` submodule, layer specs for
+Hyena and hybrid Hyena/attention stacks, and a Hyena language model.
+
+The only package in hyena_cp that imports megatron-core (``import hyena_cp`` does not);
+version-specific code lives in `hyena_cp.megatron.compat`.
+
+    from hyena_cp.megatron import HyenaMixerConfig, get_hyena_layer_spec
+    block = TransformerBlock(config, get_hyena_layer_spec(HyenaMixerConfig(num_heads=4)))
+"""
+from __future__ import annotations
+
+from hyena_cp.megatron.attention import TorchCoreAttention
+from hyena_cp.megatron.mixer import HyenaMixerConfig, MegatronHyenaMixer
+from hyena_cp.megatron.model import IGNORE_INDEX, HyenaLanguageModel, build_hyena_lm
+from hyena_cp.megatron.specs import (LAYER_SYMBOLS, check_layer_pattern, get_attention_layer_spec,
+                                     get_hybrid_block_spec, get_hyena_layer_spec)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LAYER_SYMBOLS",
+    "HyenaLanguageModel",
+    "HyenaMixerConfig",
+    "MegatronHyenaMixer",
+    "TorchCoreAttention",
+    "build_hyena_lm",
+    "check_layer_pattern",
+    "get_attention_layer_spec",
+    "get_hybrid_block_spec",
+    "get_hyena_layer_spec",
+]

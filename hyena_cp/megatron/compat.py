@@ -1,0 +1,137 @@
+"""Everything in hyena_cp that depends on the megatron-core version, in one place.
+
+Supported: megatron-core 0.16.x (what pip installs on Python 3.11; CI tests it) up to 0.19
+(0.17+ needs Python 3.12). tests/test_megatron_*.py passed with 0.16.1, 0.17.1, 0.18.2 and
+0.19.2 (Python 3.12, torch 2.11). The rest of `hyena_cp.megatron` imports megatron names
+only from here, so a renamed module or a changed signature is fixed in this file.
+
+What megatron-core needs on CPU and what differs between versions, found by running it
+(see also PLATFORM_NOTES):
+
+- ``TransformerConfig(use_cpu_initialization=True)``: weights are initialised on the CPU
+  from torch's default generator, so ``torch.manual_seed`` makes a model reproducible on
+  every rank. Do NOT call ``tensor_parallel.model_parallel_cuda_manual_seed`` on CPU: it
+  seeds CUDA and registers CUDA RNG states in the RNG tracker. Nothing on the Hyena path
+  forks that tracker (it is forked only by the stock ``DotProductAttention``'s dropout and
+  by ``TransformerBlock`` under sequence parallelism, which Hyena rejects).
+- Every megatron module needs a real tensor-parallel process group, even of size 1:
+  initialise ``parallel_state`` (a one-process gloo group is enough) or pass a
+  ``ProcessGroupCollection(tp=..., pp=..., cp=...)``.
+- The stock local ``DotProductAttention`` allocates its score buffer with
+  ``torch.cuda.current_device()`` (the global memory buffer), forks the CUDA RNG tracker
+  for dropout, and refuses CP > 1. `hyena_cp.megatron.attention.TorchCoreAttention`
+  replaces it as the ``core_attention`` submodule (pure torch, one process only).
+- ``TransformerLayer`` builds its ``self_attention`` with ``config``, ``layer_number`` and
+  ``pg_collection``, plus ``cp_comm_type`` when ``config.context_parallel_size > 1`` and
+  ``config.cp_comm_type`` is set (a list-valued one is indexed one off in 0.16.1: use a
+  string), ``pp_layer_offset`` when set (0.17+) and ``name`` (0.19). `MegatronHyenaMixer`
+  takes all of them explicitly; a new one in a later version is added there.
+- ``TransformerConfig``'s default CUDA-graph scope ``"full"`` warns "full scope is
+  deprecated" on every construction; `cpu_config_defaults` sets the equivalent ``[]`` on
+  the field of this version (``cuda_graph_scope`` up to 0.17, ``cuda_graph_modules`` from 0.18).
+- The dense MLP submodule: from 0.18 ``TransformerLayer`` calls ``MLP.as_mlp_submodule``
+  and rewraps a ``ModuleSpec(module=MLP)`` into it with a warning; `mlp_submodule` gives
+  each version its native form.
+- An unset ``ProcessGroupCollection`` field raises AttributeError up to 0.18 and reads as
+  None from 0.19; `resolve_cp_group` checks the instance dict instead.
+- ``WrappedTorchNorm`` (torch LayerNorm/RMSNorm by ``config.normalization``) is the norm
+  of our specs: the ``LNImpl`` megatron picks depends on whether Apex/TE are installed.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.package_info import __version__ as MEGATRON_VERSION
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from torch.distributed import ProcessGroup
+
+__all__ = [
+    "AttnMaskType", "ColumnParallelLinear", "LanguageModelEmbedding", "MEGATRON_VERSION", "MegatronModule",
+    "ModuleSpec", "ProcessGroupCollection", "RowParallelLinear",
+    "SelfAttention", "SelfAttentionSubmodules", "TransformerBlock", "TransformerBlockSubmodules",
+    "TransformerConfig", "TransformerLayer", "TransformerLayerSubmodules", "WrappedTorchNorm",
+    "cpu_config_defaults", "get_bias_dropout_add", "mlp_submodule", "resolve_cp_group", "resolve_pg_collection",
+]
+
+SUPPORTED = ((0, 16), (0, 19))
+
+
+def _check_version(version: str) -> None:
+    major_minor = tuple(int(part) for part in version.split(".")[:2])
+    if major_minor < SUPPORTED[0]:
+        raise ImportError(f"hyena_cp.megatron needs megatron-core >= 0.16, found {version}; "
+                          f"pip install 'megatron-core>=0.16'")
+    if major_minor > SUPPORTED[1]:
+        warnings.warn(f"megatron-core {version} is newer than the versions hyena_cp.megatron was "
+                      f"tested with (0.16-0.19); check hyena_cp/megatron/compat.py", stacklevel=2)
+
+
+_check_version(MEGATRON_VERSION)
+
+
+_CUDA_GRAPH_FIELD = ("cuda_graph_modules" if "cuda_graph_modules" in TransformerConfig.__dataclass_fields__
+                     else "cuda_graph_scope")
+
+
+def cpu_config_defaults() -> dict[str, object]:
+    """``TransformerConfig`` fields for a model that must run on CPU (a fresh dict each call;
+    see the module docstring for why each is needed)."""
+    return {"use_cpu_initialization": True, _CUDA_GRAPH_FIELD: []}
+
+
+def mlp_submodule() -> ModuleSpec | functools.partial:
+    """megatron's dense MLP (column-parallel fc1, row-parallel fc2) as a ``TransformerLayer``
+    ``mlp`` submodule."""
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
+
+
+def _has_model_parallel_state() -> bool:
+    return parallel_state.model_parallel_is_initialized()
+
+
+def resolve_cp_group(pg_collection: ProcessGroupCollection | None) -> ProcessGroup | None:
+    """The context-parallel group: ``pg_collection.cp`` when the collection has one (None
+    there means one process), else ``parallel_state``'s when it is initialised, else None."""
+    # "Has one" = the attribute was set: an unset field raises AttributeError up to 0.18 and
+    # reads as None from 0.19, so ask the instance dict, which is the same in every version.
+    if pg_collection is not None and "cp" in vars(pg_collection):
+        return pg_collection.cp
+    if _has_model_parallel_state():
+        return parallel_state.get_context_parallel_group()
+    return None
+
+
+def resolve_pg_collection(pg_collection: ProcessGroupCollection | None) -> ProcessGroupCollection:
+    """The process groups a model is built with: ``pg_collection`` (which must hold ``tp`` and
+    ``pp``), else ``parallel_state``'s. Raises ``ValueError`` when there are none, because
+    every megatron module needs a (size-1 is enough) tensor-parallel group."""
+    if pg_collection is None:
+        if not _has_model_parallel_state():
+            raise ValueError(
+                "megatron-core needs process groups: call megatron.core.parallel_state."
+                "initialize_model_parallel(...) after torch.distributed.init_process_group (one gloo "
+                "process is enough on CPU), or pass pg_collection=ProcessGroupCollection(tp=..., pp=..., cp=...)")
+        return ProcessGroupCollection.use_mpu_process_groups()
+    missing = [name for name in ("tp", "pp") if getattr(pg_collection, name, None) is None]
+    if missing:
+        raise ValueError(f"pg_collection lacks process group(s) {missing}; set them, e.g. a one-rank "
+                         f"group from torch.distributed.new_group([rank]) when not model-parallel")
+    return pg_collection
+

@@ -1,0 +1,190 @@
+"""Hyena language model on megatron-core: context-parallel runs (gloo, zigzag shards) equal
+the single-process model — logits, loss, every parameter gradient (summed over CP) and one
+AdamW step — under ``parallel_state`` and under an explicit ``ProcessGroupCollection``."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+# Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
+from megatron.core import parallel_state
+
+from hyena_cp.megatron import HyenaMixerConfig, build_hyena_lm
+from hyena_cp.megatron.compat import ProcessGroupCollection
+from hyena_cp.parallel import group_rank, group_size, group_sum, shard, unshard
+from references import rel_err
+
+TOL = 1e-5  # fp32
+
+
+@dataclass(frozen=True)
+class LMCase:
+    pattern: str = "HH"
+    seq: int = 32  # global; P=4 -> 8 zigzag chunks of 4 tokens >= the short-conv halo 2
+    batch: int = 2
+    vocab: int = 32
+    hidden: int = 16
+    heads: int = 4  # Hyena filter groups, divisible by every P
+    lr: float = 1e-2
+
+
+def build(case: LMCase, pg_collection: ProcessGroupCollection | None):
+    """The same model and batch on every process (seeded)."""
+    torch.manual_seed(1234)
+    model = build_hyena_lm(vocab_size=case.vocab, max_sequence_length=case.seq, num_layers=len(case.pattern),
+                           hidden_size=case.hidden, ffn_hidden_size=2 * case.hidden, layer_pattern=case.pattern,
+                           hyena=HyenaMixerConfig(num_heads=case.heads, filter_width=16, max_len=case.seq),
+                           pg_collection=pg_collection)
+    with torch.no_grad():  # zero biases / unit norm weights would hide some gradient bugs
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tokens = torch.randint(0, case.vocab, (case.batch, case.seq + 1))
+    return model, tokens[:, :-1], tokens[:, 1:]  # labels shifted on the GLOBAL sequence
+
+
+def run(case: LMCase, pg_collection: ProcessGroupCollection | None, cp_group) -> dict:
+    """Forward, backward of this rank's loss share, CP-summed grads, one AdamW step."""
+    model, inputs, labels = build(case, pg_collection)
+    world, rank = group_size(cp_group), group_rank(cp_group)
+    x, y = (shard(t, 1, "zigzag", world, rank) for t in (inputs, labels))
+    logits = model(x)
+    loss_share = model(x, y).sum() / labels.numel()  # sum over CP ranks = global mean loss
+    loss_share.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():  # what a CP training loop does before the optimizer step
+        p.grad = group_sum(p.grad, cp_group)
+    torch.optim.AdamW(model.parameters(), lr=case.lr).step()
+    return {"logits": logits.detach(), "loss": loss_share.detach(), "grads": grads,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def reference_groups() -> ProcessGroupCollection:
+    """One-process groups of parallel_state (tp=pp=1) without CP: the single-process model."""
+    return ProcessGroupCollection(tp=parallel_state.get_tensor_model_parallel_group(),
+                                  pp=parallel_state.get_pipeline_model_parallel_group(), cp=None)
+
+
+def worker_parallel_state(case: LMCase) -> dict:
+    world = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=world)
+    try:
+        out = run(case, None, parallel_state.get_context_parallel_group())
+        out["ref"] = run(case, reference_groups(), None) if dist.get_rank() == 0 else None
+        return out
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def worker_pg_collection(case: LMCase) -> dict:
+    assert not parallel_state.model_parallel_is_initialized()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    singles = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates every group
+    pgs = ProcessGroupCollection(tp=singles[rank], pp=singles[rank], cp=dist.group.WORLD)
+    out = run(case, pgs, dist.group.WORLD)
+    out["ref"] = run(case, ProcessGroupCollection(tp=singles[0], pp=singles[0], cp=None), None) if rank == 0 else None
+    return out
+
+
+def check_parity(results: list[dict]) -> None:
+    """Gathered logits, summed loss shares and CP-summed grads against the single process."""
+    ref = results[0]["ref"]
+    assert rel_err(unshard([r["logits"] for r in results], 1, "zigzag"), ref["logits"]) < TOL, "logits"
+    assert rel_err(sum(r["loss"] for r in results), ref["loss"]) < TOL, "loss"
+    assert results[0]["grads"].keys() == ref["grads"].keys()
+    for name, g_ref in ref["grads"].items():
+        assert g_ref.norm() > 0, f"grad of {name} is zero: the comparison would be vacuous"
+        assert rel_err(sum(r["grads"][name] for r in results), g_ref) < TOL, f"grad of {name}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_lm_parity_under_parallel_state(dist_run, world):
+    check_parity(dist_run(worker_parallel_state, world, LMCase()))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lm_parity_with_explicit_process_groups(dist_run, world):
+    check_parity(dist_run(worker_pg_collection, world, LMCase()))
+
+
+def test_one_adamw_step_gives_the_same_parameters(dist_run):
+    results = dist_run(worker_parallel_state, 2, LMCase())
+    ref = results[0]["ref"]["params"]
+    for name, p_ref in ref.items():
+        assert rel_err(results[0]["params"][name], p_ref) < TOL, name
+        for r in results[1:]:  # every rank holds the same updated model
+            assert torch.equal(r["params"][name], results[0]["params"][name]), name
+
+
+def test_parity_check_catches_a_wrong_gradient(dist_run):
+    results = dist_run(worker_parallel_state, 2, LMCase())
+    name = next(n for n in results[1]["grads"] if "hyena.filter" in n)
+    results[1]["grads"][name] = results[1]["grads"][name] * 1.001
+    with pytest.raises(AssertionError, match=re.escape(name)):
+        check_parity(results)
+
+
+# ---------------------------------------------------------------- hybrids (attention: P=1)
+def forbidden_cuda(*args, **kwargs):
+    raise AssertionError("CUDA was initialised or queried on the CPU path")
+
+
+def worker_hybrid_no_cuda(case: LMCase) -> dict:
+    """Build, forward, backward of an LM with CUDA forbidden. Every Python-level CUDA call
+    (current_device, RNG states, synchronize, the lazy init of a CUDA tensor) passes through
+    ``torch.cuda._lazy_init``; on a CPU-only torch any CUDA use raises anyway."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=1)
+    try:
+        with mock.patch.object(torch.cuda, "_lazy_init", forbidden_cuda):
+            model, inputs, labels = build(case, None)
+            logits = model(inputs)
+            model(inputs, labels).mean().backward()
+            cut = case.seq // 2
+            changed = inputs.clone()
+            changed[:, cut:] = (changed[:, cut:] + 1) % case.vocab
+            logits_changed = model(changed)
+        return {"logits": logits.detach(), "logits_changed": logits_changed.detach(), "cut": cut,
+                "grad_norms": {n: p.grad.norm().item() for n, p in model.named_parameters()}}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("pattern", ["HH", "HAH"])
+def test_lm_is_causal_and_cuda_free(dist_run, pattern):
+    (out,) = dist_run(worker_hybrid_no_cuda, 1, LMCase(pattern=pattern))
+    cut = out["cut"]
+    # FFT round-off (fp32) is the only way later tokens may touch earlier logits.
+    torch.testing.assert_close(out["logits_changed"][:, :cut], out["logits"][:, :cut], rtol=0, atol=1e-5)
+    assert (out["logits_changed"][:, cut:] - out["logits"][:, cut:]).abs().max() > 1e-3
+    assert all(norm > 0 for norm in out["grad_norms"].values()), out["grad_norms"]
+
+
+def worker_build_hybrid(case: LMCase) -> None:
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=dist.get_world_size())
+    try:
+        build(case, None)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_attention_with_cp_raises_on_every_rank(dist_run):
+    errors = dist_run(worker_build_hybrid, 2, LMCase(pattern="HA"), expect_error=ValueError)
+    assert all("no context parallelism" in str(e) for e in errors), errors
+
+
+def worker_bad_batch(case: LMCase, local_len: int) -> None:
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=dist.get_world_size())
+    try:
+        model, _, _ = build(case, None)
+        model(torch.zeros(1, local_len, dtype=torch.long))
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("local_len,match", [(3, "must be even"), (20, "exceeds max_sequence_length")])
+def test_bad_batch_raises_on_every_rank_before_communicating(dist_run, local_len, match):
+    errors = dist_run(worker_bad_batch, 2, LMCase(), local_len, expect_error=ValueError)
+    assert all(re.search(match, str(e)) for e in errors), errors
