@@ -1,0 +1,15 @@
+"""Training: the data-parallel x context-parallel loop, tasks, checkpoints and metrics.
+
+Entry point: ``launch/train.py`` (``torchrun ... launch/train.py configs/<name>.py key=value``),
+which calls `train`. Collectives come from `hyena_cp.parallel` (`parallel.dims` builds the
+groups, `parallel.grad_sync` reduces gradients); this package only composes them.
+"""
+from __future__ import annotations
+
+from .checkpoint import Checkpointer, load_model_state
+from .config import ParallelConfig, TrainConfig, with_defaults
+from .loop import Trainer, train
+from .tasks import ImageClassification, LanguageModeling, Task
+
+__all__ = ["Checkpointer", "ImageClassification", "LanguageModeling", "ParallelConfig", "Task", "TrainConfig",
+           "Trainer", "load_model_state", "train", "with_defaults"]

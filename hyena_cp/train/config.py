@@ -1,0 +1,101 @@
+"""The ``train`` and ``parallel`` sections of an experiment config, checked by dataclasses so a
+mistyped key raises instead of being ignored.
+
+An experiment config (``configs/*.py``) defines four more entries: ``model`` (a LazyCall of
+the network), ``optimizer`` (a LazyCall of a ``torch.optim`` class without ``params``),
+``task`` (a LazyCall of `hyena_cp.train.tasks.ImageClassification` or `LanguageModeling`,
+without ``groups``/``seed``, which the loop passes) and these two plain dicts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, fields
+
+from omegaconf import DictConfig
+
+__all__ = ["ParallelConfig", "TrainConfig", "lr_factor", "with_defaults"]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """``parallel`` section.
+
+    cp: context-parallel size; the data-parallel size is ``world // cp``.
+    backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl".
+    timeout_s: collective timeout; a dead peer fails the job after this long instead of
+        hanging it (torchrun can then restart it from the last checkpoint).
+    megatron: build the groups with megatron-core's ``parallel_state`` (models built on
+        megatron-core read their CP group there); False uses plain ``new_group`` and skips
+        megatron-core's import.
+    """
+
+    cp: int = 1
+    backend: str = "auto"
+    timeout_s: float = 300.0
+    megatron: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``train`` section (steps count optimizer steps; 0 in an ``*_every`` means "at the end only").
+
+    seed: model init (same on every rank), data order, and the training RNG of data-parallel
+        replica r, seeded with ``seed + 1000 * (r + 1)`` -- per REPLICA, not per rank, so the
+        CP ranks of a replica draw the same stochastic-depth masks.
+    output_dir: run folder (metrics, plot, checkpoints); None: ``outputs/<config name>``.
+    resume: continue from the newest complete checkpoint in ``output_dir`` if there is one
+        (so a torchrun restart or a re-run carries on); False requires a folder without
+        checkpoints (it never overwrites another run).
+    clip_grad_norm: max global grad norm (0 disables clipping).
+    warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio * lr``.
+    fault_step, fault_rank: testing only -- global rank ``fault_rank`` exits with status 1
+        when it reaches step ``fault_step`` in the first attempt of a torchrun job.
+    """
+
+    steps: int
+    seed: int = 0
+    output_dir: str | None = None
+    resume: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    clip_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    fault_step: int | None = None
+    fault_rank: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps={self.steps} must be >= 1")
+        for name in ("log_every", "eval_every", "ckpt_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+    def due(self, every: int, step: int) -> bool:
+        """Whether a periodic action runs after ``step`` completed steps (always after the last)."""
+        return step == self.steps or (every > 0 and step % every == 0)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the base learning rate for (0-based) optimizer step ``step``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def with_defaults(cfg: DictConfig) -> DictConfig:
+    """Fill the ``train`` and ``parallel`` keys a config file leaves out with their defaults
+    (in place), so every setting can be overridden as ``key=value`` and is saved with the run."""
+    for section, schema in (("train", TrainConfig), ("parallel", ParallelConfig)):
+        if section not in cfg:
+            cfg[section] = {}
+        for f in fields(schema):
+            if f.name not in cfg[section] and f.default is not MISSING:
+                cfg[section][f.name] = f.default
+    return cfg

@@ -1,0 +1,204 @@
+"""The training loop: data-parallel x context-parallel training of a config's model on its task.
+
+One step on every rank: this replica's batch (full images, or this rank's zigzag token
+shard) -> forward -> this rank's loss SHARE -> backward -> gradients summed over CP and
+averaged over DP (one bucketed all-reduce, `hyena_cp.parallel.grad_sync`) -> clip -> optimizer
+step. Every rank then holds the same gradients, so parameters stay replicated without any
+broadcast. Rank 0 logs, plots and drives the progress bar; checkpoints are collective.
+
+This module never calls ``torch.distributed`` itself: groups, barriers and reductions come
+from `hyena_cp.parallel`, and checkpoint I/O from `hyena_cp.train.checkpoint` (DCP).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from hyena_cp.lazy import LazyConfig, instantiate
+from hyena_cp.parallel.dims import ParallelGroups, destroy_parallel, init_parallel
+from hyena_cp.parallel.grad_sync import sync_gradients
+from hyena_cp.parallel.reductions import group_sum
+from hyena_cp.train.checkpoint import Checkpointer
+from hyena_cp.train.config import ParallelConfig, TrainConfig, lr_factor
+from hyena_cp.train.metrics import MetricsLog, plot_curves, progress_bar
+from hyena_cp.train.tasks import Task
+
+__all__ = ["Trainer", "train"]
+
+
+def restart_count() -> int:
+    """Which attempt of a torchrun job this is (0 for the first, or outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+@dataclass
+class Trainer:
+    """Everything one rank needs for a run; build it with `Trainer.build`."""
+
+    cfg: TrainConfig
+    groups: ParallelGroups
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    task: Task
+    checkpointer: Checkpointer
+    output_dir: Path
+    name: str
+    step: int = 0
+    resumed_from: int | None = None
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    evals: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: DictConfig, groups: ParallelGroups, output_dir: Path, name: str) -> Trainer:
+        settings = TrainConfig(**instantiate(cfg.train))
+        torch.manual_seed(settings.seed)  # identical initial weights on every rank
+        model = instantiate(cfg.model).to(groups.device)
+        optimizer = instantiate(cfg.optimizer, params=model.parameters())
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # the schedule scales this base rate
+        task = instantiate(cfg.task, groups=groups, seed=settings.seed)
+        torch.manual_seed(settings.seed + 1000 * (groups.dp_rank + 1))  # per replica, see TrainConfig
+        checkpointer = Checkpointer(output_dir / "checkpoints", groups, keep=settings.keep_checkpoints)
+        return cls(settings, groups, model, optimizer, task, checkpointer, output_dir, name)
+
+    # ----------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """Load the newest complete checkpoint if ``train.resume``; refuse to mix runs otherwise."""
+        latest = self.checkpointer.latest_step()
+        if latest < 0:
+            return
+        if not self.cfg.resume:
+            raise ValueError(f"{self.checkpointer.root} already holds checkpoints (newest: step {latest}); pass "
+                             f"train.resume=true to continue that run or choose another train.output_dir")
+        progress = self.checkpointer.load(latest, self.model, self.optimizer)
+        if progress["global_batch_size"] != self.task.sampler.global_batch_size:
+            raise ValueError(f"checkpoint step {latest} was trained with global_batch_size="
+                             f"{progress['global_batch_size']}; the data position needs the same value")
+        self.step = self.resumed_from = progress["step"]
+
+    def _maybe_fail(self) -> None:
+        """Fault injection for the recovery test (first attempt only, see TrainConfig)."""
+        cfg = self.cfg
+        if self.step == cfg.fault_step and self.groups.rank == cfg.fault_rank and restart_count() == 0:
+            print(f"[fault injection] rank {self.groups.rank} exits at step {self.step}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    # ------------------------------------------------------------------- step
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (global mean loss, global grad norm)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        share = self.task.loss_share(self.model, self.task.batch(self.step))
+        share.backward()
+        g = self.groups
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sync_gradients(params, g.grad_group, divide_by=g.dims.dp)
+        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # grads are identical on all ranks
+        factor = lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        self.optimizer.step()
+        self.step += 1
+        loss = group_sum(share.detach().double(), g.grad_group) / g.dims.dp  # shares add up over CP
+        return float(loss), float(grad_norm)
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        self.evals = self.task.evaluate(self.model)
+        return self.evals
+
+    def save(self) -> None:
+        progress = {"step": self.step, "epoch": self.task.sampler.epoch(self.step),
+                    "global_batch_size": self.task.sampler.global_batch_size}
+        self.checkpointer.save(self.step, self.model, self.optimizer, progress)
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        """Train from ``self.step`` to ``train.steps``; returns a summary (same on every rank)."""
+        cfg, main = self.cfg, self.groups.rank == 0
+        log = MetricsLog(self.output_dir / "metrics.jsonl", self.resumed_from) if main else None
+        bar = progress_bar(cfg.steps, self.step, main and cfg.progress)
+        if log:
+            bar.write(self._banner())
+            if self.resumed_from is not None:
+                log.write({"event": "resume", "step": self.resumed_from, "attempt": restart_count()})
+        start, window = time.perf_counter(), []
+        while self.step < cfg.steps:
+            self._maybe_fail()
+            tic = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            rate = self.task.items_per_step / (time.perf_counter() - tic)
+            self.losses.append(loss)
+            self.grad_norms.append(grad_norm)
+            window.append(loss)
+            bar.update(1)
+            bar.set_postfix({"loss": f"{loss:.4f}", f"{self.task.unit}/s": f"{rate:.0f}"}, refresh=False)
+            if log and cfg.due(cfg.log_every, self.step):  # mean loss since the last record
+                log.write({"step": self.step, "loss": sum(window) / len(window),
+                           "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                           f"{self.task.unit}_per_s": rate, "time_s": time.perf_counter() - start})
+                window = []
+            if cfg.due(cfg.eval_every, self.step):
+                self._evaluate_and_log(log, bar)
+            if cfg.due(cfg.ckpt_every, self.step):
+                self.save()
+        bar.close()
+        if not self.evals:  # resumed at the end: report the checkpoint's metrics
+            self.evaluate()
+        if log:
+            self._finish(log)
+        return {"step": self.step, "losses": self.losses, "grad_norms": self.grad_norms, "final": self.evals,
+                "resumed_from": self.resumed_from, "output_dir": str(self.output_dir),
+                "time_s": time.perf_counter() - start}
+
+    def _banner(self) -> str:
+        dims, params = self.groups.dims, sum(p.numel() for p in self.model.parameters())
+        where = f"resuming from step {self.resumed_from}" if self.resumed_from is not None else "from scratch"
+        return (f"{self.name}: {params / 1e6:.3f}M parameters, world={dims.world} (dp={dims.dp} x cp={dims.cp}) "
+                f"on {self.groups.device.type}, {self.cfg.steps} steps {where}; outputs in {self.output_dir}/")
+
+    def _evaluate_and_log(self, log: MetricsLog | None, bar) -> None:
+        evals = self.evaluate()
+        if log:
+            log.write({"step": self.step, **evals})
+            bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
+
+    def _finish(self, log: MetricsLog) -> None:
+        plot_curves(MetricsLog.read(log.path), self.output_dir / "curves.png", self.name)
+        summary = {"step": self.step, **self.evals}
+        (self.output_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def train(cfg: DictConfig, *, name: str) -> dict[str, Any]:
+    """Run the experiment ``cfg`` (named ``name``, e.g. the config file's stem) on this rank.
+
+    All ranks call it; torchrun or a test harness starts them. Joins an existing default
+    process group, or creates one from torchrun's environment (a world of one without it).
+    Outputs go to ``train.output_dir`` (default ``outputs/<name>``)."""
+    parallel = ParallelConfig(**instantiate(cfg.parallel))
+    groups = init_parallel(parallel.cp, backend=parallel.backend, timeout_s=parallel.timeout_s,
+                           megatron=parallel.megatron)
+    try:
+        out = Path(cfg.train.output_dir or Path("outputs") / name)
+        if groups.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(LazyConfig.format(cfg))
+        trainer = Trainer.build(cfg, groups, out, name)
+        trainer.resume()
+        summary = trainer.run()
+    except BaseException:
+        destroy_parallel(groups, clean=False)  # peers may be gone: no barrier
+        raise
+    destroy_parallel(groups)
+    return summary

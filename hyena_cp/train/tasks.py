@@ -1,0 +1,159 @@
+"""What the training loop trains on: batches for a step, this rank's loss share, evaluation.
+
+Both tasks follow DESIGN.md's invariant: each rank's loss is its SHARE, the shares of the CP
+ranks of one data-parallel replica add up to that replica's loss, and the loop then sums
+gradients over CP and averages them over DP (`hyena_cp.parallel.grad_sync`).
+
+- `ImageClassification` (ViT-5 models): every CP rank of a replica gets the same FULL image
+  batch ``[B, C, H, W]``; the model shards rows itself and returns logits ``[B, classes]``
+  replicated on every CP rank, so the share is ``cross_entropy / cp``.
+- `LanguageModeling` (megatron-core Hyena LM): every CP rank gets its zigzag shard
+  ``[b, S / cp]`` of the same sequences; the model returns per-token losses of that shard,
+  so the share is ``sum / (tokens of the replica's batch)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hyena_cp.data.digits import ImageSplits
+from hyena_cp.data.sampling import GlobalBatchSampler, cp_shard_tokens, dp_slice, eval_range
+from hyena_cp.data.stdlib_text import TokenSplits
+from hyena_cp.parallel.dims import ParallelGroups
+from hyena_cp.parallel.reductions import group_sum
+
+__all__ = ["ImageClassification", "LanguageModeling", "Task"]
+
+
+class Task(Protocol):
+    """What the loop needs from a task (built by ``instantiate(cfg.task, groups=..., seed=...)``)."""
+
+    unit: str  # what throughput counts: "images" or "tokens"
+    items_per_step: int  # units per optimizer step, over all replicas
+    sampler: GlobalBatchSampler  # the data position is its step
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """This rank's inputs and targets for global step ``step``."""
+
+    def loss_share(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """This rank's share of its replica's loss (the CP shares add up to it)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics over all replicas (collective; the same on every rank)."""
+
+
+class ImageClassification:
+    """Image classification on `ImageSplits` (e.g. `hyena_cp.data.load_digits_splits`).
+
+    Args:
+        data: GLOBAL train/validation tensors (every rank holds all of them).
+        global_batch_size: images per optimizer step over all replicas (divisible by dp).
+        eval_batch_size: images per forward pass during evaluation (per replica).
+        groups: this rank's parallel groups (passed by the loop, not the config).
+        seed: data-order seed (passed by the loop from ``train.seed``).
+    """
+
+    unit = "images"
+
+    def __init__(self, *, data: ImageSplits, global_batch_size: int, eval_batch_size: int = 256,
+                 groups: ParallelGroups, seed: int):
+        self.data, self.groups, self.eval_batch_size = data, groups, eval_batch_size
+        self.sampler = GlobalBatchSampler(num_samples=len(data.train_labels), global_batch_size=global_batch_size,
+                                          seed=seed)
+        dp_slice(torch.arange(global_batch_size), groups.dims.dp, 0)  # divisibility check before any step
+        self.items_per_step = global_batch_size
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """``(images [B_dp, C, H, W], labels [B_dp])``: this replica's slice, full images."""
+        idx = dp_slice(self.sampler.indices(step), self.groups.dims.dp, self.groups.dp_rank)
+        device = self.groups.device
+        return self.data.train_images[idx].to(device), self.data.train_labels[idx].to(device)
+
+    def loss_share(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        images, labels = batch
+        logits = model(images, cp_group=self.groups.cp_group)  # B_dp, classes (replicated over CP)
+        return F.cross_entropy(logits, labels) / self.groups.dims.cp
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Mean loss and accuracy over the whole validation split (shared out over replicas)."""
+        g = self.groups
+        rows = eval_range(len(self.data.val_labels), g.dims.dp, g.dp_rank)
+        sums = torch.zeros(3, dtype=torch.float64, device=g.device)  # loss sum, correct, count
+        for start in range(rows.start, rows.stop, self.eval_batch_size):
+            stop = min(start + self.eval_batch_size, rows.stop)
+            images = self.data.val_images[start:stop].to(g.device)
+            labels = self.data.val_labels[start:stop].to(g.device)
+            logits = model(images, cp_group=g.cp_group)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            correct = (logits.argmax(-1) == labels).sum()
+            sums += torch.stack([loss.double(), correct.double(), sums.new_tensor(stop - start)])
+        sums = group_sum(sums, g.dp_group)  # CP ranks hold identical numbers: sum over replicas only
+        return {"val_loss": float(sums[0] / sums[2]), "val_acc": float(sums[1] / sums[2])}
+
+
+class LanguageModeling:
+    """Next-token prediction on `TokenSplits` (e.g. `hyena_cp.data.load_stdlib_text`).
+
+    The model is called as ``per_token_loss = model(input_ids, labels)`` with both
+    ``[b, S / cp]`` (this rank's zigzag shard); it reads its CP group from megatron-core's
+    ``parallel_state`` (set up by the loop with ``parallel.megatron=true``).
+
+    Args:
+        data: GLOBAL byte streams; ``data.seq_len`` must be divisible by ``2 * cp``.
+        global_batch_size: sequences per optimizer step over all replicas (divisible by dp).
+        eval_batch_size: sequences per forward pass during evaluation (per replica).
+        eval_samples: validation sequences evaluated (None: all of them).
+        groups, seed: passed by the loop.
+    """
+
+    unit = "tokens"
+
+    def __init__(self, *, data: TokenSplits, global_batch_size: int, eval_batch_size: int = 16,
+                 eval_samples: int | None = 64, groups: ParallelGroups, seed: int):
+        cp = groups.dims.cp
+        if cp > 1 and data.seq_len % (2 * cp):
+            raise ValueError(f"seq_len={data.seq_len} must be divisible by 2*cp={2 * cp} (zigzag layout); "
+                             f"change the data's seq_len or parallel.cp")
+        self.data, self.groups, self.eval_batch_size = data, groups, eval_batch_size
+        self.sampler = GlobalBatchSampler(num_samples=data.num_samples("train"), global_batch_size=global_batch_size,
+                                          seed=seed)
+        dp_slice(torch.arange(global_batch_size), groups.dims.dp, 0)
+        available = data.num_samples("val")
+        self.eval_samples = available if eval_samples is None else min(eval_samples, available)
+        self.items_per_step = global_batch_size * data.seq_len
+
+    def _local(self, split: str, indices: Tensor) -> tuple[Tensor, Tensor]:
+        inputs, labels = self.data.samples(split, indices)  # b, S (full sequences)
+        g = self.groups
+        shard = [cp_shard_tokens(t, g.dims.cp, g.cp_rank).to(g.device) for t in (inputs, labels)]  # b, S/cp
+        return shard[0], shard[1]
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """``(input_ids, labels)``, each ``[b_dp, S / cp]`` int64: this rank's zigzag shard."""
+        return self._local("train", dp_slice(self.sampler.indices(step), self.groups.dims.dp, self.groups.dp_rank))
+
+    def loss_share(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        input_ids, labels = batch
+        per_token = model(input_ids, labels)  # b_dp, S/cp
+        replica_tokens = labels.shape[0] * labels.shape[1] * self.groups.dims.cp
+        return per_token.float().sum() / replica_tokens
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Mean loss per byte over the first ``eval_samples`` validation sequences, and bits per byte."""
+        g = self.groups
+        rows = eval_range(self.eval_samples, g.dims.dp, g.dp_rank)
+        sums = torch.zeros(2, dtype=torch.float64, device=g.device)  # loss sum, tokens
+        for start in range(rows.start, rows.stop, self.eval_batch_size):
+            indices = torch.arange(start, min(start + self.eval_batch_size, rows.stop))
+            input_ids, labels = self._local("val", indices)
+            per_token = model(input_ids, labels)
+            sums += torch.stack([per_token.double().sum(), sums.new_tensor(labels.numel())])
+        sums = group_sum(sums, g.grad_group)  # every rank holds different tokens: sum over dp x cp
+        loss = float(sums[0] / sums[1])
+        return {"val_loss": loss, "val_bpb": loss / math.log(2)}
