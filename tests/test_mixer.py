@@ -129,3 +129,29 @@ def test_flop_count_matches_flop_counter_mode(dims, cond):
     assert m.flop_count(40, grid_w=8 if dims == 2 else None) == 3 * m.flop_count(40, inference=True,
                                                                                    grid_w=8 if dims == 2 else None)
     assert parts["fft_conv"] > 0 and parts["gating"] > 0
+
+
+def _saved_bytes_and_grads(checkpoint_filter: bool):
+    torch.manual_seed(0)
+    hyena = Hyena(hidden_dim=16, num_heads=4, filter_width=32, checkpoint_filter=checkpoint_filter)
+    m = QKVSequenceMixer(hidden_dim=16, hyena=hyena).double()
+    x = torch.randn(1, 256, 16, dtype=torch.float64)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    y.square().sum().backward()
+    return sum(storages.values()), {n: p.grad for n, p in m.named_parameters()}
+
+
+def test_checkpointed_filter_same_grads_less_memory():
+    saved_ck, grads_ck = _saved_bytes_and_grads(True)
+    saved, grads = _saved_bytes_and_grads(False)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ck[name], g, rtol=1e-12, atol=0, msg=name)
+    # The filter MLP's hidden activations (positions x width) are no longer kept.
+    assert saved - saved_ck >= 256 * 32 * 8 * 2

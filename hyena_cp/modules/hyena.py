@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hyena_cp import flops
 from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv2d, fft_size
@@ -41,12 +42,14 @@ class Hyena(nn.Module):
         cp_comm: how the long conv crosses ranks under CP: "alltoall" (default, the
             communication floor) or "allgather" — a comparison baseline that all-gathers
             the full ``z`` (P times the bytes) and convolves every channel on every rank.
+        checkpoint_filter: recompute the filter MLP in backward instead of storing its
+            activations (see ``build_filter``).
     """
 
     def __init__(self, *, hidden_dim: int, num_heads: int = 1, spatial_dims: int = 1, filter_bands: int = 8,
                  filter_width: int = 64, filter_depth: int = 2, filter_sin_freq: float = 1.0,
                  max_len: int | None = None, max_grid: tuple[int, int] | None = None,
-                 cp_comm: Literal["alltoall", "allgather"] = "alltoall"):
+                 cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True):
         super().__init__()
         if cp_comm not in ("alltoall", "allgather"):
             raise ValueError(f"cp_comm={cp_comm!r} must be 'alltoall' or 'allgather'")
@@ -60,7 +63,7 @@ class Hyena(nn.Module):
         if spatial_dims == 2 and max_len is not None:
             raise ValueError("max_len is for spatial_dims=1; use max_grid=(H, W) for a 2-D Hyena")
         self.hidden_dim, self.num_heads, self.spatial_dims = hidden_dim, num_heads, spatial_dims
-        self.cp_comm = cp_comm
+        self.cp_comm, self.checkpoint_filter = cp_comm, checkpoint_filter
         common = dict(num_bands=filter_bands, width=filter_width, depth=filter_depth, sin_freq=filter_sin_freq)
         if spatial_dims == 1:
             self.filter = ImplicitFilter1d(num_heads, max_len=max_len, **common)
@@ -93,11 +96,21 @@ class Hyena(nn.Module):
         """
         per_group = self.hidden_dim // self.num_heads
         groups = slice(channels.start // per_group, channels.stop // per_group)
-        if self.spatial_dims == 1:
-            k = self.filter(z.shape[-1], groups)  # G_blk, L
-            return fft_causal_conv1d(z, k, self.skip[channels])
-        k = self.filter(z.shape[-2], z.shape[-1], groups)  # G_blk, 2H-1, 2W-1
-        return fft_conv2d(z, k, self.skip[channels])
+        k = self.build_filter(tuple(z.shape[2:]), groups)  # G_blk, L  or  G_blk, 2H-1, 2W-1
+        conv = fft_causal_conv1d if self.spatial_dims == 1 else fft_conv2d
+        return conv(z, k, self.skip[channels])
+
+    def build_filter(self, spatial: tuple[int, ...], groups: slice) -> torch.Tensor:
+        """The long filters of ``groups`` for a global size ``(L,)`` or ``(H, W)``.
+
+        The filter MLP runs at every global position on every rank, so storing its hidden
+        activations for backward would cost the same memory at any CP size; with
+        ``checkpoint_filter`` they are recomputed in backward instead (a small MLP, cheap
+        next to the FFTs) and activation memory keeps scaling as 1/P.
+        """
+        if self.checkpoint_filter and torch.is_grad_enabled():
+            return checkpoint(self.filter, *spatial, groups, use_reentrant=False)
+        return self.filter(*spatial, groups)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp_group=None,
                 sharded: Sharding = "sequence", mask: torch.Tensor | None = None) -> torch.Tensor:
