@@ -2,7 +2,6 @@
 parameter grad (summed over the CP group), for 1-D zigzag and 2-D row blocks."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
+from hyena_cp.bench.layer import comm_floor_bytes
 from hyena_cp.parallel import count_comm, shard, unshard
 from references import rel_err
 
@@ -128,22 +128,8 @@ def test_parity_test_catches_a_wrong_gradient(dist_run):
 # ------------------------------------------------------------------ bytes sent
 def predicted_bytes(case: Case, world: int, rank: int) -> int:
     """4 AllToAlls of B*(L/P)*C*(P-1)/P elements (2 forward, 2 backward) + the halos (forward
-    values, backward gradients) of 3C channels."""
-    b, c, item = case.shape[0], case.shape[-1], torch.finfo(case.dtype).bits // 8
-    tokens_local = math.prod(case.shape[1:-1]) // world
-    a2a = 4 * b * tokens_local * c * (world - 1) // world
-    if world == 1:
-        return 0
-    if case.dims == 1:
-        # Rank r sends chunk r's tail to rank r+1 (not from the last rank, whose neighbour
-        # chunk P is its own) and chunk 2P-1-r's tail to rank r-1 (not from rank 0).
-        sends = (rank < world - 1) + (rank > 0)
-        halo = sends * b * 3 * c * (case.kernel - 1)
-    else:
-        width = case.shape[2]
-        sends = (rank < world - 1) + (rank > 0)
-        halo = sends * b * 3 * c * (case.kernel // 2) * width
-    return (a2a + 2 * halo) * item
+    values, backward gradients) of 3C channels: the one formula the benchmarks report too."""
+    return comm_floor_bytes(case.shape, case.kernel, world, rank, torch.finfo(case.dtype).bits // 8)
 
 
 @pytest.mark.parametrize("name", ["1d_k3", "1d_k7_adaln", "2d_k3", "2d_k5_fp32_film"])

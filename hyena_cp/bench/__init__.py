@@ -1,0 +1,15 @@
+"""Benchmarks behind ``launch/bench.py``: one module per section, each with
+``run(ctx: BenchContext) -> Section``; `report` writes the Markdown tables and PNG plots.
+
+Sections: ``comm`` (bytes per rank vs the floor), ``memory`` (activation memory per rank),
+``scaling`` (Hyena vs attention), ``cp`` (CP efficiency on CPU), ``gpu`` (one GPU, skipped
+without CUDA). Multi-rank sections run on gloo groups that `ranks.RankPools` forks.
+"""
+from __future__ import annotations
+
+from hyena_cp.bench import comm, cp_efficiency, gpu, memory, scaling
+from hyena_cp.bench.common import BenchContext, Section, Table
+
+SECTIONS = {"comm": comm.run, "memory": memory.run, "scaling": scaling.run, "cp": cp_efficiency.run, "gpu": gpu.run}
+
+__all__ = ["SECTIONS", "BenchContext", "Section", "Table"]

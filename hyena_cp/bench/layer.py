@@ -1,0 +1,149 @@
+"""The benchmarked layers, their inputs under CP, and the communication floor.
+
+One `LayerSpec` describes a Hyena mixer layer and its GLOBAL input; `build_layer`,
+`local_input` and `comm_floor_bytes` are shared by every section (and the floor by
+tests/test_cp_mixer.py), so what is measured and what is predicted cannot drift apart.
+`AttentionMixer` is the attention baseline with the same projections.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from hyena_cp import flops
+from hyena_cp.modules.hyena import Hyena
+from hyena_cp.modules.mixer import QKVSequenceMixer
+from hyena_cp.parallel import group_rank, group_size, shard
+
+__all__ = ["LayerSpec", "build_layer", "local_input", "comm_floor_bytes", "ring_attention_bytes", "AttentionMixer",
+           "fwd_bwd"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One QKVSequenceMixer and its global input ``[batch, *spatial, channels]``.
+
+    ``spatial`` is ``(L,)`` (1-D causal, zigzag shards) or ``(H, W)`` (2-D, row blocks).
+    ``short_conv_cp`` / ``cp_comm`` select the comparison modes of the mixer and Hyena;
+    ``checkpoint_filter=False`` stores the filter MLP's activations (the memory comparison).
+    """
+
+    spatial: tuple[int, ...]
+    channels: int = 256
+    heads: int = 8
+    batch: int = 1
+    kernel: int = 3
+    short_conv_cp: str = "halo"
+    cp_comm: str = "alltoall"
+    checkpoint_filter: bool = True
+
+    @property
+    def dims(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def layout(self) -> str:
+        return "zigzag" if self.dims == 1 else "rows"
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.spatial, self.channels)
+
+    def label(self) -> str:
+        size = f"L={self.spatial[0]}" if self.dims == 1 else f"{self.spatial[0]}x{self.spatial[1]} grid"
+        return size if self.checkpoint_filter else f"{size}, filter MLP stored"
+
+
+def build_layer(spec: LayerSpec, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int = 0) -> QKVSequenceMixer:
+    """The same seeded mixer on every rank (parameters are replicated under CP)."""
+    torch.manual_seed(seed)
+    hyena = Hyena(hidden_dim=spec.channels, num_heads=spec.heads, spatial_dims=spec.dims, cp_comm=spec.cp_comm,
+                  checkpoint_filter=spec.checkpoint_filter)
+    mixer = QKVSequenceMixer(hidden_dim=spec.channels, hyena=hyena, short_kernel_size=spec.kernel,
+                             short_conv_cp=spec.short_conv_cp)
+    return mixer.to(device=device, dtype=dtype)
+
+
+def local_input(spec: LayerSpec, cp_group, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int = 1) -> torch.Tensor:
+    """This rank's shard of the seeded global input ``[B, *spatial, C]`` (all of it when
+    ``cp_group`` is None), as a leaf that requires grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(spec.shape, generator=gen)
+    x = shard(x, 1, spec.layout, group_size(cp_group), group_rank(cp_group))
+    return x.to(device=device, dtype=dtype).requires_grad_(True)
+
+
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, cp_group=None) -> None:
+    """One training step's worth of layer work: forward, backward of ``sum(y)``, grads dropped."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    y = layer(x) if cp_group is None else layer(x, cp_group=cp_group)
+    y.sum().backward()
+
+
+def comm_floor_bytes(shape: tuple[int, ...], kernel: int, world: int, rank: int, itemsize: int) -> int:
+    """Bytes one rank sends for one mixer layer forward + backward at the floor.
+
+    ``shape``: global input ``[B, L, C]`` or ``[B, H, W, C]``. The floor is 4 AllToAlls of
+    ``z`` (2 forward, 2 backward), each sending ``B * (tokens/P) * C * (P-1)/P`` elements,
+    plus the short-conv halos of the 3C channels of q, k, v (values forward, gradients
+    backward): K-1 tokens (1-D causal) or K//2 grid rows (2-D) to each neighbour rank
+    that needs them. 1-D zigzag: rank r sends chunk r's tail to rank r+1 (not from the
+    last rank, whose neighbour chunk is its own) and chunk 2P-1-r's tail to rank r-1 (not
+    from rank 0); 2-D rows: the top rows up and the bottom rows down.
+    """
+    if world == 1:
+        return 0
+    batch, channels = shape[0], shape[-1]
+    tokens_local = math.prod(shape[1:-1]) // world
+    a2a = 4 * batch * tokens_local * channels * (world - 1) // world
+    sends = (rank < world - 1) + (rank > 0)
+    halo_tokens = kernel - 1 if len(shape) == 3 else (kernel // 2) * shape[2]
+    halo = sends * batch * 3 * channels * halo_tokens
+    return (a2a + 2 * halo) * itemsize
+
+
+def ring_attention_bytes(shape: tuple[int, ...], world: int, itemsize: int) -> int:
+    """Analytic bytes per rank of ring attention (not implemented here, for context): forward
+    passes the K and V shards P-1 hops; backward passes K, V and their gradient
+    accumulators P-1 hops each: 6 (P-1) B (L/P) C elements."""
+    tokens_local = math.prod(shape[1:-1]) // world
+    return 6 * (world - 1) * shape[0] * tokens_local * shape[-1] * itemsize
+
+
+class AttentionMixer(nn.Module):
+    """1-D causal attention baseline with Hyena's projections: qkv Linear(C, 3C) ->
+    ``F.scaled_dot_product_attention(is_causal=True)`` -> Linear(C, C). ``x: [B, L, C]``, the
+    full sequence (single process). The 2-D baseline is the ViT-5 mixer
+    `hyena_cp.models.attention.Attention2d` itself."""
+
+    def __init__(self, *, hidden_dim: int, num_heads: int):
+        super().__init__()
+        if hidden_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_dim={hidden_dim}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(rearrange(y, "b h l d -> b l (h d)"))
+
+    def flop_count(self, num_tokens: int, inference: bool = False) -> int:
+        c = self.proj.in_features
+        # a causal (flash) kernel computes only the (query, key) pairs the mask keeps: half
+        parts = {"qkv": flops.linear(num_tokens, c, 3 * c), "core": flops.attention(num_tokens, num_tokens, c) / 2,
+                 "proj": flops.linear(num_tokens, c, c)}
+        return flops.total(parts, inference)

@@ -1,0 +1,157 @@
+"""launch/bench.py: the --quick smoke run of every section (byte counts asserted exactly
+against the floor, timings never asserted), the GPU section's code on CPU, and the
+measurement helpers on cases small enough to count by hand."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hyena_cp.bench import gpu
+from hyena_cp.bench.layer import comm_floor_bytes
+from hyena_cp.bench.measure import TrafficCounter, peak_memory, saved_for_backward
+from hyena_cp.bench.ranks import RankFailure, RankPools
+from hyena_cp.bench.scaling import crossover
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_main():
+    spec = importlib.util.spec_from_file_location("bench_launcher", ROOT / "launch" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    sections = _bench_main()(["--quick", "--out", str(out)])
+    return out, {s.title: s for s in sections}
+
+
+def test_quick_run_writes_every_section(quick_run):
+    out, sections = quick_run
+    text = (out / "bench.md").read_text()
+    for title in ("Communication per rank", "Activation memory per rank", "Hyena vs attention (one process)",
+                  "CP efficiency (CPU)"):
+        assert f"## {title}" in text
+    for plot in ("comm_bytes.png", "memory_per_rank.png", "scaling_1d.png", "scaling_2d.png"):
+        assert (out / plot).stat().st_size > 0
+    assert set(json.loads((out / "bench.json").read_text())) == set(sections)
+    if not torch.cuda.is_available():
+        assert any("skipped: no CUDA" in n for n in sections["GPU"].notes)
+
+
+def test_quick_run_default_mode_sends_exactly_the_floor(quick_run):
+    rows = quick_run[1]["Communication per rank"].data["rows"]
+    default = [r for r in rows if r["mode"].startswith("default")]
+    assert {(r["layer"], r["world"]) for r in default} == {(r["layer"], w) for r in default for w in (2, 4)}
+    for r in default:
+        floor = [comm_floor_bytes(tuple(r["shape"]), r["kernel"], r["world"], rank, 4) for rank in range(r["world"])]
+        assert r["measured"] == r["floor"] == floor, r
+
+
+def test_quick_run_comparison_modes_bytes(quick_run):
+    """q,k,v swapping: 2x the AllToAll bytes of z, no halos; all-gather of z: P/2 x the
+    AllToAll bytes (one all-gather forward, one reduce-scatter backward) plus the halos."""
+    rows = quick_run[1]["Communication per rank"].data["rows"]
+    for r in rows:
+        world, shape = r["world"], tuple(r["shape"])
+        tokens_local = math.prod(shape[1:-1]) // world
+        a2a = 4 * shape[0] * tokens_local * shape[-1] * (world - 1) // world * 4  # float32 bytes
+        halo = [f - a2a for f in r["floor"]]
+        if "a2a" in r["mode"]:
+            assert r["measured"] == [2 * a2a] * world, r
+        elif "allgather" in r["mode"]:
+            assert r["measured"] == [world * a2a // 2 + h for h in halo], r
+
+
+def test_quick_run_memory_per_rank_meets_the_target(quick_run):
+    """Byte counts are deterministic: the default layer's saved bytes per rank are within
+    1.15/P of P=1, and with the filter MLP stored so is everything but the filter."""
+    layers = quick_run[1]["Activation memory per rank"].data["layers"]
+    assert any("ViT-5-Hyena tiny" in label for label in layers)
+    for label, per_world in layers.items():
+        if "ViT" in label:  # the nets also pad grid rows to a multiple of P
+            continue
+        base = per_world[1][0]
+        base_rest = base["saved"] - base["parts"].get("hyena.filter", 0)
+        for world, ranks in per_world.items():
+            for r in ranks:
+                assert r["saved"] - r["parts"].get("hyena.filter", 0) <= 1.15 * base_rest / world, (label, world)
+                if "stored" not in label:  # the default recomputes the filter MLP in backward
+                    assert r["parts"].get("hyena.filter", 0) == 0 and r["saved"] <= 1.15 * base["saved"] / world
+
+
+def test_gpu_section_code_paths_on_cpu():
+    tiny = gpu.GpuSizes(copy_bytes=2**14, matmul_n=16, repeats=1, channels=8, heads=2, layers=((16,), (4, 4)),
+                        lengths=(16, 32), batches=(1,))
+    section = gpu.run_on("cpu", tiny)
+    rates, layers, cross = section.tables
+    assert all(v > 0 for v in section.data["rates"].values())
+    assert len(layers.rows) == len(tiny.layers) * len(gpu.MODES) * 2  # fwd and fwd+bwd
+    assert all(r["flop"] > 0 and r["bytes"] > 0 for r in section.data["layers"])
+    assert len(cross.rows) == len(tiny.lengths) and "crossover" in section.notes[0]
+
+
+def test_saved_for_backward_counts_each_storage_once_without_parameters():
+    lin = nn.Linear(4, 6, bias=False)
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def forward():
+        q, k = lin(x).chunk(2, dim=-1)  # views of one [3, 6] storage
+        return torch.sin(q) * torch.sin(k)
+
+    total, parts, _ = saved_for_backward(lin, forward)
+    # x (saved by the linear, attributed to it), the [3, 6] output once (q, k are its views),
+    # sin(q) and sin(k) saved by the product; the weight is a parameter and not counted.
+    assert parts == {"(mixer ops)": 3 * 4 * 4, "(outside)": (3 * 6 + 2 * 3 * 3) * 4}
+    assert total == sum(parts.values())
+
+
+def test_traffic_counter_counts_reads_and_writes_not_views():
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with TrafficCounter() as counter:
+        c = (a + b).t()
+        c.sum()
+    assert counter.bytes == 3 * a.nbytes + (a.nbytes + 4)  # add: 2 reads + 1 write; sum: read + scalar
+
+
+def test_peak_memory_cpu_tracks_live_allocations():
+    def step():
+        a = torch.ones(2**18)  # 1 MiB of float32
+        b = a + 1  # a and b live together: 2 MiB
+        del a
+        return b + 1  # b and b + 1: 2 MiB again, not 3
+
+    peak = peak_memory(step)
+    assert 2 * 2**20 <= peak < 2 * 2**20 + 4096
+
+
+def test_crossover_interpolates_in_log_space():
+    assert crossover([1000, 4000], [0.5, 2.0]) == "~2000"
+    assert crossover([1000, 2000], [1.5, 3.0]).startswith("<= 1000")
+    assert crossover([1000, 2000], [0.2, 0.5]).startswith("> 2000")
+
+
+def _fail_on_rank_one(group) -> int:
+    if group.rank() == 1:
+        raise ValueError("planted failure")
+    return group.rank()
+
+
+def _rank_of(group) -> int:
+    return group.rank()
+
+
+def test_rank_pool_reports_a_failing_rank_and_recovers():
+    with RankPools() as pools:
+        with pytest.raises(RankFailure, match="planted failure"):
+            pools.run(2, _fail_on_rank_one)
+        assert pools.run(2, _rank_of) == [0, 1]
