@@ -19,6 +19,10 @@ from torch.distributed import ProcessGroup
 from .comm_stats import nbytes, record
 from .groups import group_size
 
+# torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn); keep both.
+_all_gather_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 def _all_reduce(x: Tensor, group: ProcessGroup) -> Tensor:
     out = x.contiguous().clone()
@@ -82,7 +86,7 @@ def _gather(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
     world = group.size()
     piece = x.movedim(dim, 0).contiguous()  # gather along dim 0, where pieces are contiguous
     out = piece.new_empty((world * piece.shape[0], *piece.shape[1:]))
-    dist.all_gather_into_tensor(out, piece, group=group)
+    _all_gather_tensor(out, piece, group=group)
     record("all_gather", (world - 1) * nbytes(piece))
     return out.movedim(0, dim)
 
@@ -91,7 +95,7 @@ def _reduce_scatter(grad: Tensor, dim: int, group: ProcessGroup) -> Tensor:
     world = group.size()
     full = grad.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
-    dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=group)
     record("reduce_scatter", (world - 1) * nbytes(out))
     return out.movedim(0, dim)
 
