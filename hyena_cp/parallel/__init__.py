@@ -6,6 +6,8 @@ communication.
 from __future__ import annotations
 
 from .comm_stats import CommStats, count_comm, record
+from .dims import ParallelDims, ParallelGroups, destroy_parallel, init_parallel
+from .grad_sync import sync_gradients
 from .groups import group_rank, group_size, is_parallel
 from .halo import causal_halo_1d, row_halo_2d
 from .layouts import (
@@ -28,6 +30,8 @@ from .swap import channel_to_seq, seq_to_channel
 __all__ = [
     "CommStats",
     "LAYOUTS",
+    "ParallelDims",
+    "ParallelGroups",
     "all_gather_seq",
     "all_reduce_sum",
     "broadcast_from",
@@ -38,10 +42,12 @@ __all__ = [
     "chunk_ids",
     "chunks_per_rank",
     "count_comm",
+    "destroy_parallel",
     "from_rank_major",
     "group_rank",
     "group_size",
     "group_sum",
+    "init_parallel",
     "is_parallel",
     "num_chunks",
     "p2p_exchange",
@@ -50,6 +56,7 @@ __all__ = [
     "row_halo_2d",
     "seq_to_channel",
     "shard",
+    "sync_gradients",
     "to_rank_major",
     "unshard",
 ]
