@@ -41,7 +41,8 @@ class Hyena(nn.Module):
         max_grid: 2-D only; ``(H, W)`` maximum, or None for size-relative filters.
         cp_comm: how the long conv crosses ranks under CP: "alltoall" (default, the
             communication floor) or "allgather" — a comparison baseline that all-gathers
-            the full ``z`` (P times the bytes) and convolves every channel on every rank.
+            the full ``z`` (forward all-gather + backward reduce-scatter: P/2 times the
+            default's bytes) and convolves every channel on every rank (P times the work).
         checkpoint_filter: recompute the filter MLP in backward instead of storing its
             activations (see ``build_filter``).
     """
