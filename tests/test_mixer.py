@@ -124,7 +124,11 @@ def test_flop_count_matches_flop_counter_mode(dims, cond):
     with FlopCounterMode(display=False) as counter:
         m(x, **kw)
     parts = m.flop_breakdown(40, grid_w=None if dims == 1 else 8)
-    matmul_and_conv = sum(v for k, v in parts.items() if k not in ("fft_conv", "gating"))
+    # FlopCounterMode counts matmuls and aten convolutions only. The 1-D short conv runs as
+    # shifted multiply-adds (no aten conv), so it is left out of the comparison here; its
+    # breakdown entry keeps the 2*tokens*channels*K convention of hyena_cp.flops.
+    uncounted = ("fft_conv", "gating") + (("short_conv",) if dims == 1 else ())
+    matmul_and_conv = sum(v for k, v in parts.items() if k not in uncounted)
     assert counter.get_total_flops() == matmul_and_conv
     assert m.flop_count(40, grid_w=8 if dims == 2 else None) == 3 * m.flop_count(40, inference=True,
                                                                                    grid_w=8 if dims == 2 else None)

@@ -58,12 +58,42 @@ def fft_causal_conv1d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None =
     n = fft_size(seqlen)
     dtype = _compute_dtype(u, k)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        u_f = torch.fft.rfft(u.to(dtype), n=n)
-        k_f = torch.fft.rfft(k.to(dtype), n=n)
-        y = torch.fft.irfft(_grouped_product(u_f, k_f), n=n)[..., :seqlen]
+        y = _FFTCausalConv1d.apply(u.to(dtype), k.to(dtype), n)
         if d is not None:
             y = y + u.to(dtype) * d.to(dtype)[:, None]
     return y.to(u.dtype)
+
+
+class _FFTCausalConv1d(torch.autograd.Function):
+    """``irfft(rfft(u, n) * rfft(k, n), n)[..., :L]`` with its adjoint written out: both
+    gradients are the same FFT product against the conjugated spectra, cut to ``[:L]`` (the
+    other half of the 2L padding holds the zeros that stop wrap-around). Autograd would
+    instead zero-pad the gradient to n and run a full complex FFT for ``rfft``'s backward.
+    Saves the two spectra, as autograd's product would."""
+
+    @staticmethod
+    def forward(ctx, u, k, n):
+        seqlen = u.shape[-1]
+        u_f = torch.fft.rfft(u, n=n)
+        k_f = torch.fft.rfft(k, n=n)
+        ctx.save_for_backward(u_f, k_f)
+        ctx.n = n
+        return torch.fft.irfft(_grouped_product(u_f, k_f), n=n)[..., :seqlen]
+
+    @staticmethod
+    def backward(ctx, grad):
+        u_f, k_f = ctx.saved_tensors
+        n, seqlen = ctx.n, grad.shape[-1]
+        g_f = torch.fft.rfft(grad, n=n)
+        grad_u = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_u = torch.fft.irfft(_grouped_product(g_f, k_f.conj()), n=n)[..., :seqlen]
+        if ctx.needs_input_grad[1]:
+            b, c, f = g_f.shape
+            groups = k_f.shape[0]
+            k_grad_f = (g_f * u_f.conj()).reshape(b, groups, c // groups, f).sum((0, 2))  # G, F
+            grad_k = torch.fft.irfft(k_grad_f, n=n)[..., :seqlen]
+        return grad_u, grad_k, None
 
 
 def centered_to_circular(k: torch.Tensor, n_h: int, n_w: int) -> torch.Tensor:

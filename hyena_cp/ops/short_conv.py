@@ -20,6 +20,10 @@ def causal_depthwise_conv1d(
 ) -> torch.Tensor:
     """Causal depthwise conv: ``y[t] = sum_j weight[:, j] * x[t - (K-1) + j] + bias``.
 
+    Computed as K shifted multiply-adds rather than an aten convolution: with K of 3 or 4
+    that is a few elementwise passes, needs no zero-padded copy of ``x``, and its backward
+    is the same few passes (a oneDNN depthwise conv backward on long sequences is not).
+
     Args:
         x: ``[N, C, L]``.
         weight: ``[C, K]``; ``weight[:, -1]`` multiplies the current token.
@@ -28,14 +32,68 @@ def causal_depthwise_conv1d(
             for zeros (the start of the sequence).
 
     Returns:
-        ``[N, C, L]``.
+        ``[N, C, L]`` (contiguous), in ``x``'s dtype.
     """
-    channels, kernel = weight.shape
-    if left_context is None:
-        padded = F.pad(x, (kernel - 1, 0))
-    else:
-        padded = torch.cat([left_context.to(x.dtype), x], dim=-1)
-    return F.conv1d(padded, weight.unsqueeze(1), bias, groups=channels)
+    dtype = x.dtype
+    bias = None if bias is None else bias.to(dtype)
+    left_context = None if left_context is None else left_context.to(dtype)
+    return _CausalDepthwiseConv1d.apply(x.contiguous(), weight.to(dtype), bias, left_context)
+
+
+def _shifted_taps(kernel: int, length: int):
+    """``(shift, j, n)`` for the taps that look back: ``weight[:, j]`` multiplies the token
+    ``shift = K-1-j`` steps back; the first ``n = min(shift, L)`` outputs read it from the halo."""
+    for shift in range(1, kernel):
+        yield shift, kernel - 1 - shift, min(shift, length)
+
+
+class _CausalDepthwiseConv1d(torch.autograd.Function):
+    """``causal_depthwise_conv1d`` with its backward written out: the gradient of x is the
+    same taps run anti-causally, that of each tap a per-channel dot product of shifted
+    sequences; autograd through in-place slice updates would copy the full gradient per tap."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, left_context):
+        kernel, length = weight.shape[1], x.shape[-1]
+        last = weight[:, -1:]
+        y = x * last if bias is None else torch.addcmul(bias[:, None], x, last)
+        for shift, j, n in _shifted_taps(kernel, length):
+            tap = weight[:, j, None]
+            if shift < length:
+                y[..., shift:].addcmul_(x[..., :length - shift], tap)
+            if left_context is not None:
+                y[..., :n].addcmul_(left_context[..., j:j + n], tap)
+        ctx.save_for_backward(x, weight, left_context)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, left_context = ctx.saved_tensors
+        grad = grad.contiguous()
+        kernel, length = weight.shape[1], x.shape[-1]
+        need_x, need_w, need_b, need_halo = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = grad_halo = None
+        if need_x:
+            grad_x = grad * weight[:, -1:]
+            for shift, j, _ in _shifted_taps(kernel, length):
+                if shift < length:
+                    grad_x[..., :length - shift].addcmul_(grad[..., shift:], weight[:, j, None])
+        if need_halo and left_context is not None:
+            grad_halo = torch.zeros_like(left_context)
+            for _, j, n in _shifted_taps(kernel, length):
+                grad_halo[..., j:j + n].addcmul_(grad[..., :n], weight[:, j, None])
+        if need_w:
+            grad_w = torch.empty_like(weight)
+            grad_w[:, -1] = (grad * x).sum((0, 2))
+            for shift, j, n in _shifted_taps(kernel, length):
+                tap = (grad[..., shift:] * x[..., :length - shift]).sum((0, 2))
+                if left_context is not None:
+                    tap += (grad[..., :n] * left_context[..., j:j + n]).sum((0, 2))
+                grad_w[:, j] = tap
+        if need_b and ctx.has_bias:
+            grad_b = grad.sum((0, 2))
+        return grad_x, grad_w, grad_b, grad_halo
 
 
 def depthwise_conv2d_same(
