@@ -24,11 +24,13 @@ from .layouts import (
 )
 from .p2p import p2p_exchange
 from .redistribute import redistribute
-from .reductions import all_gather_seq, all_reduce_sum, broadcast_from, group_sum
+from .reductions import all_gather_seq, all_reduce_sum, broadcast_from, copy_to_group, gather_from_group, group_sum
+from .tp_layout import TPPartition, shard_tp, tp_partition, unshard_tp
 from .swap import channel_to_seq, seq_to_channel
 
 __all__ = [
     "CommStats",
+    "TPPartition",
     "LAYOUTS",
     "ParallelDims",
     "ParallelGroups",
@@ -41,9 +43,11 @@ __all__ = [
     "check_layout",
     "chunk_ids",
     "chunks_per_rank",
+    "copy_to_group",
     "count_comm",
     "destroy_parallel",
     "from_rank_major",
+    "gather_from_group",
     "group_rank",
     "group_size",
     "group_sum",
@@ -56,7 +60,10 @@ __all__ = [
     "row_halo_2d",
     "seq_to_channel",
     "shard",
+    "shard_tp",
     "sync_gradients",
     "to_rank_major",
+    "tp_partition",
     "unshard",
+    "unshard_tp",
 ]

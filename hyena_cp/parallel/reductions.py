@@ -6,6 +6,17 @@
 - `all_gather_seq`: y = cat_r x_r along ``dim``; adjoint: reduce-scatter-sum, each rank gets
   the sum over ranks of the grad of its own slice.
 
+Tensor-parallel ops (megatron-core's ``copy_to`` / ``gather_from_tensor_model_parallel_region``,
+which allocate on CUDA, so they cannot run on a CPU machine). The output of each is
+REPLICATED over the group, with two different meanings of "replicated":
+
+- `copy_to_group`: y = x (identity, x the same on every rank) feeding DIFFERENT work on each
+  rank (e.g. the shared filter MLP, of which each TP rank builds its own filters): the grad
+  of x is the sum of the ranks' grads (all-reduce in backward).
+- `gather_from_group`: y = cat_r x_r feeding the SAME work on every rank (e.g. logits under
+  TP, used identically by every TP rank): backward keeps this rank's slice of the (equal)
+  grads, no communication.
+
 ``group=None`` or size 1: identities (a copy for `all_reduce_sum`/`broadcast_from` is not
 made; the input is returned), no communication.
 """
@@ -127,3 +138,43 @@ def group_sum(values: Tensor, group: ProcessGroup | None) -> Tensor:
     with torch.no_grad():
         return all_reduce_sum(values.detach(), group)
 
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_reduce(grad, ctx.group), None
+
+
+def copy_to_group(x: Tensor, group: ProcessGroup | None) -> Tensor:
+    """``x`` itself (the same on every rank), with its gradient summed over ``group`` in backward.
+
+    For a tensor replicated over a group whose ranks use it for disjoint parts of the
+    computation: every rank's ``x.grad`` becomes the whole gradient."""
+    if group_size(group) == 1:
+        return x
+    return _CopyToGroup.apply(x, group)
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+        ctx.dim, ctx.group, ctx.size = dim, group, x.shape[dim]
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad.narrow(ctx.dim, ctx.group.rank() * ctx.size, ctx.size).contiguous(), None, None
+
+
+def gather_from_group(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:
+    """Concatenation along ``dim`` of every rank's ``x`` in rank order, used identically by every
+    rank afterwards: backward takes this rank's slice of the grad (which every rank holds whole)."""
+    if group_size(group) == 1:
+        return x
+    return _GatherFromGroup.apply(x, dim % x.dim(), group)
