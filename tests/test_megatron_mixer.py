@@ -71,7 +71,7 @@ def test_forward_contract_and_causality():
     x2[10:] += 1.0
     out2, _ = mixer(x2)
     torch.testing.assert_close(out2[:10], out[:10], rtol=0, atol=1e-5)  # FFT round-off only
-    assert (out2[10:] - out[10:]).abs().max() > 1e-3
+    assert (out2[10:] - out[10:]).norm() > 0.05 * out[10:].norm()  # later tokens do change
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -88,9 +88,13 @@ def test_wrong_hidden_states_shape_raises():
         build_mixer(num_heads=4)(torch.randn(8, 16))
 
 
-def test_tensor_parallel_config_raises():
-    with pytest.raises(ValueError, match="tensor_model_parallel_size=1"):
-        build_mixer(make_config(tensor_model_parallel_size=2), num_heads=4)
+@pytest.mark.parametrize("overrides,match", [
+    (dict(tensor_model_parallel_size=2), "tensor_model_parallel_size=2 differs from the TP group size 1"),
+    (dict(tensor_model_parallel_size=2, sequence_parallel=True), "sequence_parallel=True"),
+])
+def test_parallel_config_without_matching_groups_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_mixer(make_config(**overrides), num_heads=4)
 
 
 # ------------------------------------------------------------------ core attention
@@ -177,7 +181,7 @@ def worker_bad_cp_mixer(num_heads: int, config_cp: int) -> None:
 
 
 @pytest.mark.parametrize("num_heads,config_cp,match", [
-    (2, 1, "num_heads=2 and hidden_size=16 must be divisible by the context-parallel size 4"),
+    (2, 1, "num_heads=2 and hidden_size=16 must be divisible by tensor-parallel size x context-parallel size = 1x4"),
     (4, 2, "config.context_parallel_size=2 differs from the CP group size 4"),
 ])
 def test_bad_cp_setup_raises_at_construction_on_every_rank(dist_run, num_heads, config_cp, match):

@@ -47,7 +47,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, set_tensor_model_parallel_attributes
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -65,6 +65,7 @@ __all__ = [
     "SelfAttention", "SelfAttentionSubmodules", "TransformerBlock", "TransformerBlockSubmodules",
     "TransformerConfig", "TransformerLayer", "TransformerLayerSubmodules", "WrappedTorchNorm",
     "cpu_config_defaults", "get_bias_dropout_add", "mlp_submodule", "resolve_cp_group", "resolve_pg_collection",
+    "resolve_tp_group", "set_tensor_model_parallel_attributes",
 ]
 
 SUPPORTED = ((0, 16), (0, 19))
@@ -115,6 +116,16 @@ def resolve_cp_group(pg_collection: ProcessGroupCollection | None) -> ProcessGro
         return pg_collection.cp
     if _has_model_parallel_state():
         return parallel_state.get_context_parallel_group()
+    return None
+
+
+def resolve_tp_group(pg_collection: ProcessGroupCollection | None) -> ProcessGroup | None:
+    """The tensor-parallel group: ``pg_collection.tp`` when the collection has one, else
+    ``parallel_state``'s when it is initialised, else None (no process group at all)."""
+    if pg_collection is not None and "tp" in vars(pg_collection):
+        return pg_collection.tp
+    if _has_model_parallel_state():
+        return parallel_state.get_tensor_model_parallel_group()
     return None
 
 

@@ -10,6 +10,21 @@ itself. Under context parallelism ``s_local`` is this rank's shard of the sequen
 Megatron's zigzag layout (2P chunks, rank r holds chunks r and 2P-1-r: what
 ``get_batch_on_this_cp_rank`` produces and `hyena_cp.parallel.shard(..., "zigzag")` makes),
 so Hyena and attention layers share one sharding.
+
+Tensor parallelism (TP group from ``pg_collection.tp``, else ``parallel_state``): in_proj is
+megatron's ``ColumnParallelLinear(stride=3, gather_output=False)`` and out_proj its
+``RowParallelLinear(input_is_parallel=True)``. The full in_proj weight is ``[q; k; v]``
+(3C x C, the single-process layout); with stride 3 megatron cuts it into 3T blocks of C/T
+rows and TP rank t holds ``[q_t; k_t; v_t]`` — the same q, k and v channels, so the rank
+runs Hyena on its C/T channels with no communication until out_proj's all-reduce. The
+short-conv weights (same strided layout) and the skip ``D`` (contiguous) of those channels
+are TP-sharded too and carry megatron's TP attributes (``tensor_model_parallel``,
+``partition_dim``, ``partition_stride``), so `hyena_cp.parallel.shard_tp`/`unshard_tp` map
+every parameter between the full model and a TP rank; the implicit filter is replicated
+(see `hyena_cp.modules.hyena`). Under CP the AllToAll then moves those C/T channels inside
+the CP group: each rank convolves C/(T*P). Every parameter is initialised for the full
+width and then cut, so one seed gives the same full model at every TP size.
+Sequence parallelism is refused: megatron-core's SP gather allocates on CUDA.
 """
 from __future__ import annotations
 
@@ -20,7 +35,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from hyena_cp.megatron.compat import MegatronModule, ProcessGroupCollection, TransformerConfig, resolve_cp_group
+from hyena_cp.megatron.compat import (ColumnParallelLinear, MegatronModule, ProcessGroupCollection, RowParallelLinear,
+                                      TransformerConfig, resolve_cp_group, resolve_tp_group,
+                                      set_tensor_model_parallel_attributes)
 from hyena_cp.modules import Hyena, QKVSequenceMixer
 from hyena_cp.parallel import group_size
 
@@ -38,7 +55,7 @@ class HyenaMixerConfig:
 
     Attributes:
         num_heads: long-filter groups (channels of a group share one filter); must divide
-            ``hidden_size`` and be a multiple of the CP size (groups are never split).
+            ``hidden_size`` and be a multiple of TP size x CP size (groups are never split).
         short_kernel_size: K of the causal depthwise conv on q, k, v (halo of K-1 tokens).
         filter_bands, filter_width, filter_depth, filter_sin_freq: implicit filter MLP
             (positional bands -> width x depth sine MLP -> one filter per head).
@@ -46,6 +63,7 @@ class HyenaMixerConfig:
             behaves the same at every length up to it. None: length-relative filters.
         norm: "layernorm", "rmsnorm" or None, on ``q * y`` before out_proj. Default None:
             the TransformerLayer already pre-norms the mixer input, as in the Hyena paper.
+            Refused with TP > 1 (its statistics would span the TP ranks' channels).
         bias: bias of in_proj, short conv and out_proj; None follows ``config.add_bias_linear``.
         cp_comm: "alltoall" (default, the communication floor) or "allgather" (baseline).
         short_conv_cp: "halo" (default) or "a2a" (comparison mode), see QKVSequenceMixer.
@@ -64,19 +82,53 @@ class HyenaMixerConfig:
     short_conv_cp: Literal["halo", "a2a"] = "halo"
 
 
-def _check_parallelism(config: TransformerConfig, pg_collection: ProcessGroupCollection | None,
-                       cp_size: int, hyena_config: HyenaMixerConfig) -> None:
+def _check_parallelism(config: TransformerConfig, tp_size: int, cp_size: int, hyena_config: HyenaMixerConfig) -> None:
     """Raise at construction, on every rank, what Hyena cannot run."""
-    tp_size = group_size(getattr(pg_collection, "tp", None)) if pg_collection is not None else 1
-    if max(tp_size, config.tensor_model_parallel_size) > 1 or config.sequence_parallel:
-        raise ValueError("MegatronHyenaMixer is not tensor/sequence parallel: set tensor_model_parallel_size=1 "
-                         "and sequence_parallel=False (use context parallelism to split long sequences)")
+    if config.sequence_parallel:
+        raise ValueError("MegatronHyenaMixer does not support sequence_parallel=True (megatron-core's sequence-parallel "
+                         "gather allocates on CUDA, untested here); set sequence_parallel=False and use context "
+                         "parallelism to split long sequences")
+    if config.tensor_model_parallel_size not in (1, tp_size):
+        raise ValueError(f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} differs from the TP "
+                         f"group size {tp_size}; make them equal (or leave the config at 1 and pass the group)")
     if config.context_parallel_size not in (1, cp_size):
         raise ValueError(f"config.context_parallel_size={config.context_parallel_size} differs from the CP group "
                          f"size {cp_size}; make them equal (or leave the config at 1 and pass the group)")
-    if hyena_config.num_heads % cp_size or config.hidden_size % cp_size:
+    ranks = tp_size * cp_size
+    if hyena_config.num_heads % ranks or config.hidden_size % ranks:
         raise ValueError(f"HyenaMixerConfig.num_heads={hyena_config.num_heads} and hidden_size={config.hidden_size} "
-                         f"must be divisible by the context-parallel size {cp_size}")
+                         f"must be divisible by tensor-parallel size x context-parallel size = {tp_size}x{cp_size}")
+    if tp_size > 1 and hyena_config.norm is not None:
+        raise ValueError(f"HyenaMixerConfig.norm={hyena_config.norm!r} is not supported with tensor parallelism "
+                         f"(TP size {tp_size}): its statistics span all channels; use norm=None")
+
+
+def _plain_linear(in_features: int, out_features: int, bias: bool, init_method, config: TransformerConfig) -> nn.Linear:
+    """``nn.Linear`` initialised exactly as megatron's parallel linears on CPU: one float32 draw
+    of the full weight with ``init_method``, zero bias (so the same seed gives the same weights)."""
+    linear = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
+    if config.perform_initialization:
+        with torch.no_grad():
+            master = torch.empty(out_features, in_features, dtype=torch.float32)
+            init_method(master)
+            linear.weight.copy_(master)
+            if bias:
+                linear.bias.zero_()
+    return linear
+
+
+def _projections(config: TransformerConfig, tp_group, bias: bool) -> tuple[nn.Module, nn.Module]:
+    """in_proj (C -> [q_t; k_t; v_t]) and out_proj (C/T -> C): megatron's TP linears, or plain
+    ``nn.Linear`` when there is no process group at all (megatron's linears need one)."""
+    h = config.hidden_size
+    if tp_group is None:
+        return (_plain_linear(h, 3 * h, bias, config.init_method, config),
+                _plain_linear(h, h, bias, config.output_layer_init_method, config))
+    in_proj = ColumnParallelLinear(h, 3 * h, config=config, init_method=config.init_method, bias=bias,
+                                   gather_output=False, stride=3, skip_bias_add=False, tp_group=tp_group)
+    out_proj = RowParallelLinear(h, h, config=config, init_method=config.output_layer_init_method, bias=bias,
+                                 input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+    return in_proj, out_proj
 
 
 class MegatronHyenaMixer(MegatronModule):
@@ -88,7 +140,7 @@ class MegatronHyenaMixer(MegatronModule):
         layer_number: 1-based layer index (megatron's convention; unused by Hyena).
         pg_collection: process groups; the CP group is ``pg_collection.cp`` when present,
             else ``parallel_state.get_context_parallel_group()`` when initialised, else one
-            process. Fixed at construction.
+            process; the TP group likewise (``pg_collection.tp``). Fixed at construction.
         hyena_config: Hyena settings (see `HyenaMixerConfig`).
         cp_comm_type, pp_layer_offset, name: what ``TransformerLayer`` also passes to every
             ``self_attention`` (see `hyena_cp.megatron.compat`), accepted and not used: Hyena's
@@ -96,8 +148,10 @@ class MegatronHyenaMixer(MegatronModule):
             do not change the mixer.
 
     in_proj/out_proj weights are initialised with ``config.init_method`` /
-    ``config.output_layer_init_method`` and biases with zeros (as megatron's linear layers);
-    the implicit filter and short conv keep `Hyena`'s own initialisation.
+    ``config.output_layer_init_method`` and biases with zeros (megatron's linear layers);
+    the implicit filter and short conv keep `Hyena`'s own initialisation. Without any
+    process group (no ``pg_collection.tp``, no ``parallel_state``) the projections are plain
+    ``nn.Linear`` with the same parameter names and initialisation.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int = 1,
@@ -107,26 +161,28 @@ class MegatronHyenaMixer(MegatronModule):
         super().__init__(config=config)
         hyena_config = HyenaMixerConfig() if hyena_config is None else hyena_config
         self.layer_number, self.hyena_config = layer_number, hyena_config
-        self.cp_group = resolve_cp_group(pg_collection)
-        _check_parallelism(config, pg_collection, group_size(self.cp_group), hyena_config)
+        self.cp_group, self.tp_group = resolve_cp_group(pg_collection), resolve_tp_group(pg_collection)
+        _check_parallelism(config, group_size(self.tp_group), group_size(self.cp_group), hyena_config)
         h, cfg = config.hidden_size, hyena_config
         hyena = Hyena(hidden_dim=h, num_heads=cfg.num_heads, spatial_dims=1, filter_bands=cfg.filter_bands,
                       filter_width=cfg.filter_width, filter_depth=cfg.filter_depth,
-                      filter_sin_freq=cfg.filter_sin_freq, max_len=cfg.max_len, cp_comm=cfg.cp_comm)
+                      filter_sin_freq=cfg.filter_sin_freq, max_len=cfg.max_len, cp_comm=cfg.cp_comm,
+                      tp_group=self.tp_group)
         bias = config.add_bias_linear if cfg.bias is None else cfg.bias
+        in_proj, out_proj = _projections(config, self.tp_group, bias)
         self.mixer = QKVSequenceMixer(hidden_dim=h, hyena=hyena, short_kernel_size=cfg.short_kernel_size,
-                                      norm=cfg.norm, bias=bias, short_conv_cp=cfg.short_conv_cp)
-        if config.perform_initialization:
-            self._init_projections(config)
+                                      norm=cfg.norm, bias=bias, short_conv_cp=cfg.short_conv_cp,
+                                      in_proj=in_proj, out_proj=out_proj)
+        if self.tp_group is not None:
+            self._mark_tp_sharded()
         self.mixer.to(dtype=config.params_dtype)
 
-    @torch.no_grad()
-    def _init_projections(self, config: TransformerConfig) -> None:
-        config.init_method(self.mixer.in_proj.weight)
-        config.output_layer_init_method(self.mixer.out_proj.weight)
-        for proj in (self.mixer.in_proj, self.mixer.out_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+    def _mark_tp_sharded(self) -> None:
+        """megatron's TP attributes on the mixer's own per-channel parameters (the linears set theirs)."""
+        conv = self.mixer.short_conv
+        for param, stride in ((conv.weight, 3), (conv.bias, 3), (self.mixer.hyena.skip, 1)):
+            if param is not None:
+                set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=stride)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:

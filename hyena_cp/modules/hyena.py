@@ -6,6 +6,14 @@ and only ``z`` crosses ranks: one AllToAll turns the shard ``[B, C, L/P]`` into 
 sequence of this rank's channel block ``[B, C/P, L]``, the FFT conv runs locally with
 only this rank's filters, and one AllToAll brings the result back (backward: the two
 reverse AllToAlls). Layouts: 1-D zigzag, 2-D row blocks (see ``hyena_cp.parallel.layouts``).
+
+Tensor parallelism (``tp_group`` of size T, fixed at construction): a TP rank owns the
+C/T channels ``[t*C/T, (t+1)*C/T)`` of q, k, v and their skip ``D`` (a TP-sharded parameter),
+and under CP moves only those channels, so a rank convolves C/(T*P) channels. The implicit
+filter is tiny and REPLICATED on every TP rank; each TP rank builds only the filters of its
+own groups, and the filter's parameters pass through `copy_to_group` (one all-reduce of
+their gradients in backward) so every TP replica holds the whole filter gradient — the
+same gradient the single-process operator computes.
 """
 from __future__ import annotations
 
@@ -14,13 +22,15 @@ from typing import Literal
 import torch
 from einops import rearrange
 from torch import nn
+from torch.distributed import ProcessGroup
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from hyena_cp import flops
 from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv2d, fft_size
 from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d
-from hyena_cp.parallel import (all_gather_seq, channel_to_seq, from_rank_major, group_rank, group_size,
-                               seq_to_channel, shard)
+from hyena_cp.parallel import (all_gather_seq, channel_to_seq, copy_to_group, from_rank_major, group_rank,
+                               group_size, seq_to_channel, shard)
 
 __all__ = ["Hyena"]
 
@@ -31,9 +41,9 @@ class Hyena(nn.Module):
     """Order-2 Hyena long-convolution core.
 
     Args:
-        hidden_dim: channels C of q, k, v.
+        hidden_dim: channels C of q, k, v (the whole layer's, also under TP).
         num_heads: filter groups; the C/num_heads channels of a group share one long
-            filter. Under CP, ``num_heads % P == 0`` so a group is never split.
+            filter. Under CP (and TP), ``num_heads % (T*P) == 0`` so a group is never split.
         spatial_dims: 1 (causal sequence) or 2 (image grid, centred global filter).
         filter_bands, filter_width, filter_depth, filter_sin_freq: implicit filter MLP.
         max_len: 1-D only; longest sequence the filter accepts (positions are normalised
@@ -45,13 +55,17 @@ class Hyena(nn.Module):
             default's bytes) and convolves every channel on every rank (P times the work).
         checkpoint_filter: recompute the filter MLP in backward instead of storing its
             activations (see ``build_filter``).
+        tp_group: tensor-parallel group (None: one process). This rank then takes q, k, v
+            of its ``local_dim = C/T`` channels, starting at global channel ``channel_offset``.
     """
 
     def __init__(self, *, hidden_dim: int, num_heads: int = 1, spatial_dims: int = 1, filter_bands: int = 8,
                  filter_width: int = 64, filter_depth: int = 2, filter_sin_freq: float = 1.0,
                  max_len: int | None = None, max_grid: tuple[int, int] | None = None,
-                 cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True):
+                 cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True,
+                 tp_group: ProcessGroup | None = None):
         super().__init__()
+        tp_size = group_size(tp_group)
         if cp_comm not in ("alltoall", "allgather"):
             raise ValueError(f"cp_comm={cp_comm!r} must be 'alltoall' or 'allgather'")
         if spatial_dims not in (1, 2):
@@ -59,18 +73,24 @@ class Hyena(nn.Module):
         if num_heads < 1 or hidden_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide hidden_dim={hidden_dim}; "
                              f"pick num_heads among the divisors of hidden_dim")
+        if hidden_dim % tp_size or num_heads % tp_size:
+            raise ValueError(f"hidden_dim={hidden_dim} and num_heads={num_heads} must be divisible by the tensor-parallel "
+                             f"size {tp_size} (a TP rank owns whole filter groups); change them or the TP size")
         if spatial_dims == 1 and max_grid is not None:
             raise ValueError("max_grid is for spatial_dims=2; use max_len for a 1-D Hyena")
         if spatial_dims == 2 and max_len is not None:
             raise ValueError("max_len is for spatial_dims=1; use max_grid=(H, W) for a 2-D Hyena")
         self.hidden_dim, self.num_heads, self.spatial_dims = hidden_dim, num_heads, spatial_dims
         self.cp_comm, self.checkpoint_filter = cp_comm, checkpoint_filter
+        self.tp_group, self.local_dim = tp_group, hidden_dim // tp_size
+        self.channel_offset = group_rank(tp_group) * self.local_dim
         common = dict(num_bands=filter_bands, width=filter_width, depth=filter_depth, sin_freq=filter_sin_freq)
         if spatial_dims == 1:
             self.filter = ImplicitFilter1d(num_heads, max_len=max_len, **common)
         else:
             self.filter = ImplicitFilter2d(num_heads, max_grid=max_grid, **common)
-        self.skip = nn.Parameter(torch.randn(hidden_dim))  # D, per channel
+        # D, per channel; drawn for all C channels so a seed gives the same full operator at any TP size
+        self.skip = nn.Parameter(torch.randn(hidden_dim)[self.channel_offset:self.channel_offset + self.local_dim].clone())
 
     @property
     def layout(self) -> str:
@@ -80,23 +100,25 @@ class Hyena(nn.Module):
         """Raise the constraints of this operator for a global size ``(L,)``/``(H, W)`` on a
         cp_group of ``world`` ranks (called on every rank before any collective)."""
         self.filter.check_size(*global_spatial)
-        if self.hidden_dim % world:
-            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by the cp_group size {world}; "
+        tp = group_size(self.tp_group)
+        if self.hidden_dim % (tp * world):
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by tp_size*cp_size={tp}*{world}; "
                              f"change hidden_dim or the context-parallel size")
-        if self.num_heads % world:
-            raise ValueError(f"num_heads={self.num_heads} must be divisible by the cp_group size {world} "
-                             f"(filter groups are never split across ranks); set num_heads to a multiple of {world}")
+        if self.num_heads % (tp * world):
+            raise ValueError(f"num_heads={self.num_heads} must be divisible by tp_size*cp_size={tp}*{world} (filter "
+                             f"groups are never split across ranks); set num_heads to a multiple of {tp * world}")
 
     def long_conv(self, z: torch.Tensor, channels: slice) -> torch.Tensor:
         """FFT long conv of the FULL sequence/grid of a channel block.
 
         Args:
             z: ``[B, C_blk, L]`` or ``[B, C_blk, H, W]`` (global sequence, this block's channels).
-            channels: which of the ``hidden_dim`` channels ``z`` holds (a contiguous block
-                aligned to filter groups); only their filters are built.
+            channels: which of this TP rank's ``local_dim`` channels ``z`` holds (a contiguous
+                block aligned to filter groups); only their filters are built.
         """
         per_group = self.hidden_dim // self.num_heads
-        groups = slice(channels.start // per_group, channels.stop // per_group)
+        first, last = self.channel_offset + channels.start, self.channel_offset + channels.stop  # global channels
+        groups = slice(first // per_group, last // per_group)
         k = self.build_filter(tuple(z.shape[2:]), groups)  # G_blk, L  or  G_blk, 2H-1, 2W-1
         conv = fft_causal_conv1d if self.spatial_dims == 1 else fft_conv2d
         return conv(z, k, self.skip[channels])
@@ -109,23 +131,36 @@ class Hyena(nn.Module):
         ``checkpoint_filter`` they are recomputed in backward instead (a small MLP, cheap
         next to the FFTs) and activation memory keeps scaling as 1/P.
         """
+        params = self._filter_params()
+        build = self.filter if params is None else lambda *args: functional_call(self.filter, params, args)
         if self.checkpoint_filter and torch.is_grad_enabled():
-            return checkpoint(self.filter, *spatial, groups, use_reentrant=False)
-        return self.filter(*spatial, groups)
+            return checkpoint(build, *spatial, groups, use_reentrant=False)
+        return build(*spatial, groups)
+
+    def _filter_params(self) -> dict[str, torch.Tensor] | None:
+        """Under TP: the filter's parameters through ONE `copy_to_group` (flattened), so the
+        TP ranks' gradients — each from its own groups — are summed in backward. None otherwise."""
+        if group_size(self.tp_group) == 1:
+            return None
+        names, params = zip(*self.filter.named_parameters())
+        flat = copy_to_group(torch.cat([p.reshape(-1) for p in params]), self.tp_group)
+        pieces = flat.split([p.numel() for p in params])
+        return {name: piece.view_as(p) for name, piece, p in zip(names, pieces, params)}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp_group=None,
                 sharded: Sharding = "sequence", mask: torch.Tensor | None = None) -> torch.Tensor:
         """``q, k, v``: ``[B, C, L_local]`` (1-D, zigzag shard) or ``[B, C, H_local, W]`` (2-D, row
         block) when ``sharded="sequence"``; with ``sharded="channel"`` they already hold the
         full sequence of this rank's channel block ``[B, C/P, L]`` / ``[B, C/P, H, W]``.
+        Under TP, C is this rank's ``local_dim`` channels.
         ``mask`` (1 = real token, 0 = padding), broadcastable to ``z`` in the same layout,
         zeroes padded positions of ``z`` so the long conv never carries them to real tokens.
         Returns ``q * (h * z + D z)`` in the same layout as ``q``."""
         world, rank = group_size(cp_group), group_rank(cp_group)
         global_spatial = tuple(q.shape[2:]) if sharded == "channel" else (q.shape[2] * world, *q.shape[3:])
         self.check_input(global_spatial, world)
-        block = self.hidden_dim // world
-        channels = slice(rank * block, (rank + 1) * block)
+        block = self.local_dim // world
+        channels = slice(rank * block, (rank + 1) * block)  # of this TP rank's local channels
         z = k * v if mask is None else k * v * mask
         if sharded == "channel" or world == 1:
             return q * self.long_conv(z, channels)
@@ -146,7 +181,7 @@ class Hyena(nn.Module):
         local positions. ``z``: this rank's shard ``[B, C, L_loc]`` / ``[B, C, H_loc, W]``."""
         world, rank = group_size(cp_group), group_rank(cp_group)
         full = from_rank_major(all_gather_seq(z, 2, cp_group), 2, self.layout, world)  # B, C, L / B, C, H, W
-        y = self.long_conv(full, slice(0, self.hidden_dim))
+        y = self.long_conv(full, slice(0, self.local_dim))
         return shard(y, 2, self.layout, world, rank)
 
     def flop_count(self, spatial: tuple[int, ...]) -> dict[str, float]:

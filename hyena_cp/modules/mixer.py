@@ -6,6 +6,14 @@ layout for 1-D, a block of H/P grid rows for 2-D. Projections, norm and gating a
 token-local; the short conv gets its neighbours by a halo exchange (default,
 ``short_conv_cp="halo"``), or — for comparison — q, k, v are swapped to channel shards
 before it (``short_conv_cp="a2a"``, twice the AllToAll bytes of the default).
+
+Tensor parallelism comes with the Hyena operator (``hyena.tp_group`` of size T): this rank
+mixes its ``hyena.local_dim = C/T`` channels of q, k and v. The projections are then the
+caller's tensor-parallel layers (`hyena_cp.megatron` passes megatron-core's column- and
+row-parallel linears): ``in_proj`` maps C -> ``[q_t; k_t; v_t]`` (3C/T, this rank's block of
+each) and ``out_proj`` maps C/T -> C, summing over the TP group. The short conv holds the
+depthwise weights of the same channels, ``[q_t; k_t; v_t]`` of the full ``[q; k; v]`` weight
+(`hyena_cp.parallel.shard_tp` with stride 3).
 """
 from __future__ import annotations
 
@@ -21,9 +29,20 @@ from hyena_cp.modules.conditioning import broadcast_tokens, build_conditioning
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
 from hyena_cp.parallel import (causal_halo_1d, channel_to_seq, group_rank, group_size, row_halo_2d,
-                               seq_to_channel, shard)
+                               seq_to_channel, shard, shard_tp)
 
 __all__ = ["QKVSequenceMixer"]
+
+
+def _project(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a projection; megatron's parallel linears return ``(output, None)`` (bias added inside)."""
+    out = proj(x)
+    if isinstance(out, tuple):
+        out, bias = out
+        if bias is not None:
+            raise ValueError("a projection returned a separate bias (skip_bias_add=True); build it with "
+                             "skip_bias_add=False so the mixer output includes it")
+    return out
 
 
 def build_norm(kind: str | None, dim: int) -> nn.Module:
@@ -47,11 +66,14 @@ class QKVSequenceMixer(nn.Module):
         conditioning: None, "film" or "adaln" (adaLN-Zero); needs ``cond_dim``.
         bias: bias of in_proj, short conv and out_proj.
         short_conv_cp: "halo" (default) or "a2a", see module docstring.
+        in_proj, out_proj: projection modules (C -> 3 * local, local -> C, ``local =
+            hyena.local_dim``); default ``nn.Linear``; required under TP (see module docstring).
     """
 
     def __init__(self, *, hidden_dim: int, hyena: Hyena, short_kernel_size: int = 3, norm: str | None = "layernorm",
                  conditioning: str | None = None, cond_dim: int | None = None, bias: bool = True,
-                 short_conv_cp: Literal["halo", "a2a"] = "halo"):
+                 short_conv_cp: Literal["halo", "a2a"] = "halo", in_proj: nn.Module | None = None,
+                 out_proj: nn.Module | None = None):
         super().__init__()
         if hyena.hidden_dim != hidden_dim:
             raise ValueError(f"hyena.hidden_dim={hyena.hidden_dim} must equal the mixer's hidden_dim={hidden_dim}")
@@ -59,16 +81,37 @@ class QKVSequenceMixer(nn.Module):
             raise ValueError(f"short_conv_cp={short_conv_cp!r} must be 'halo' or 'a2a'")
         if short_kernel_size < 1 or (hyena.spatial_dims == 2 and short_kernel_size % 2 == 0):
             raise ValueError(f"short_kernel_size={short_kernel_size} must be >= 1 (and odd for a 2-D mixer)")
-        self.hidden_dim, self.spatial_dims = hidden_dim, hyena.spatial_dims
+        tp = group_size(hyena.tp_group)
+        if tp > 1 and (in_proj is None or out_proj is None):
+            raise ValueError("a tensor-parallel Hyena (tp_group of size > 1) needs tensor-parallel in_proj/out_proj "
+                             "modules; build the mixer through hyena_cp.megatron.MegatronHyenaMixer")
+        if tp > 1 and (norm is not None or conditioning is not None):
+            raise ValueError(f"norm={norm!r} / conditioning={conditioning!r} act on all C channels of q*y, which are "
+                             f"split over {tp} TP ranks; use norm=None and conditioning=None with tensor parallelism")
+        self.hidden_dim, self.spatial_dims, self.local_dim = hidden_dim, hyena.spatial_dims, hyena.local_dim
         self.short_kernel_size, self.short_conv_cp = short_kernel_size, short_conv_cp
-        self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias)
-        conv = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
-        # Only used to own and initialise the depthwise weights; the ops apply them.
-        self.short_conv = conv(3 * hidden_dim, 3 * hidden_dim, short_kernel_size, groups=3 * hidden_dim, bias=bias)
+        self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias) if in_proj is None else in_proj
+        self.short_conv = self._build_short_conv(short_kernel_size, bias, hyena)
         self.hyena = hyena
         self.norm = build_norm(norm, hidden_dim)
         self.cond = build_conditioning(conditioning, cond_dim, hidden_dim)
-        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias) if out_proj is None else out_proj
+
+    def _build_short_conv(self, kernel_size: int, bias: bool, hyena: Hyena) -> nn.Module:
+        """Depthwise conv over ``[q; k; v]`` of this rank's channels. Only owns and initialises the
+        weights (the ops apply them). Initialised for all 3C channels, then cut to this TP rank's
+        ``[q_t; k_t; v_t]``, so a seed gives the same full mixer at any TP size."""
+        conv_type = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
+        channels = 3 * self.hidden_dim
+        conv = conv_type(channels, channels, kernel_size, groups=channels, bias=bias)
+        tp = group_size(hyena.tp_group)
+        if tp > 1:
+            rank, local = group_rank(hyena.tp_group), 3 * self.local_dim
+            conv.weight = nn.Parameter(shard_tp(conv.weight.detach(), 0, 3, tp, rank))
+            if bias:
+                conv.bias = nn.Parameter(shard_tp(conv.bias.detach(), 0, 3, tp, rank))
+            conv.in_channels = conv.out_channels = conv.groups = local
+        return conv
 
     # ------------------------------------------------------------------ checks
     def _check(self, x: torch.Tensor, conditioning: torch.Tensor | None, world: int) -> None:
@@ -100,13 +143,14 @@ class QKVSequenceMixer(nn.Module):
 
     # ------------------------------------------------------------ short conv
     def _short_conv_weights(self, channels: slice | None):
-        """Depthwise weights ``[3C, K(, K)]`` and bias, restricted to a channel block of each of q, k, v."""
+        """Depthwise weights ``[3C, K(, K)]`` and bias (C = this TP rank's ``local_dim``), restricted to
+        a channel block of each of q, k, v."""
         w = self.short_conv.weight[:, 0]
         b = self.short_conv.bias
         if channels is None:
             return w, b
-        w = w.reshape(3, self.hidden_dim, *w.shape[1:])[:, channels].flatten(0, 1)
-        b = None if b is None else b.reshape(3, self.hidden_dim)[:, channels].flatten()
+        w = w.reshape(3, self.local_dim, *w.shape[1:])[:, channels].flatten(0, 1)
+        b = None if b is None else b.reshape(3, self.local_dim)[:, channels].flatten()
         return w, b
 
     def _short_conv_local(self, u: torch.Tensor, cp_group) -> torch.Tensor:
@@ -161,7 +205,7 @@ class QKVSequenceMixer(nn.Module):
         world = group_size(cp_group)
         self._check(x, conditioning, world)
         spatial = tuple(x.shape[1:-1])
-        u = self.in_proj(x)
+        u = _project(self.in_proj, x)
         u = rearrange(u, "b l c -> b c l") if self.spatial_dims == 1 else rearrange(u, "b h w c -> b c h w")
         if self.short_conv_cp == "a2a" and world > 1:
             y = self._forward_a2a(u, cp_group, num_valid_tokens)
@@ -173,15 +217,15 @@ class QKVSequenceMixer(nn.Module):
         y = rearrange(y, "b c l -> b l c") if self.spatial_dims == 1 else rearrange(y, "b c h w -> b h w c")
         y = self.norm(y)
         if self.cond is None:
-            return self.out_proj(y)
+            return _project(self.out_proj, y)
         scale, shift, gate = self.cond(conditioning)
-        out = self.out_proj(y * broadcast_tokens(scale, y) + broadcast_tokens(shift, y))
+        out = _project(self.out_proj, y * broadcast_tokens(scale, y) + broadcast_tokens(shift, y))
         return out if gate is None else out * broadcast_tokens(gate, out)
 
     def _forward_a2a(self, u: torch.Tensor, cp_group, num_valid: int | None) -> torch.Tensor:
         """Comparison mode: swap q, k, v to channel shards, run everything on the full sequence."""
         world, rank = group_size(cp_group), group_rank(cp_group)
-        block = self.hidden_dim // world
+        block = self.local_dim // world
         channels = slice(rank * block, (rank + 1) * block)
         spatial_local = u.shape[2:]
         u = rearrange(u, "b (three c) ... -> b three c (...)", three=3)  # B, 3, C, S_loc
@@ -193,7 +237,7 @@ class QKVSequenceMixer(nn.Module):
         q, k, v = self._short_conv_full(u, channels).chunk(3, dim=1)
         y = self.hyena(q, k, v, cp_group=cp_group, sharded="channel", mask=mask)  # B, C/P, *full
         y = channel_to_seq(y.flatten(2), cp_group, self.hyena.layout)  # B, C, S_loc
-        return y.reshape(y.shape[0], self.hidden_dim, *spatial_local)
+        return y.reshape(y.shape[0], self.local_dim, *spatial_local)
 
     # ------------------------------------------------------------------ flops
     def flop_breakdown(self, num_tokens: int, grid_w: int | None = None) -> dict[str, float]:
