@@ -30,6 +30,7 @@ class Case:
     hidden: int = 16
     heads: int = 4  # divisible by every tp * cp used here
     groups: str = "parallel_state"  # or "explicit": a ProcessGroupCollection built by hand
+    norm: str | None = None  # on q * y; under TP its statistics span the TP ranks
 
 
 def make_config(tp: int, cp: int) -> TransformerConfig:
@@ -40,7 +41,8 @@ def make_config(tp: int, cp: int) -> TransformerConfig:
 
 def build_mixer(case: Case, tp: int, cp: int, pg_collection):
     torch.manual_seed(1234)  # the same full weights at every TP size (see MegatronHyenaMixer)
-    spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=case.heads, filter_width=16, max_len=case.seq))
+    spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=case.heads, filter_width=16, max_len=case.seq,
+                                                 norm=case.norm))
     return build_module(spec.submodules.self_attention, config=make_config(tp, cp), layer_number=1,
                         pg_collection=pg_collection)
 
@@ -148,10 +150,10 @@ def check_parity(results: list[dict], case: Case) -> dict[str, float]:
 
 
 CASES = [Case(tp=2, cp=1), Case(tp=1, cp=2), Case(tp=2, cp=2), Case(tp=1, cp=4), Case(tp=4, cp=1),
-         Case(tp=2, cp=2, groups="explicit")]
+         Case(tp=2, cp=2, groups="explicit"), Case(tp=2, cp=1, norm="layernorm"), Case(tp=2, cp=2, norm="rmsnorm")]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"tp{c.tp}-cp{c.cp}-{c.groups}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"tp{c.tp}-cp{c.cp}-{c.groups}-{c.norm}")
 def test_tp_cp_mixer_equals_single_process(dist_run, case):
     results = dist_run(worker, case.tp * case.cp, case)
     check_parity(results, case)
@@ -172,19 +174,35 @@ def test_wrong_qkv_layout_across_tp_ranks_fails(dist_run):
         check_parity(results, case)
 
 
-def worker_bad_tp(heads: int, norm: str | None) -> None:
+def test_wrong_norm_statistics_fail(dist_run):
+    """Negative twin: a TP norm whose statistics cover only this rank's channels."""
+    case = Case(tp=2, cp=1, norm="rmsnorm")
+    results = dist_run(worker_local_norm, 2, case)
+    with pytest.raises(AssertionError, match="out"):
+        check_parity(results, case)
+
+
+def worker_local_norm(case: Case) -> dict:
+    from hyena_cp.modules import norm
+
+    exact = norm.all_reduce_sum
+    norm.all_reduce_sum = lambda x, group: x * group.size()  # the local sum, scaled like a total
+    try:
+        return worker(case)
+    finally:  # the worker process is reused by later tests
+        norm.all_reduce_sum = exact
+
+
+def worker_bad_tp(heads: int) -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2)
     try:
-        spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=heads, norm=norm))
+        spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=heads))
         build_module(spec.submodules.self_attention, config=make_config(2, 2), layer_number=1)
     finally:
         parallel_state.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("heads,norm,match", [
-    (2, None, "num_heads=2 and hidden_size=16 must be divisible by tensor-parallel size x context-parallel size = 2x2"),
-    (4, "rmsnorm", "norm='rmsnorm' is not supported with tensor parallelism"),
-])
-def test_bad_tp_setup_raises_at_construction_on_every_rank(dist_run, heads, norm, match):
-    errors = dist_run(worker_bad_tp, 4, heads, norm, expect_error=ValueError)
+def test_bad_tp_setup_raises_at_construction_on_every_rank(dist_run):
+    errors = dist_run(worker_bad_tp, 4, 2, expect_error=ValueError)
+    match = "num_heads=2 and hidden_size=16 must be divisible by tensor-parallel size x context-parallel size = 2x2"
     assert all(match in str(e) for e in errors), errors

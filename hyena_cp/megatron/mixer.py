@@ -17,8 +17,8 @@ megatron's ``ColumnParallelLinear(stride=3, gather_output=False)`` and out_proj 
 (3C x C, the single-process layout); with stride 3 megatron cuts it into 3T blocks of C/T
 rows and TP rank t holds ``[q_t; k_t; v_t]`` — the same q, k and v channels, so the rank
 runs Hyena on its C/T channels with no communication until out_proj's all-reduce. The
-short-conv weights (same strided layout) and the skip ``D`` (contiguous) of those channels
-are TP-sharded too and carry megatron's TP attributes (``tensor_model_parallel``,
+short-conv weights (same strided layout), the skip ``D`` and the optional norm's weights
+(contiguous) of those channels are TP-sharded too and carry megatron's TP attributes (``tensor_model_parallel``,
 ``partition_dim``, ``partition_stride``), so `hyena_cp.parallel.shard_tp`/`unshard_tp` map
 every parameter between the full model and a TP rank; the implicit filter is replicated
 (see `hyena_cp.modules.hyena`). Under CP the AllToAll then moves those C/T channels inside
@@ -63,7 +63,7 @@ class HyenaMixerConfig:
             behaves the same at every length up to it. None: length-relative filters.
         norm: "layernorm", "rmsnorm" or None, on ``q * y`` before out_proj. Default None:
             the TransformerLayer already pre-norms the mixer input, as in the Hyena paper.
-            Refused with TP > 1 (its statistics would span the TP ranks' channels).
+            Under TP its statistics are summed over the TP group (`hyena_cp.modules.norm`).
         bias: bias of in_proj, short conv and out_proj; None follows ``config.add_bias_linear``.
         cp_comm: "alltoall" (default, the communication floor) or "allgather" (baseline).
         short_conv_cp: "halo" (default) or "a2a" (comparison mode), see QKVSequenceMixer.
@@ -98,9 +98,6 @@ def _check_parallelism(config: TransformerConfig, tp_size: int, cp_size: int, hy
     if hyena_config.num_heads % ranks or config.hidden_size % ranks:
         raise ValueError(f"HyenaMixerConfig.num_heads={hyena_config.num_heads} and hidden_size={config.hidden_size} "
                          f"must be divisible by tensor-parallel size x context-parallel size = {tp_size}x{cp_size}")
-    if tp_size > 1 and hyena_config.norm is not None:
-        raise ValueError(f"HyenaMixerConfig.norm={hyena_config.norm!r} is not supported with tensor parallelism "
-                         f"(TP size {tp_size}): its statistics span all channels; use norm=None")
 
 
 def _plain_linear(in_features: int, out_features: int, bias: bool, init_method, config: TransformerConfig) -> nn.Linear:
@@ -179,8 +176,11 @@ class MegatronHyenaMixer(MegatronModule):
 
     def _mark_tp_sharded(self) -> None:
         """megatron's TP attributes on the mixer's own per-channel parameters (the linears set theirs)."""
-        conv = self.mixer.short_conv
-        for param, stride in ((conv.weight, 3), (conv.bias, 3), (self.mixer.hyena.skip, 1)):
+        conv, norm = self.mixer.short_conv, self.mixer.norm
+        tp_norm = group_size(self.tp_group) > 1 and not isinstance(norm, nn.Identity)  # else a replica
+        params = [(conv.weight, 3), (conv.bias, 3), (self.mixer.hyena.skip, 1)]
+        params += [(norm.weight, 1), (norm.bias, 1)] if tp_norm else []
+        for param, stride in params:
             if param is not None:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=stride)
 

@@ -27,6 +27,7 @@ from torch import nn
 from hyena_cp import flops
 from hyena_cp.modules.conditioning import broadcast_tokens, build_conditioning
 from hyena_cp.modules.hyena import Hyena
+from hyena_cp.modules.norm import build_norm
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
 from hyena_cp.parallel import (causal_halo_1d, channel_to_seq, group_rank, group_size, row_halo_2d,
                                seq_to_channel, shard, shard_tp)
@@ -45,15 +46,6 @@ def _project(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build_norm(kind: str | None, dim: int) -> nn.Module:
-    norms = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
-    if kind is None:
-        return nn.Identity()
-    if kind not in norms:
-        raise ValueError(f"norm={kind!r} is not one of {sorted(norms)} or None")
-    return norms[kind](dim)
-
-
 class QKVSequenceMixer(nn.Module):
     """Hyena token mixer with projections.
 
@@ -62,7 +54,8 @@ class QKVSequenceMixer(nn.Module):
         hyena: the Hyena operator (``hyena.hidden_dim == hidden_dim``); its ``spatial_dims``
             decides whether this mixer takes ``[B, L, C]`` or ``[B, H, W, C]``.
         short_kernel_size: K of the short depthwise conv (1-D causal; 2-D K x K "same", K odd).
-        norm: "layernorm", "rmsnorm" or None, applied to ``q * y`` before out_proj.
+        norm: "layernorm", "rmsnorm" or None, applied to ``q * y`` before out_proj (over all C
+            channels, also under TP: see `hyena_cp.modules.norm`).
         conditioning: None, "film" or "adaln" (adaLN-Zero); needs ``cond_dim``.
         bias: bias of in_proj, short conv and out_proj.
         short_conv_cp: "halo" (default) or "a2a", see module docstring.
@@ -85,15 +78,15 @@ class QKVSequenceMixer(nn.Module):
         if tp > 1 and (in_proj is None or out_proj is None):
             raise ValueError("a tensor-parallel Hyena (tp_group of size > 1) needs tensor-parallel in_proj/out_proj "
                              "modules; build the mixer through hyena_cp.megatron.MegatronHyenaMixer")
-        if tp > 1 and (norm is not None or conditioning is not None):
-            raise ValueError(f"norm={norm!r} / conditioning={conditioning!r} act on all C channels of q*y, which are "
-                             f"split over {tp} TP ranks; use norm=None and conditioning=None with tensor parallelism")
+        if tp > 1 and conditioning is not None:
+            raise ValueError(f"conditioning={conditioning!r} is not supported with tensor parallelism (TP size {tp}); "
+                             f"use conditioning=None")
         self.hidden_dim, self.spatial_dims, self.local_dim = hidden_dim, hyena.spatial_dims, hyena.local_dim
         self.short_kernel_size, self.short_conv_cp = short_kernel_size, short_conv_cp
         self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias) if in_proj is None else in_proj
         self.short_conv = self._build_short_conv(short_kernel_size, bias, hyena)
         self.hyena = hyena
-        self.norm = build_norm(norm, hidden_dim)
+        self.norm = build_norm(norm, hidden_dim, hyena.tp_group)  # statistics over all C channels
         self.cond = build_conditioning(conditioning, cond_dim, hidden_dim)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias) if out_proj is None else out_proj
 
