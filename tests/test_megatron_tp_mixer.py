@@ -31,6 +31,7 @@ class Case:
     heads: int = 4  # divisible by every tp * cp used here
     groups: str = "parallel_state"  # or "explicit": a ProcessGroupCollection built by hand
     norm: str | None = None  # on q * y; under TP its statistics span the TP ranks
+    modes: tuple[str, str] = ("alltoall", "halo")  # cp_comm, short_conv_cp (the comparison modes too)
 
 
 def make_config(tp: int, cp: int) -> TransformerConfig:
@@ -42,7 +43,7 @@ def make_config(tp: int, cp: int) -> TransformerConfig:
 def build_mixer(case: Case, tp: int, cp: int, pg_collection):
     torch.manual_seed(1234)  # the same full weights at every TP size (see MegatronHyenaMixer)
     spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=case.heads, filter_width=16, max_len=case.seq,
-                                                 norm=case.norm))
+                                                 norm=case.norm, cp_comm=case.modes[0], short_conv_cp=case.modes[1]))
     return build_module(spec.submodules.self_attention, config=make_config(tp, cp), layer_number=1,
                         pg_collection=pg_collection)
 
@@ -150,10 +151,11 @@ def check_parity(results: list[dict], case: Case) -> dict[str, float]:
 
 
 CASES = [Case(tp=2, cp=1), Case(tp=1, cp=2), Case(tp=2, cp=2), Case(tp=1, cp=4), Case(tp=4, cp=1),
-         Case(tp=2, cp=2, groups="explicit"), Case(tp=2, cp=1, norm="layernorm"), Case(tp=2, cp=2, norm="rmsnorm")]
+         Case(tp=2, cp=2, groups="explicit"), Case(tp=2, cp=1, norm="layernorm"), Case(tp=2, cp=2, norm="rmsnorm"),
+         Case(tp=2, cp=2, modes=("allgather", "a2a"))]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"tp{c.tp}-cp{c.cp}-{c.groups}-{c.norm}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"tp{c.tp}-cp{c.cp}-{c.groups}-{c.norm}-{'-'.join(c.modes)}")
 def test_tp_cp_mixer_equals_single_process(dist_run, case):
     results = dist_run(worker, case.tp * case.cp, case)
     check_parity(results, case)
