@@ -20,7 +20,7 @@ What megatron-core needs on CPU and what differs between versions, found by runn
 - The stock local ``DotProductAttention`` allocates its score buffer with
   ``torch.cuda.current_device()`` (the global memory buffer), forks the CUDA RNG tracker
   for dropout, and refuses CP > 1. `hyena_cp.megatron.attention.TorchCoreAttention`
-  replaces it as the ``core_attention`` submodule (pure torch, one process only).
+  replaces it as the ``core_attention`` submodule (pure torch, context parallel).
 - ``TransformerLayer`` builds its ``self_attention`` with ``config``, ``layer_number`` and
   ``pg_collection``, plus ``cp_comm_type`` when ``config.context_parallel_size > 1`` and
   ``config.cp_comm_type`` is set (a list-valued one is indexed one off in 0.16.1: use a
@@ -36,6 +36,9 @@ What megatron-core needs on CPU and what differs between versions, found by runn
   None from 0.19; `resolve_cp_group` checks the instance dict instead.
 - ``WrappedTorchNorm`` (torch LayerNorm/RMSNorm by ``config.normalization``) is the norm
   of our specs: the ``LNImpl`` megatron picks depends on whether Apex/TE are installed.
+- ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to CUDA and its CP slicing builds a CUDA
+  index, so `hyena_cp.megatron.rope` builds the table itself; ``SelfAttention`` applies a
+  given ``rotary_pos_emb`` on CPU (``apply_rope_fusion=False``) without slicing it for CP.
 """
 from __future__ import annotations
 
