@@ -5,7 +5,10 @@ hidden_size=64 allow CP sizes 1, 2 and 4; seq 256 keeps zigzag chunks >= the sho
     model = instantiate(cfg.model)                   # after parallel_state.initialize_model_parallel
     model = instantiate(cfg.model, pg_collection=pgs)  # or with explicit process groups
 
-Hybrid variant: ``model.layer_pattern=HAH model.num_layers=3`` (attention layers: CP size 1 only).
+Hybrid variant: ``model.layer_pattern=HAH model.num_layers=3``: attention layers run under CP
+(K/V gathered over the CP group) with rotary embeddings; ``model.position_embedding=none`` for NoPE.
+Tensor parallel (issue #10): attention-only patterns (``AA``) until the Hyena mixer is TP; vocab 256,
+4 heads and ffn 128 split over TP 2 or 4.
 """
 from hyena_cp.lazy import LazyCall
 from hyena_cp.megatron import build_hyena_lm
@@ -18,6 +21,8 @@ model = LazyCall(build_hyena_lm)(
     ffn_hidden_size=128,
     num_attention_heads=4,  # used by "A" layers only
     layer_pattern="HH",
+    position_embedding="rope",  # attention layers only (the transformer baseline); Hyena ignores it
+    rotary_base=10000,
     hyena=dict(  # HyenaMixerConfig fields
         num_heads=4,  # filter groups: a multiple of the CP size
         short_kernel_size=3,

@@ -1,6 +1,9 @@
 """Hyena language model on megatron-core: context-parallel runs (gloo, zigzag shards) equal
 the single-process model — logits, loss, every parameter gradient (summed over CP) and one
-AdamW step — under ``parallel_state`` and under an explicit ``ProcessGroupCollection``."""
+AdamW step — under ``parallel_state`` and under an explicit ``ProcessGroupCollection``;
+hybrids with attention layers (K/V gathered over CP, RoPE) in float64 through the parity
+harness of tests/lm_parity.py, with attention over local keys only as the failing twin.
+TP and TP x CP: tests/test_megatron_lm_tp.py."""
 from __future__ import annotations
 
 import re
@@ -16,6 +19,7 @@ from megatron.core import parallel_state
 from hyena_cp.megatron import HyenaMixerConfig, build_hyena_lm
 from hyena_cp.megatron.compat import ProcessGroupCollection
 from hyena_cp.parallel import group_rank, group_size, group_sum, shard, unshard
+from lm_parity import ParityCase, assert_parity, assert_parity_fails, parity_worker
 from references import rel_err
 
 TOL = 1e-5  # fp32
@@ -127,7 +131,7 @@ def test_parity_check_catches_a_wrong_gradient(dist_run):
         check_parity(results)
 
 
-# ---------------------------------------------------------------- hybrids (attention: P=1)
+# ------------------------------------------------------------ hybrids with attention
 def forbidden_cuda(*args, **kwargs):
     raise AssertionError("CUDA was initialised or queried on the CPU path")
 
@@ -162,17 +166,13 @@ def test_lm_is_causal_and_cuda_free(dist_run, pattern):
     assert all(norm > 0 for norm in out["grad_norms"].values()), out["grad_norms"]
 
 
-def worker_build_hybrid(case: LMCase) -> None:
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=dist.get_world_size())
-    try:
-        build(case, None)
-    finally:
-        parallel_state.destroy_model_parallel()
-
-
-def test_attention_with_cp_raises_on_every_rank(dist_run):
-    errors = dist_run(worker_build_hybrid, 2, LMCase(pattern="HA"), expect_error=ValueError)
-    assert all("no context parallelism" in str(e) for e in errors), errors
+@pytest.mark.parametrize("pattern", ["HHA", "HAH"])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_hybrid_lm_parity_in_float64(dist_run, cp, pattern):
+    """Attention and Hyena layers under CP (RoPE), fp64; local-keys attention must fail."""
+    results = dist_run(parity_worker, cp, ParityCase(pattern=pattern, cp=cp), ("exact", "local_keys"))
+    assert_parity(results)
+    assert_parity_fails(results, "local_keys")
 
 
 def worker_bad_batch(case: LMCase, local_len: int) -> None:

@@ -123,12 +123,6 @@ def test_torch_core_attention_matches_reference(groups, explicit_mask):
     assert rel_err(out, reference_attention(q, k, v, mask)) < 1e-12
 
 
-def test_torch_core_attention_refuses_context_parallelism():
-    with pytest.raises(ValueError, match="no context parallelism"):
-        TorchCoreAttention(make_config(context_parallel_size=2), layer_number=1,
-                           attn_mask_type=AttnMaskType.causal, attention_type="self")
-
-
 # --------------------------------------------------------------------- spec helpers
 def test_hybrid_block_spec_follows_the_pattern():
     spec = get_hybrid_block_spec("HAH", HyenaMixerConfig(num_heads=2))

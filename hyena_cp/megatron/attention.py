@@ -1,64 +1,138 @@
-"""A CPU-safe ``core_attention`` for attention layers in hybrid Hyena/attention models.
+"""A CPU-safe, context-parallel ``core_attention`` for attention layers in Hyena/attention hybrids.
 
 megatron-core's stock local ``DotProductAttention`` does not run on a CPU-only machine (its
 score buffer is allocated with ``torch.cuda.current_device()``, its dropout forks the CUDA
 RNG tracker) and has no context parallelism. `TorchCoreAttention` takes its place in the
 layer spec: the same call contract, computed with ``torch.nn.functional.scaled_dot_product_attention``.
-It runs in ONE process only (CP size 1) and says so at construction; on GPUs with
-TransformerEngine, pass ``core_attention=TEDotProductAttention`` to the spec helpers instead.
+
+Context parallelism (zigzag layout, shared with the Hyena layers: the global sequence is cut
+into 2P chunks and CP rank r holds chunks r and 2P-1-r). Queries stay local; keys and values
+are all-gathered over the CP group with `hyena_cp.parallel.all_gather_seq` (its backward is
+the reduce-scatter, the exact adjoint; the ViT attention uses the same op), put back in
+natural order with ``from_rank_major``, and masked causally by GLOBAL position: a query at
+global position p sees keys 0..p. Memory: each attention layer keeps the gathered K and V
+for backward, ``2 * L * b * ng * hn`` elements per rank (P times its own shard's); ring
+attention would avoid it at the cost of P steps.
+
+Tensor parallelism: megatron's ``SelfAttention`` splits heads over TP (its column-parallel
+qkv and row-parallel output projection run on CPU/gloo); the core attention receives the
+``np/TP`` local heads and ``ng/TP`` local query groups and needs nothing else. Head counts
+must divide by TP (`check_attention_parallelism`).
+
+On GPUs with TransformerEngine, pass ``core_attention=TEDotProductAttention`` to the spec
+helpers (or to `build_hyena_lm`) instead: TE does its own CP in the same zigzag layout, so
+the rotary table of `hyena_cp.megatron.rope` is right for it too (not tested here: no TE on CPU).
+
+Tested in tests/test_megatron_attention_cp.py (fp64 against a reference, P in {1, 2, 4}, and
+a local-keys twin that must fail) and, inside the LM, tests/test_megatron_lm*.py.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from hyena_cp.megatron.compat import AttnMaskType, MegatronModule, ProcessGroupCollection, TransformerConfig
 from hyena_cp.megatron.compat import resolve_cp_group
-from hyena_cp.parallel import group_size
+from hyena_cp.megatron.rope import zigzag_positions
+from hyena_cp.parallel import all_gather_seq, from_rank_major, group_size, is_parallel
 
-__all__ = ["TorchCoreAttention"]
+__all__ = ["TorchCoreAttention", "check_attention_parallelism", "gather_zigzag_sequence", "zigzag_causal_mask"]
+
+_CP_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask)
+
+
+def check_attention_parallelism(config: TransformerConfig, *, tp_size: int) -> None:
+    """Raise ``ValueError`` (on every rank, before megatron's ``SelfAttention`` is built) for
+    head counts that megatron cannot split over ``tp_size`` TP ranks on CPU."""
+    heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+    if heads % tp_size:
+        raise ValueError(f"num_attention_heads={heads} must be divisible by the tensor-parallel size {tp_size} "
+                         f"(each TP rank owns whole heads); choose num_attention_heads or tensor_model_parallel_size")
+    if groups % tp_size:
+        # megatron's layout for fewer query groups than TP ranks all-gathers qkv through a CUDA buffer.
+        raise ValueError(f"num_query_groups={groups} must be divisible by the tensor-parallel size {tp_size} "
+                         f"(megatron's replicated-KV layout for num_query_groups < TP allocates on CUDA); use "
+                         f"num_query_groups a multiple of {tp_size}")
+
+
+def gather_zigzag_sequence(x: Tensor, cp_group: ProcessGroup | None) -> Tensor:
+    """``[s_local, ...]`` zigzag shard -> the GLOBAL ``[L, ...]`` in natural order, on every rank
+    (backward: each rank gets the sum over ranks of the grad of its own shard)."""
+    return from_rank_major(all_gather_seq(x, 0, cp_group), 0, "zigzag", group_size(cp_group))
+
+
+def zigzag_causal_mask(local_len: int, cp_group: ProcessGroup | None, device: torch.device | None = None) -> Tensor:
+    """``[s_local, L]`` bool, True where this rank's query (zigzag shard) may attend the key at
+    that GLOBAL position: key position <= query position."""
+    q_pos = zigzag_positions(local_len, cp_group, device)
+    k_pos = torch.arange(local_len * group_size(cp_group), device=device)
+    return k_pos[None, :] <= q_pos[:, None]
 
 
 class TorchCoreAttention(MegatronModule):
-    """Scaled dot-product attention as megatron's ``core_attention`` submodule (one process).
+    """Scaled dot-product attention as megatron's ``core_attention`` submodule, context parallel.
 
-    Constructor arguments are those ``SelfAttention`` passes to its core attention.
+    Constructor arguments are those ``SelfAttention`` passes to its core attention; the CP
+    group is ``pg_collection.cp`` when set, else ``parallel_state``'s, else one process.
+    ``cp_comm_type`` is accepted and ignored: K and V are always all-gathered.
 
     Raises:
-        ValueError: at construction when the context-parallel size is > 1 (this attention
-            would see only the local shard of the keys).
+        ValueError: at construction, under CP > 1, for cross attention, a mask type other
+            than causal/no_mask, or a ``config.context_parallel_size`` that differs from
+            the CP group size.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection: ProcessGroupCollection | None = None):
         super().__init__(config=config)
-        cp_size = max(group_size(resolve_cp_group(pg_collection)), config.context_parallel_size)
-        if cp_size > 1:
-            raise ValueError(
-                f"attention layers have no context parallelism here (CP size {cp_size}): megatron-core's local "
-                f"attention and TorchCoreAttention see only the local shard. Use an all-Hyena layer pattern "
-                f"(e.g. 'HHHH') with CP, or context_parallel_size=1 for hybrids with attention ('A') layers")
+        self.cp_group = resolve_cp_group(pg_collection)
+        _check_cp(config, attention_type, attn_mask_type, group_size(self.cp_group))
         self.layer_number, self.attn_mask_type = layer_number, attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
-                attention_bias: torch.Tensor | None = None, packed_seq_params: object | None = None) -> torch.Tensor:
-        """``query [sq, b, np, hn]``, ``key``/``value [sk, b, ng, hn]`` (ng divides np: GQA)
-        -> context ``[sq, b, np*hn]``. ``attention_mask``: megatron's bool mask, True = masked
-        out; None with a causal mask type means causal."""
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
+                packed_seq_params: object | None = None) -> Tensor:
+        """``query [s_local, b, np, hn]``, ``key``/``value [s_local, b, ng, hn]`` (ng divides np:
+        GQA), this rank's zigzag shard -> context ``[s_local, b, np*hn]``. ``attention_mask``:
+        megatron's bool mask, True = masked out (one process only); None with a causal mask
+        type means causal over GLOBAL positions."""
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("TorchCoreAttention supports neither attention_bias nor packed sequences; pass None")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        keep, is_causal = None, attention_mask is None and mask_type == AttnMaskType.causal
+        if is_parallel(self.cp_group):
+            if attention_mask is not None or mask_type not in _CP_MASK_TYPES:
+                raise ValueError("under context parallelism TorchCoreAttention builds the causal mask from global "
+                                 "positions: pass attention_mask=None with a causal or no_mask mask type")
+            key, value = gather_zigzag_sequence(torch.stack([key, value], dim=1), self.cp_group).unbind(1)
+            keep = zigzag_causal_mask(query.shape[0], self.cp_group, query.device) if is_causal else None
+            is_causal = False
+        elif attention_mask is not None:
+            keep = ~attention_mask
+        rep = query.shape[2] // key.shape[2]
         q = rearrange(query, "s b n d -> b n s d")
-        k = rearrange(key, "s b g d -> b g s d").repeat_interleave(query.shape[2] // key.shape[2], dim=1)
-        v = rearrange(value, "s b g d -> b g s d").repeat_interleave(query.shape[2] // value.shape[2], dim=1)
-        is_causal = attention_mask is None and mask_type == AttnMaskType.causal
-        keep = None if attention_mask is None else ~attention_mask
+        k, v = (rearrange(t, "s b g d -> b g s d").repeat_interleave(rep, dim=1) for t in (key, value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=is_causal,
                                              dropout_p=self.dropout if self.training else 0.0,
                                              scale=self.softmax_scale)
         return rearrange(out, "b n s d -> s b (n d)")
+
+
+def _check_cp(config: TransformerConfig, attention_type: str, mask_type: AttnMaskType, cp_size: int) -> None:
+    if config.context_parallel_size not in (1, cp_size):
+        raise ValueError(f"config.context_parallel_size={config.context_parallel_size} differs from the CP group "
+                         f"size {cp_size}; make them equal (or leave the config at 1 and pass the group)")
+    if cp_size == 1:
+        return
+    if attention_type != "self":
+        raise ValueError(f"TorchCoreAttention is context parallel for self attention only, got "
+                         f"attention_type={attention_type!r}; use CP size 1 for cross attention")
+    if mask_type not in _CP_MASK_TYPES:
+        raise ValueError(f"attn_mask_type={mask_type} is not supported under context parallelism (CP size "
+                         f"{cp_size}); use AttnMaskType.causal (or no_mask)")

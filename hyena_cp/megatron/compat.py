@@ -20,7 +20,7 @@ What megatron-core needs on CPU and what differs between versions, found by runn
 - The stock local ``DotProductAttention`` allocates its score buffer with
   ``torch.cuda.current_device()`` (the global memory buffer), forks the CUDA RNG tracker
   for dropout, and refuses CP > 1. `hyena_cp.megatron.attention.TorchCoreAttention`
-  replaces it as the ``core_attention`` submodule (pure torch, one process only).
+  replaces it as the ``core_attention`` submodule (pure torch, context parallel).
 - ``TransformerLayer`` builds its ``self_attention`` with ``config``, ``layer_number`` and
   ``pg_collection``, plus ``cp_comm_type`` when ``config.context_parallel_size > 1`` and
   ``config.cp_comm_type`` is set (a list-valued one is indexed one off in 0.16.1: use a
@@ -36,10 +36,19 @@ What megatron-core needs on CPU and what differs between versions, found by runn
   None from 0.19; `resolve_cp_group` checks the instance dict instead.
 - ``WrappedTorchNorm`` (torch LayerNorm/RMSNorm by ``config.normalization``) is the norm
   of our specs: the ``LNImpl`` megatron picks depends on whether Apex/TE are installed.
+  It ignores ``config.params_dtype``; `HyenaLanguageModel` casts itself to that dtype.
+- ``tensor_parallel.vocab_parallel_cross_entropy`` runs on CPU/gloo, always in float32. In
+  0.16 it takes no group and reads ``parallel_state``'s TP group and rank;
+  `vocab_parallel_cross_entropy` passes ``tp_group`` where megatron accepts it and
+  `check_vocab_parallel_loss_group` refuses, at construction, a TP group it would not use.
+- ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to CUDA and its CP slicing builds a CUDA
+  index, so `hyena_cp.megatron.rope` builds the table itself; ``SelfAttention`` applies a
+  given ``rotary_pos_emb`` on CPU (``apply_rope_fusion=False``) without slicing it for CP.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 from megatron.core import parallel_state
@@ -48,6 +57,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as _vocab_parallel_cross_entropy
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -57,7 +67,10 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from torch import Tensor
 from torch.distributed import ProcessGroup
+
+from hyena_cp.parallel import group_size
 
 __all__ = [
     "AttnMaskType", "ColumnParallelLinear", "LanguageModelEmbedding", "MEGATRON_VERSION", "MegatronModule",
@@ -66,6 +79,7 @@ __all__ = [
     "TransformerConfig", "TransformerLayer", "TransformerLayerSubmodules", "WrappedTorchNorm",
     "cpu_config_defaults", "get_bias_dropout_add", "mlp_submodule", "resolve_cp_group", "resolve_pg_collection",
     "resolve_tp_group", "set_tensor_model_parallel_attributes",
+    "CROSS_ENTROPY_TAKES_TP_GROUP", "check_vocab_parallel_loss_group", "vocab_parallel_cross_entropy",
 ]
 
 SUPPORTED = ((0, 16), (0, 19))
@@ -146,3 +160,28 @@ def resolve_pg_collection(pg_collection: ProcessGroupCollection | None) -> Proce
                          f"group from torch.distributed.new_group([rank]) when not model-parallel")
     return pg_collection
 
+
+# megatron-core 0.16's vocab_parallel_cross_entropy has no group argument (later versions may).
+CROSS_ENTROPY_TAKES_TP_GROUP = "tp_group" in inspect.signature(_vocab_parallel_cross_entropy).parameters
+
+
+def check_vocab_parallel_loss_group(tp_group: ProcessGroup | None) -> None:
+    """Raise ``ValueError`` unless `vocab_parallel_cross_entropy` reduces over ``tp_group``:
+    versions whose cross entropy takes no group use ``parallel_state``'s TP group."""
+    if group_size(tp_group) == 1 or CROSS_ENTROPY_TAKES_TP_GROUP:
+        return
+    if not (_has_model_parallel_state() and parallel_state.get_tensor_model_parallel_group() is tp_group):
+        raise ValueError(
+            f"megatron-core {MEGATRON_VERSION}'s vocab_parallel_cross_entropy reads the tensor-parallel group "
+            f"from parallel_state: with TP > 1 call parallel_state.initialize_model_parallel("
+            f"tensor_model_parallel_size=...) and build with its groups (pg_collection=None, or a "
+            f"ProcessGroupCollection whose tp is parallel_state.get_tensor_model_parallel_group())")
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, tp_group: ProcessGroup) -> Tensor:
+    """megatron's per-token cross entropy of vocab-sharded ``logits [s, b, vocab/tp]`` against
+    ``target [s, b]`` (global ids) -> float32 ``[s, b]``, the same on every TP rank. Targets
+    outside [0, vocab) get ``logsumexp``: mask them afterwards."""
+    if CROSS_ENTROPY_TAKES_TP_GROUP:
+        return _vocab_parallel_cross_entropy(logits, target, tp_group=tp_group)
+    return _vocab_parallel_cross_entropy(logits, target)

@@ -5,11 +5,28 @@ Context parallelism: each rank of the CP group holds its zigzag shard of every s
 (`hyena_cp.parallel.shard(tokens, 1, "zigzag", P, rank)`, the same layout as megatron's
 ``get_batch_on_this_cp_rank``), for ``input_ids`` and ``labels`` alike — shift the labels
 (``labels[t] = tokens[t + 1]``) on the GLOBAL sequence before sharding. Per-token losses
-come back in the same layout. Gradient invariant: with ``loss_share = per_token_loss.sum() /
-global_token_count`` on every rank, parameter gradients SUMMED over the CP group equal the
-single-process gradients. Dropout masks differ between ranks, so parity holds with dropout 0.
-No position embedding: the Hyena layers' causal, position-indexed filters carry position,
-and attention layers in a hybrid use none (NoPE), so no position ids need sharding.
+come back in the same layout. Hyena and attention layers share this sharding (attention
+gathers K/V over CP, `hyena_cp.megatron.attention`).
+
+Tensor parallelism (megatron's): the embedding and the output layer split the vocabulary,
+attention splits heads, the MLP its hidden width; activations between layers are replicated
+over TP. Per-token losses come from megatron's ``vocab_parallel_cross_entropy`` on the
+vocab-sharded logits (float32, equal on every TP rank); logits returned without labels are
+gathered over TP. Sequence parallelism is refused: megatron-core's SP gather allocates on CUDA.
+
+Gradient invariant: with ``loss_share = per_token_loss.sum() / global_token_count`` on every
+rank, parameter gradients SUMMED over the CP group equal the single-process gradients; TP
+ranks hold equal gradients of replicated parameters and exact slices (megatron's partition
+attributes, `hyena_cp.parallel.tp_partition`) of the full gradient of sharded ones. Dropout
+masks differ between ranks, so parity holds with dropout 0.
+
+Position: attention layers use rotary embeddings by default (``position_embedding="rope"``,
+the usual transformer baseline; table from GLOBAL positions of the zigzag shard,
+`hyena_cp.megatron.rope`); ``"none"`` gives NoPE attention. Hyena layers ignore it: their
+causal, position-indexed filters carry position. There is no learned absolute embedding.
+
+Tested in tests/test_megatron_lm.py (CP, Hyena and hybrids) and tests/test_megatron_lm_tp.py
+(TP and TP x CP), against single-process models built from the same full weights.
 """
 from __future__ import annotations
 
@@ -19,13 +36,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.distributed import ProcessGroup
 
+from hyena_cp.megatron.attention import TorchCoreAttention, check_attention_parallelism
 from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
-                                      cpu_config_defaults, resolve_cp_group, resolve_pg_collection)
+                                      check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
+                                      resolve_pg_collection, vocab_parallel_cross_entropy)
 from hyena_cp.megatron.mixer import HyenaMixerConfig
+from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, rotary_pos_emb
 from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
-from hyena_cp.parallel import group_size
+from hyena_cp.parallel import gather_from_group, group_size
 
 __all__ = ["IGNORE_INDEX", "HyenaLanguageModel", "build_hyena_lm"]
 
@@ -33,46 +54,49 @@ IGNORE_INDEX = -100  # label of tokens that get zero loss (padding), as torch's 
 
 
 class HyenaLanguageModel(MegatronModule):
-    """Causal LM: ``LanguageModelEmbedding`` (no position embedding) -> ``TransformerBlock``
+    """Causal LM: ``LanguageModelEmbedding`` (no learned position embedding) -> ``TransformerBlock``
     (one layer per symbol of ``layer_pattern``, then the final norm) -> ``ColumnParallelLinear``.
 
     Args:
-        config: ``TransformerConfig`` (``use_cpu_initialization=True`` on CPU); tensor and
-            sequence parallelism are not supported.
-        vocab_size: output classes (256 for bytes).
+        config: ``TransformerConfig`` (``use_cpu_initialization=True`` on CPU;
+            ``sequence_parallel=False``). The model is cast to ``config.params_dtype``.
+        vocab_size: output classes (256 for bytes); divisible by the TP size.
         max_sequence_length: longest GLOBAL sequence accepted by `forward`.
         layer_pattern: e.g. ``"HHA"`` ("H" Hyena, "A" attention); default all Hyena.
-            Attention layers run without CP only (ValueError at construction otherwise).
         hyena_config: settings of every Hyena layer.
+        position_embedding: ``"rope"`` (default) or ``"none"``, for the attention layers.
+        rotary_base: RoPE base (megatron's ``rotary_base``).
+        core_attention: the attention layers' core attention (``TEDotProductAttention`` on GPUs).
         pg_collection: process groups (``tp``, ``pp``, ``cp``), else megatron's ``parallel_state``.
-            The CP group is fixed here; it is ``self.cp_group``.
+            The groups are fixed here: ``self.tp_group``, ``self.cp_group``.
+
+    Raises:
+        ValueError: on every rank, before any collective, for what cannot be split (see
+            `_check_parallelism`) or an unknown ``position_embedding``.
     """
 
     def __init__(self, config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
                  layer_pattern: str | None = None, hyena_config: HyenaMixerConfig | None = None,
-                 pg_collection: ProcessGroupCollection | None = None):
+                 position_embedding: str = "rope", rotary_base: float = 10000.0,
+                 core_attention: type = TorchCoreAttention, pg_collection: ProcessGroupCollection | None = None):
         super().__init__(config=config)
         pattern = "H" * config.num_layers if layer_pattern is None else layer_pattern
         check_layer_pattern(pattern, config.num_layers)
         pg_collection = resolve_pg_collection(pg_collection)
-        self.cp_group = resolve_cp_group(pg_collection)
-        tp_size = group_size(pg_collection.tp)
-        if tp_size > 1:
-            raise ValueError(f"HyenaLanguageModel is not tensor parallel (TP group size {tp_size}); use "
-                             f"tensor_model_parallel_size=1 and context parallelism for long sequences")
-        if "A" in pattern and max(group_size(self.cp_group), config.context_parallel_size) > 1:
-            raise ValueError(f"layer_pattern={pattern!r} has attention layers, which have no context parallelism "
-                             f"here (CP size {group_size(self.cp_group)}); use an all-'H' pattern with CP or "
-                             f"context_parallel_size=1")
+        self.cp_group, self.tp_group = resolve_cp_group(pg_collection), pg_collection.tp
+        _check_parallelism(config, pattern, vocab_size, position_embedding, self.tp_group, group_size(self.cp_group))
         self.vocab_size, self.max_sequence_length, self.layer_pattern = vocab_size, max_sequence_length, pattern
+        self.position_embedding, self.rotary_base = position_embedding, rotary_base
         self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
                                                 max_sequence_length=max_sequence_length,
-                                                position_embedding_type="none", tp_group=pg_collection.tp)
-        self.decoder = TransformerBlock(config=config, spec=get_hybrid_block_spec(pattern, hyena_config),
+                                                position_embedding_type="none", tp_group=self.tp_group)
+        self.decoder = TransformerBlock(config=config,
+                                        spec=get_hybrid_block_spec(pattern, hyena_config, core_attention),
                                         pg_collection=pg_collection)
         self.output_layer = ColumnParallelLinear(config.hidden_size, vocab_size, config=config,
                                                  init_method=config.init_method, bias=False, gather_output=False,
-                                                 tp_group=pg_collection.tp)
+                                                 tp_group=self.tp_group)
+        self.to(dtype=config.params_dtype)  # megatron's WrappedTorchNorm ignores params_dtype
 
     def _check(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
         """Every rank runs this before any collective."""
@@ -91,47 +115,97 @@ class HyenaLanguageModel(MegatronModule):
             raise ValueError(f"s_local={input_ids.shape[1]} must be even (zigzag: two chunks per rank); pad the "
                              f"global sequence to a multiple of 2*cp_size={2 * world}")
 
+    def rotary_pos_emb(self, local_len: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The attention layers' rotary table for a local shard of ``local_len`` tokens
+        (``[s_local, 1, 1, kv_channels]``), or None (NoPE, or no attention layer)."""
+        if self.position_embedding == "none" or "A" not in self.layer_pattern:
+            return None
+        dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
+        return rotary_pos_emb(local_len, self.config.kv_channels, base=self.rotary_base, cp_group=self.cp_group,
+                              dtype=dtype, device=device)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits or per-token losses of this rank's shard.
 
         Args:
             input_ids: ``[b, s_local]`` token ids, this rank's zigzag shard (the whole sequence
-                without CP).
+                without CP); the same on every TP rank.
             labels: ``[b, s_local]`` next-token ids in the same layout, ``IGNORE_INDEX`` for
                 tokens without loss; or None.
 
         Returns:
-            logits ``[b, s_local, vocab]`` when ``labels`` is None, else per-token cross-entropy
-            ``[b, s_local]`` in float32 (0 where ``labels == IGNORE_INDEX``).
+            logits ``[b, s_local, vocab]`` (the full vocabulary, gathered over TP) when
+            ``labels`` is None, else per-token cross-entropy ``[b, s_local]`` in float32 (0
+            where ``labels == IGNORE_INDEX``), equal on every TP rank.
         """
         self._check(input_ids, labels)
         hidden = self.embedding(input_ids=input_ids, position_ids=None)  # s, b, h
-        hidden = self.decoder(hidden_states=hidden, attention_mask=None)
-        logits, _ = self.output_layer(hidden)  # s, b, vocab
-        logits = rearrange(logits, "s b v -> b s v")
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None,
+                              rotary_pos_emb=self.rotary_pos_emb(input_ids.shape[1], input_ids.device))
+        logits, _ = self.output_layer(hidden)  # s, b, vocab/tp
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
-                               ignore_index=IGNORE_INDEX)
-        return loss.view_as(labels)
+            return rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v")
+        return rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s")
+
+    def _token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits [s, b, vocab/tp]``, ``target [s, b]`` -> float32 loss ``[s, b]``."""
+        if group_size(self.tp_group) == 1:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none",
+                                   ignore_index=IGNORE_INDEX)
+            return loss.view_as(target)
+        # megatron's loss has no ignore index: token 0 stands in, and the mask zeroes its loss and
+        # so its gradient. (It also works in place on float32 logits, which are not used again.)
+        ignore = target == IGNORE_INDEX
+        loss = vocab_parallel_cross_entropy(logits, target.masked_fill(ignore, 0).contiguous(), self.tp_group)
+        return loss.masked_fill(ignore, 0.0)
+
+
+def _check_parallelism(config: TransformerConfig, pattern: str, vocab_size: int, position_embedding: str,
+                       tp_group: ProcessGroup | None, cp_size: int) -> None:
+    """Raise, on every rank before anything is built, what this model cannot split or run on CPU.
+    Hyena layers check their own constraints (`MegatronHyenaMixer`)."""
+    tp_size = group_size(tp_group)
+    if config.sequence_parallel:
+        raise ValueError("sequence_parallel=True is not supported: megatron-core's sequence-parallel gather "
+                         "(tensor_parallel.mappings) allocates on CUDA; set sequence_parallel=False")
+    for name, value, size in (("tensor_model_parallel_size", config.tensor_model_parallel_size, tp_size),
+                              ("context_parallel_size", config.context_parallel_size, cp_size)):
+        if value not in (1, size):
+            raise ValueError(f"config.{name}={value} differs from the process group size {size}; make them "
+                             f"equal (or leave the config at 1 and pass the groups)")
+    for name, value in (("vocab_size", vocab_size), ("ffn_hidden_size", config.ffn_hidden_size)):
+        if value % tp_size:
+            raise ValueError(f"{name}={value} must be divisible by the tensor-parallel size {tp_size} (megatron "
+                             f"splits it over TP ranks); pad it to a multiple of {tp_size} or change the TP size")
+    if "A" in pattern:
+        check_attention_parallelism(config, tp_size=tp_size)
+    if position_embedding not in POSITION_EMBEDDINGS:
+        raise ValueError(f"position_embedding={position_embedding!r}; use one of {POSITION_EMBEDDINGS}")
+    if position_embedding == "rope" and config.rotary_interleaved:
+        raise ValueError("position_embedding='rope' builds megatron's non-interleaved table; set "
+                         "rotary_interleaved=False")
+    check_vocab_parallel_loss_group(tp_group)
 
 
 def build_hyena_lm(*, vocab_size: int = 256, max_sequence_length: int = 1024, num_layers: int = 2,
                    hidden_size: int = 64, ffn_hidden_size: int | None = None, num_attention_heads: int = 4,
                    layer_pattern: str | None = None, hyena: HyenaMixerConfig | Mapping[str, Any] | None = None,
+                   position_embedding: str = "rope", rotary_base: float = 10000.0,
                    normalization: str = "RMSNorm", hidden_dropout: float = 0.0, init_method_std: float = 0.02,
-                   config_overrides: dict[str, Any] | None = None,
+                   core_attention: type = TorchCoreAttention, config_overrides: dict[str, Any] | None = None,
                    pg_collection: ProcessGroupCollection | None = None) -> HyenaLanguageModel:
     """`HyenaLanguageModel` from flat, config-file-friendly arguments.
 
     Builds ``TransformerConfig(use_cpu_initialization=True, ...)`` (`cpu_config_defaults`):
-    ``ffn_hidden_size`` defaults to 4 x hidden, attention dropout = ``hidden_dropout``,
-    ``num_attention_heads`` matters only for "A" layers, and ``config_overrides`` sets any
-    other field (e.g. ``{"bf16": True, "params_dtype": torch.bfloat16}``).
+    ``ffn_hidden_size`` defaults to 4 x hidden, attention dropout = ``hidden_dropout``;
+    ``num_attention_heads``, ``position_embedding`` ("rope" or "none"), ``rotary_base`` and
+    ``core_attention`` matter only for "A" layers. ``config_overrides`` sets any other field
+    (e.g. ``{"params_dtype": torch.float64}``, ``{"num_query_groups": 2}`` for GQA,
+    ``{"tensor_model_parallel_size": 2}``).
     ``hyena``: a `HyenaMixerConfig` or a dict of its fields (what a config file gives:
     omegaconf turns a dataclass ``_target_`` into a config node, so ``LazyCall(HyenaMixerConfig)``
     fails); default ``HyenaMixerConfig(max_len=max_sequence_length)``.
-    Seed with ``torch.manual_seed`` first: every CP rank must build the same weights.
+    Seed with ``torch.manual_seed`` first: every rank must build the same (full) weights.
     """
     config = TransformerConfig(num_layers=num_layers, hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size,
                                num_attention_heads=num_attention_heads, normalization=normalization,
@@ -143,4 +217,5 @@ def build_hyena_lm(*, vocab_size: int = 256, max_sequence_length: int = 1024, nu
     elif not isinstance(hyena, HyenaMixerConfig):
         hyena = HyenaMixerConfig(**hyena)  # an unknown key raises TypeError
     return HyenaLanguageModel(config, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
-                              layer_pattern=layer_pattern, hyena_config=hyena, pg_collection=pg_collection)
+                              layer_pattern=layer_pattern, hyena_config=hyena, position_embedding=position_embedding,
+                              rotary_base=rotary_base, core_attention=core_attention, pg_collection=pg_collection)

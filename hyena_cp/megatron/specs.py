@@ -5,10 +5,14 @@ pre-norm -> MLP -> residual add. Only the ``self_attention`` submodule differs:
 
 - ``"H"``: `MegatronHyenaMixer` (context parallel, zigzag shards);
 - ``"A"``: megatron's ``SelfAttention`` with a causal mask and ``core_attention``
-  (default `TorchCoreAttention`: runs on CPU, one process only — no CP).
+  (default `TorchCoreAttention`: runs on CPU, context parallel in the zigzag layout; on
+  GPUs with TransformerEngine ``core_attention=TEDotProductAttention`` also works).
+  Rotary embeddings, when the block is called with ``rotary_pos_emb``, are applied by
+  ``SelfAttention`` (see `hyena_cp.megatron.rope`).
 
 Norms are ``WrappedTorchNorm`` (torch LayerNorm or RMSNorm by ``config.normalization``),
-linear layers megatron's column/row-parallel ones (at tensor-parallel size 1).
+linear layers megatron's column/row-parallel ones: attention heads and the MLP's hidden
+width are split over tensor parallelism by megatron itself.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def get_hyena_layer_spec(hyena_config: HyenaMixerConfig | None = None) -> Module
 
 def get_attention_layer_spec(core_attention: type = TorchCoreAttention) -> ModuleSpec:
     """A causal self-attention ``TransformerLayer`` spec. The default ``core_attention`` runs
-    on CPU in one process (raises for CP > 1 at construction)."""
+    on CPU, under TP and CP; ``TEDotProductAttention`` is the GPU alternative."""
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
