@@ -4,8 +4,8 @@ shares, embedding-output grads and every parameter gradient in float64, and the 
 float32 vocab-parallel loss (tests/lm_parity.py). Wrong TP shard layouts must fail; bad TP
 setups raise on every rank at construction.
 
-Attention-only patterns for now: the Hyena mixer refuses TP > 1 until it is tensor parallel
-(issue #10); then add "H" patterns to `TP_PATTERNS`."""
+Patterns: attention only, and the hybrids "HHA" / "HAH" (Hyena mixer with column/row-parallel
+projections and TP-sharded short conv / D, next to megatron's TP attention)."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +17,7 @@ from hyena_cp.megatron import build_hyena_lm, compat
 from hyena_cp.megatron.compat import ProcessGroupCollection
 from lm_parity import ParityCase, assert_parity, assert_parity_fails, parity_worker
 
-TP_PATTERNS = ["AA"]
+TP_PATTERNS = ["AA", "HHA", "HAH"]
 
 
 @pytest.mark.parametrize("pattern", TP_PATTERNS)
