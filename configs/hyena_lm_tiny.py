@@ -7,8 +7,8 @@ hidden_size=64 allow CP sizes 1, 2 and 4; seq 256 keeps zigzag chunks >= the sho
 
 Hybrid variant: ``model.layer_pattern=HAH model.num_layers=3``: attention layers run under CP
 (K/V gathered over the CP group) with rotary embeddings; ``model.position_embedding=none`` for NoPE.
-Tensor parallel (issue #10): attention-only patterns (``AA``) until the Hyena mixer is TP; vocab 256,
-4 heads and ffn 128 split over TP 2 or 4.
+Tensor parallel: vocab 256, hidden 64, 4 Hyena filter groups, 4 attention heads and ffn 128 split
+over TP 2 or 4 (Hyena also needs num_heads % (TP*CP) == 0: TP 2 x CP 2 works).
 """
 from hyena_cp.lazy import LazyCall
 from hyena_cp.megatron import build_hyena_lm
