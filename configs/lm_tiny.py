@@ -24,7 +24,8 @@ task = LazyCall(LanguageModeling)(
 optimizer = LazyCall(torch.optim.AdamW)(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
 parallel = dict(
     cp=2,
-    megatron=True,  # the megatron-core model reads its CP group from parallel_state
+    tp=1,  # tensor-parallel size; world = dp * cp * tp, and model.hyena.num_heads % (tp * cp) == 0
+    megatron=True,  # the megatron-core model reads its TP and CP groups from parallel_state
 )
 train = dict(
     steps=500,  # ~1 min on 2 CPU cores; ~2.15 bits/byte on Python 3.11's standard library

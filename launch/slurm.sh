@@ -3,11 +3,12 @@
 # at a c10d rendezvous on the first node and start NPROC_PER_NODE ranks each.
 #
 #   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh configs/lm_tiny.py parallel.cp=8
+#   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh configs/lm_tiny.py parallel.tp=4 parallel.cp=2
 #   DRY_RUN=1 launch/slurm.sh configs/digits_hyena_tiny.py train.steps=10   # print, run nothing
 #
 # Arguments are those of launch/train.py: a config file and key=value overrides.
-# Rank order is CP-major within a data-parallel replica (hyena_cp/parallel/dims.py), so with
-# parallel.cp dividing NPROC_PER_NODE every CP group stays inside one node.
+# Rank order is megatron's (hyena_cp/parallel/dims.py): tp innermost, then cp, then dp, so with
+# parallel.tp * parallel.cp dividing NPROC_PER_NODE every TP and CP group stays inside one node.
 #
 # Environment read here:
 #   SLURM_JOB_NUM_NODES  number of nodes (set by SLURM; default 1)

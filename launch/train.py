@@ -1,9 +1,11 @@
-"""Train an experiment config with data x context parallelism.
+"""Train an experiment config with data x tensor x context parallelism.
 
     torchrun --standalone --nproc_per_node=2 launch/train.py configs/digits_hyena_tiny.py [key=value ...]
 
 The command line is a config path and ``key=value`` overrides, nothing else (e.g.
-``train.steps=50 parallel.cp=1 train.output_dir=/tmp/run``). Runs resume from the newest
+``train.steps=50 parallel.cp=1 train.output_dir=/tmp/run``). The data-parallel size is
+``world / (parallel.cp * parallel.tp)``; ``parallel.tp > 1`` needs a megatron-core model and
+``parallel.megatron=true`` (`hyena_cp.train.config.ParallelConfig`). Runs resume from the newest
 checkpoint in ``train.output_dir`` by default (``train.resume=false`` to refuse that), so
 ``torchrun --max-restarts=N`` and re-running the same command both carry on.
 """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .comm_stats import CommStats, count_comm, record
 from .dims import ParallelDims, ParallelGroups, destroy_parallel, init_parallel
+from .grad_norm import clip_grad_norm, grad_norm
 from .grad_sync import sync_gradients
 from .groups import group_rank, group_size, is_parallel
 from .halo import causal_halo_1d, row_halo_2d
@@ -25,6 +26,7 @@ from .layouts import (
 from .p2p import p2p_exchange
 from .redistribute import redistribute
 from .reductions import all_gather_seq, all_reduce_sum, broadcast_from, copy_to_group, gather_from_group, group_sum
+from .tp_dtensor import tp_full_view, tp_unfold
 from .tp_layout import TPPartition, shard_tp, tp_partition, unshard_tp
 from .swap import channel_to_seq, seq_to_channel
 
@@ -43,11 +45,13 @@ __all__ = [
     "check_layout",
     "chunk_ids",
     "chunks_per_rank",
+    "clip_grad_norm",
     "copy_to_group",
     "count_comm",
     "destroy_parallel",
     "from_rank_major",
     "gather_from_group",
+    "grad_norm",
     "group_rank",
     "group_size",
     "group_sum",
@@ -63,7 +67,9 @@ __all__ = [
     "shard_tp",
     "sync_gradients",
     "to_rank_major",
+    "tp_full_view",
     "tp_partition",
+    "tp_unfold",
     "unshard",
     "unshard_tp",
 ]

@@ -1,56 +1,107 @@
-"""Data-parallel x context-parallel process groups for training (torchtitan's `ParallelDims`).
+"""Data x context x tensor parallel process groups for training (torchtitan's `ParallelDims`).
 
-Rank order is Megatron's for ``tensor_model_parallel_size=1`` (order ``tp-cp-ep-dp-pp``): the
-CP ranks of one data-parallel replica are consecutive, ``global_rank = dp_rank * cp + cp_rank``.
-So a CP group sits inside one node whenever ``cp`` divides the GPUs per node (CP is the
-chattier dimension) and both group builders below produce the same groups.
+Rank order is megatron-core's (order ``tp-cp-ep-dp-pp``): tp innermost, then cp, then dp::
+
+    global_rank = dp_rank * (cp * tp) + cp_rank * tp + tp_rank
+
+so a TP group (the chattiest dimension: an all-reduce per layer) is consecutive ranks and,
+with ``cp * tp`` dividing the GPUs per node, a whole CP x TP block sits inside one node.
+Both group builders below (`new_group`, or megatron-core's ``parallel_state``, which
+megatron-core models read their groups from) produce the same groups; a test holds them to
+this formula.
+
+The dp x tp x cp invariant, and how the groups meet it:
+
+- the TP ranks of one (dp, cp) position hold the same data, different shards of the
+  TP-sharded parameters (megatron's ``tensor_model_parallel`` attributes, see `tp_layout`)
+  and identical copies of the others, and compute the same loss;
+- gradients are SUMMED over CP and AVERAGED over DP for each TP shard, never reduced over
+  TP (a replicated parameter already gets the whole gradient on every TP rank from the TP
+  layers' own backward all-reduces). ``grad_group`` is therefore the ``dp * cp`` ranks that
+  share this rank's ``tp_rank`` (megatron's ``get_data_parallel_group(with_context_parallel=
+  True)``): a SUM over it divided by ``dp`` is "sum over CP, average over DP";
+- the loss and evaluation sums run over the same ``grad_group`` (summing over TP as well
+  would count every token ``tp`` times).
 
 Groups handed to the rest of the code follow the package convention: a dimension of size 1
-gets ``None`` (one process, no communication). Gradients are reduced over ``grad_group``
-(all ``dp * cp`` ranks): a SUM over it divided by ``dp`` is "sum over CP, average over DP".
+gets ``None`` (one process, no communication). Issue #11 (FSDP2) will build these groups as
+one ``DeviceMesh``; for now only the TP group gets a 1-D mesh (``tp_mesh``), which the
+checkpoints use to store TP shards as DTensors.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
 from .comm_stats import record
 
 __all__ = ["ParallelDims", "ParallelGroups", "init_parallel", "destroy_parallel", "barrier", "broadcast_int",
            "pick_backend"]
 
+DIMS = ("dp", "cp", "tp")  # outermost first: the order of `ParallelDims.coords`
+
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Sizes of the ``dp x cp`` mesh; ``dp * cp == world`` is checked here, before any group exists."""
+    """Sizes of the ``dp x cp x tp`` mesh; ``dp * cp * tp == world`` is checked here, before any
+    group exists (every rank computes the same sizes, so every rank raises alike)."""
 
     world: int
     cp: int
+    tp: int = 1
 
     def __post_init__(self) -> None:
         if self.world < 1:
             raise ValueError(f"world size must be >= 1, got world={self.world}")
-        if self.cp < 1 or self.world % self.cp:
-            raise ValueError(f"parallel.cp={self.cp} must be >= 1 and divide the world size {self.world} "
-                             f"(dp * cp == world); launch a multiple of {self.cp} processes or change parallel.cp")
+        for name in ("cp", "tp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        block = self.cp * self.tp
+        if self.world % block:
+            raise ValueError(f"parallel.cp={self.cp} x parallel.tp={self.tp} = {block} must divide the world size "
+                             f"{self.world} (dp * cp * tp == world); launch a multiple of {block} processes or "
+                             f"change parallel.cp / parallel.tp")
 
     @property
     def dp(self) -> int:
-        return self.world // self.cp
+        return self.world // (self.cp * self.tp)
 
-    def coords(self, rank: int) -> tuple[int, int]:
-        """``(dp_rank, cp_rank)`` of a global rank."""
-        return divmod(rank, self.cp)
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """``(dp_rank, cp_rank, tp_rank)`` of a global rank."""
+        dp_rank, rest = divmod(rank, self.cp * self.tp)
+        return (dp_rank, *divmod(rest, self.tp))
+
+    def rank(self, dp_rank: int, cp_rank: int, tp_rank: int) -> int:
+        """Global rank of mesh coordinates (inverse of `coords`)."""
+        return dp_rank * (self.cp * self.tp) + cp_rank * self.tp + tp_rank
+
+    def rank_groups(self, dims: Sequence[str]) -> list[list[int]]:
+        """Every group of ranks that differ only along ``dims`` (names from ``("dp", "cp", "tp")``),
+        each in ascending rank order, listed in ascending order of their first rank."""
+        if not set(dims) <= set(DIMS):
+            raise ValueError(f"mesh dimensions {list(dims)} must be among {list(DIMS)}")
+        fixed = [i for i, name in enumerate(DIMS) if name not in dims]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for rank in range(self.world):
+            coords = self.coords(rank)
+            groups.setdefault(tuple(coords[i] for i in fixed), []).append(rank)
+        return sorted(groups.values())
 
 
 @dataclass
 class ParallelGroups:
-    """This rank's place in the mesh and its groups (``None`` where the dimension has size 1)."""
+    """This rank's place in the mesh and its groups (``None`` where the dimension has size 1).
+
+    ``grad_group``: the ``dp * cp`` ranks sharing this ``tp_rank`` (gradient, loss and metric
+    sums). ``tp_mesh``: a 1-D ``DeviceMesh`` over ``tp_group`` (None when tp == 1)."""
 
     dims: ParallelDims
     rank: int
@@ -63,6 +114,9 @@ class ParallelGroups:
     owns_default_group: bool = False  # created the default group here, so destroy it at the end
     megatron: bool = False
     created: tuple[ProcessGroup, ...] = ()  # subgroups built by `init_parallel`, destroyed with it
+    tp_rank: int = 0
+    tp_group: ProcessGroup | None = None
+    tp_mesh: DeviceMesh | None = None
 
 
 def pick_backend(backend: str) -> str:
@@ -107,69 +161,85 @@ def _default_group(backend: str, timeout_s: float) -> bool:
     return True
 
 
-def _torch_groups(dims: ParallelDims) -> tuple[ProcessGroup | None, ProcessGroup | None, tuple[ProcessGroup, ...]]:
-    """CP and DP groups with `new_group` (every rank creates every group, in the same order)."""
-    rank, created = dist.get_rank(), []
-    cp_group = dp_group = None
-    if dims.cp > 1:
-        for dp_rank in range(dims.dp):
-            group = dist.new_group(list(range(dp_rank * dims.cp, (dp_rank + 1) * dims.cp)))
+class _Built(NamedTuple):
+    """This rank's groups, ``None`` for size 1; ``created``: what `destroy_parallel` destroys."""
+
+    tp: ProcessGroup | None
+    cp: ProcessGroup | None
+    dp: ProcessGroup | None
+    grad: ProcessGroup | None
+    created: tuple[ProcessGroup, ...] = ()
+
+
+def _torch_groups(dims: ParallelDims) -> _Built:
+    """The groups with `new_group`: every rank creates every group, in the same order."""
+    rank, created, mine = dist.get_rank(), [], {}
+    for name, along in (("tp", ("tp",)), ("cp", ("cp",)), ("dp", ("dp",)), ("grad", ("dp", "cp"))):
+        if name == "grad" and dims.tp == 1:
+            mine[name] = dist.group.WORLD if dims.world > 1 else None  # dp x cp is everyone
+            continue
+        mine[name] = None
+        for ranks in dims.rank_groups(along):
+            if len(ranks) == 1:
+                break  # all groups along this dimension have size 1
+            group = dist.new_group(ranks)
             created.append(group)
-            cp_group = group if dims.coords(rank)[0] == dp_rank else cp_group
-    if dims.dp > 1:
-        for cp_rank in range(dims.cp):
-            group = dist.new_group(list(range(cp_rank, dims.world, dims.cp)))
-            created.append(group)
-            dp_group = group if dims.coords(rank)[1] == cp_rank else dp_group
-    return cp_group, dp_group, tuple(created)
+            if rank in ranks:
+                mine[name] = group
+    return _Built(**mine, created=tuple(created))
 
 
-def _megatron_groups(dims: ParallelDims) -> tuple[ProcessGroup | None, ProcessGroup | None]:
-    """CP and DP groups from megatron-core's ``parallel_state`` (models built with megatron-core
-    read their CP group there). Imported here, not at module level, so `hyena_cp` imports
-    without megatron-core and runs that do not need it skip its ~6 s import."""
-    from megatron.core import parallel_state
+def _megatron_groups(dims: ParallelDims) -> _Built:
+    """The groups from megatron-core's ``parallel_state`` (megatron-core models read their TP
+    and CP groups there). Imported here, not at module level, so `hyena_cp` imports without
+    megatron-core and runs that do not need it skip its ~6 s import."""
+    from megatron.core import parallel_state as ps
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=dims.cp)
-    cp_group = parallel_state.get_context_parallel_group() if dims.cp > 1 else None
-    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=False) if dims.dp > 1 else None
-    return cp_group, dp_group
+    ps.initialize_model_parallel(tensor_model_parallel_size=dims.tp, context_parallel_size=dims.cp)
+
+    def sized(group: ProcessGroup) -> ProcessGroup | None:
+        return group if group.size() > 1 else None
+
+    return _Built(tp=sized(ps.get_tensor_model_parallel_group()), cp=sized(ps.get_context_parallel_group()),
+                  dp=sized(ps.get_data_parallel_group(with_context_parallel=False)),
+                  grad=sized(ps.get_data_parallel_group(with_context_parallel=True)))
 
 
-def init_parallel(cp: int, *, backend: str = "auto", timeout_s: float = 300.0,
+def init_parallel(cp: int, *, tp: int = 1, backend: str = "auto", timeout_s: float = 300.0,
                   megatron: bool = False) -> ParallelGroups:
-    """Create (or join) the default group and the ``dp x cp`` groups; every rank calls this.
+    """Create (or join) the default group and the ``dp x cp x tp`` groups; every rank calls this.
 
     Args:
-        cp: context-parallel size; ``dp = world // cp``.
+        cp: context-parallel size.
+        tp: tensor-parallel size; ``dp = world // (cp * tp)``.
         backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl"; used only when the
             default group does not exist yet (under torchrun it does not; in tests it may).
         timeout_s: collective timeout of the default group.
         megatron: build the groups with megatron-core's ``parallel_state`` instead of `new_group`.
     """
-    if cp < 1:
-        raise ValueError(f"parallel.cp={cp} must be >= 1")
+    for name, size in (("cp", cp), ("tp", tp)):
+        if size < 1:
+            raise ValueError(f"parallel.{name}={size} must be >= 1")
     backend = pick_backend(backend)
     owns = _default_group(backend, timeout_s)
     try:
-        dims = ParallelDims(world=dist.get_world_size(), cp=cp)  # raises on every rank alike
+        dims = ParallelDims(world=dist.get_world_size(), cp=cp, tp=tp)  # raises on every rank alike
     except ValueError:
         if owns:
             dist.destroy_process_group()
         raise
     rank = dist.get_rank()
-    dp_rank, cp_rank = dims.coords(rank)
-    if megatron:
-        (cp_group, dp_group), created = _megatron_groups(dims), ()
-    else:
-        cp_group, dp_group, created = _torch_groups(dims)
+    dp_rank, cp_rank, tp_rank = dims.coords(rank)
+    built = _megatron_groups(dims) if megatron else _torch_groups(dims)
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    return ParallelGroups(dims=dims, rank=rank, dp_rank=dp_rank, cp_rank=cp_rank, cp_group=cp_group,
-                          dp_group=dp_group, grad_group=dist.group.WORLD if dims.world > 1 else None,
-                          device=device, owns_default_group=owns, megatron=megatron, created=created)
+    tp_mesh = None if built.tp is None else DeviceMesh.from_group(built.tp, device.type, mesh_dim_names=("tp",))
+    return ParallelGroups(dims=dims, rank=rank, dp_rank=dp_rank, cp_rank=cp_rank, cp_group=built.cp,
+                          dp_group=built.dp, grad_group=built.grad, device=device, owns_default_group=owns,
+                          megatron=megatron, created=built.created, tp_rank=tp_rank, tp_group=built.tp,
+                          tp_mesh=tp_mesh)
 
 
 def destroy_parallel(groups: ParallelGroups, clean: bool = True) -> None:

@@ -1,8 +1,17 @@
-"""Gradient reduction after backward: one bucketed all-reduce over the ``dp x cp`` ranks.
+"""Gradient reduction after backward: one bucketed all-reduce over the ``dp x cp`` ranks of
+this rank's TP shard.
 
 DESIGN.md's invariant is "sum over CP, average over DP". Each rank's loss is its share
-(the CP shares of one replica add up to that replica's loss), so a SUM over all ``dp * cp``
+(the CP shares of one replica add up to that replica's loss), so a SUM over the ``dp * cp``
 ranks divided by ``dp`` gives exactly that, in one collective instead of two.
+
+Under tensor parallelism the group is the ``dp * cp`` ranks that share this rank's TP rank
+(`ParallelGroups.grad_group`, megatron's ``get_data_parallel_group(with_context_parallel=True)``):
+they hold the same shard of every TP-sharded parameter, so their gradients add up. Nothing
+is reduced over TP: a TP-sharded parameter's shards are different tensors, and a replicated
+one already has the whole gradient on every TP rank (the TP layers' backward all-reduces
+their input gradient). All ranks of the group hold the same parameter list (same model,
+same TP rank), so the buckets line up.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Training: the data-parallel x context-parallel loop, tasks, checkpoints and metrics.
+"""Training: the data x tensor x context parallel loop, tasks, checkpoints and metrics.
 
 Entry point: ``launch/train.py`` (``torchrun ... launch/train.py configs/<name>.py key=value``),
 which calls `train`. Collectives come from `hyena_cp.parallel` (`parallel.dims` builds the
-groups, `parallel.grad_sync` reduces gradients); this package only composes them.
+groups, `parallel.grad_sync` reduces gradients, `parallel.grad_norm` clips them); this package
+only composes them.
 """
 from __future__ import annotations
 

@@ -20,19 +20,33 @@ __all__ = ["ParallelConfig", "TrainConfig", "lr_factor", "with_defaults"]
 class ParallelConfig:
     """``parallel`` section.
 
-    cp: context-parallel size; the data-parallel size is ``world // cp``.
+    cp: context-parallel size.
+    tp: tensor-parallel size; the data-parallel size is ``world // (cp * tp)``. Only
+        megatron-core models are tensor parallel (they read their TP group from
+        ``parallel_state``), so ``tp > 1`` needs ``megatron=true``. Rank order is megatron's
+        (tp innermost, then cp, then dp; `hyena_cp.parallel.dims`).
     backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl".
     timeout_s: collective timeout; a dead peer fails the job after this long instead of
         hanging it (torchrun can then restart it from the last checkpoint).
     megatron: build the groups with megatron-core's ``parallel_state`` (models built on
-        megatron-core read their CP group there); False uses plain ``new_group`` and skips
-        megatron-core's import.
+        megatron-core read their TP and CP groups there); False uses plain ``new_group`` and
+        skips megatron-core's import.
     """
 
     cp: int = 1
+    tp: int = 1
     backend: str = "auto"
     timeout_s: float = 300.0
     megatron: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("cp", "tp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.tp > 1 and not self.megatron:
+            raise ValueError(f"parallel.tp={self.tp} needs parallel.megatron=true: only megatron-core models are "
+                             "tensor parallel, and they read their TP group from megatron's parallel_state; "
+                             "set parallel.megatron=true (with a megatron-core model) or parallel.tp=1")
 
 
 @dataclass(frozen=True)

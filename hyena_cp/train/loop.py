@@ -1,10 +1,19 @@
-"""The training loop: data-parallel x context-parallel training of a config's model on its task.
+"""The training loop: data x tensor x context parallel training of a config's model on its task.
 
-One step on every rank: this replica's batch (full images, or this rank's zigzag token
-shard) -> forward -> this rank's loss SHARE -> backward -> gradients summed over CP and
-averaged over DP (one bucketed all-reduce, `hyena_cp.parallel.grad_sync`) -> clip -> optimizer
-step. Every rank then holds the same gradients, so parameters stay replicated without any
-broadcast. Rank 0 logs, plots and drives the progress bar; checkpoints are collective.
+One step on every rank: this (dp, cp) position's batch (full images, or this rank's zigzag
+token shard; the TP ranks of the position get the identical batch) -> forward -> this
+rank's loss SHARE -> backward -> gradients summed over CP and averaged over DP for each TP
+shard (one bucketed all-reduce over `ParallelGroups.grad_group`, the dp x cp ranks of this
+TP rank, `hyena_cp.parallel.grad_sync`) -> clip by the norm of the FULL gradient
+(`hyena_cp.parallel.grad_norm`: TP shards summed over the TP group, replicas counted once)
+-> optimizer step.
+
+The dp x tp x cp invariant this keeps: the ranks of one TP shard hold the same gradients,
+and so the same parameters, without any broadcast; the TP ranks of a (dp, cp) position see
+the same data, compute the same loss and clip by the same factor, so the sharded model
+takes the single-process step. The logged loss sums the shares over dp x cp only (every TP
+rank holds the whole loss). Rank 0 logs, plots and drives the progress bar; checkpoints
+are collective.
 
 This module never calls ``torch.distributed`` itself: groups, barriers and reductions come
 from `hyena_cp.parallel`, and checkpoint I/O from `hyena_cp.train.checkpoint` (DCP).
@@ -25,8 +34,10 @@ from torch import nn
 
 from hyena_cp.lazy import LazyConfig, instantiate
 from hyena_cp.parallel.dims import ParallelGroups, destroy_parallel, init_parallel
+from hyena_cp.parallel.grad_norm import clip_grad_norm
 from hyena_cp.parallel.grad_sync import sync_gradients
 from hyena_cp.parallel.reductions import group_sum
+from hyena_cp.parallel.tp_layout import tp_partition
 from hyena_cp.train.checkpoint import Checkpointer
 from hyena_cp.train.config import ParallelConfig, TrainConfig, lr_factor
 from hyena_cp.train.metrics import MetricsLog, plot_curves, progress_bar
@@ -63,6 +74,7 @@ class Trainer:
         settings = TrainConfig(**instantiate(cfg.train))
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         model = instantiate(cfg.model).to(groups.device)
+        _check_tensor_parallel(model, groups.dims.tp)
         optimizer = instantiate(cfg.optimizer, params=model.parameters())
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule scales this base rate
@@ -104,13 +116,14 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         sync_gradients(params, g.grad_group, divide_by=g.dims.dp)
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # grads are identical on all ranks
+        grad_norm = clip_grad_norm(params, max_norm, g.tp_group)  # the same norm on every rank
         factor = lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         self.optimizer.step()
         self.step += 1
-        loss = group_sum(share.detach().double(), g.grad_group) / g.dims.dp  # shares add up over CP
+        # shares add up over CP; the TP ranks hold the same share, so TP is not summed over
+        loss = group_sum(share.detach().double(), g.grad_group) / g.dims.dp
         return float(loss), float(grad_norm)
 
     def evaluate(self) -> dict[str, float]:
@@ -163,10 +176,12 @@ class Trainer:
                 "time_s": time.perf_counter() - start}
 
     def _banner(self) -> str:
-        dims, params = self.groups.dims, sum(p.numel() for p in self.model.parameters())
+        dims = self.groups.dims  # the full model's parameters: a TP shard is 1/tp of its tensor
+        params = sum(p.numel() * (dims.tp if tp_partition(p) else 1) for p in self.model.parameters())
         where = f"resuming from step {self.resumed_from}" if self.resumed_from is not None else "from scratch"
-        return (f"{self.name}: {params / 1e6:.3f}M parameters, world={dims.world} (dp={dims.dp} x cp={dims.cp}) "
-                f"on {self.groups.device.type}, {self.cfg.steps} steps {where}; outputs in {self.output_dir}/")
+        return (f"{self.name}: {params / 1e6:.3f}M parameters, world={dims.world} "
+                f"(dp={dims.dp} x cp={dims.cp} x tp={dims.tp}) on {self.groups.device.type}, {self.cfg.steps} steps "
+                f"{where}; outputs in {self.output_dir}/")
 
     def _evaluate_and_log(self, log: MetricsLog | None, bar) -> None:
         evals = self.evaluate()
@@ -180,6 +195,15 @@ class Trainer:
         (self.output_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
+def _check_tensor_parallel(model: nn.Module, tp: int) -> None:
+    """A model without TP-sharded parameters would run replicated on every TP rank: tp ranks'
+    worth of work for one. Raised on every rank alike (the same model), before any collective."""
+    if tp > 1 and not any(tp_partition(p) is not None for p in model.parameters()):
+        raise ValueError(f"parallel.tp={tp} but the model has no tensor-parallel parameters (megatron-core's "
+                         f"tensor_model_parallel attribute); only megatron-core models are tensor parallel: "
+                         f"use parallel.tp=1 for this model")
+
+
 def train(cfg: DictConfig, *, name: str) -> dict[str, Any]:
     """Run the experiment ``cfg`` (named ``name``, e.g. the config file's stem) on this rank.
 
@@ -187,7 +211,7 @@ def train(cfg: DictConfig, *, name: str) -> dict[str, Any]:
     process group, or creates one from torchrun's environment (a world of one without it).
     Outputs go to ``train.output_dir`` (default ``outputs/<name>``)."""
     parallel = ParallelConfig(**instantiate(cfg.parallel))
-    groups = init_parallel(parallel.cp, backend=parallel.backend, timeout_s=parallel.timeout_s,
+    groups = init_parallel(parallel.cp, tp=parallel.tp, backend=parallel.backend, timeout_s=parallel.timeout_s,
                            megatron=parallel.megatron)
     try:
         out = Path(cfg.train.output_dir or Path("outputs") / name)

@@ -10,6 +10,11 @@ gradients over CP and averages them over DP (`hyena_cp.parallel.grad_sync`).
 - `LanguageModeling` (megatron-core Hyena LM): every CP rank gets its zigzag shard
   ``[b, S / cp]`` of the same sequences; the model returns per-token losses of that shard,
   so the share is ``sum / (tokens of the replica's batch)``.
+
+Under tensor parallelism the tasks see only the (dp, cp) coordinates (`ParallelGroups.dp_rank`,
+``cp_rank``): every TP rank of a (dp, cp) position gets the identical batch, and the model
+returns the same loss on each (a TP model gathers or reduces its outputs over TP itself), so
+the shares and metric sums run over dp x cp only (``grad_group`` / ``dp_group``), never TP.
 """
 from __future__ import annotations
 
@@ -92,7 +97,7 @@ class ImageClassification:
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             correct = (logits.argmax(-1) == labels).sum()
             sums += torch.stack([loss.double(), correct.double(), sums.new_tensor(stop - start)])
-        sums = group_sum(sums, g.dp_group)  # CP ranks hold identical numbers: sum over replicas only
+        sums = group_sum(sums, g.dp_group)  # CP (and TP) ranks hold identical numbers: sum over replicas only
         return {"val_loss": float(sums[0] / sums[2]), "val_acc": float(sums[1] / sums[2])}
 
 
@@ -100,7 +105,7 @@ class LanguageModeling:
     """Next-token prediction on `TokenSplits` (e.g. `hyena_cp.data.load_stdlib_text`).
 
     The model is called as ``per_token_loss = model(input_ids, labels)`` with both
-    ``[b, S / cp]`` (this rank's zigzag shard); it reads its CP group from megatron-core's
+    ``[b, S / cp]`` (this rank's zigzag shard); it reads its TP and CP groups from megatron-core's
     ``parallel_state`` (set up by the loop with ``parallel.megatron=true``).
 
     Args:
@@ -154,6 +159,7 @@ class LanguageModeling:
             input_ids, labels = self._local("val", indices)
             per_token = model(input_ids, labels)
             sums += torch.stack([per_token.double().sum(), sums.new_tensor(labels.numel())])
-        sums = group_sum(sums, g.grad_group)  # every rank holds different tokens: sum over dp x cp
+        # the dp x cp ranks of one TP rank hold different tokens (the TP ranks the same ones)
+        sums = group_sum(sums, g.grad_group)
         loss = float(sums[0] / sums[1])
         return {"val_loss": loss, "val_bpb": loss / math.log(2)}
