@@ -7,7 +7,7 @@
 - configuration errors (tp without megatron, a model without TP parameters) are raised on
   every rank before any collective;
 - `LM_TORCHRUN_CASES`: the shipped LM config through ``torchrun launch/train.py`` against
-  one process (extend it with ``(4, 2, 2)`` once the TP Hyena mixer and the TP LM exist).
+  one process, at cp=2 and at tp=2 x cp=2 (four processes: the TP Hyena mixer and TP LM).
 """
 from __future__ import annotations
 
@@ -104,14 +104,14 @@ def test_tp_with_a_model_without_tp_parameters_is_refused_on_every_rank(dist_run
     assert all("no tensor-parallel parameters" in str(e) for e in errors)
 
 
-# (processes, tp, cp) of `torchrun launch/train.py configs/lm_tiny.py`; (4, 2, 2) is the
-# TP x CP target, to be added when the TP Hyena mixer and the TP LM land.
-LM_TORCHRUN_CASES = [(2, 1, 2)]
+# (processes, tp, cp, layer pattern) of `torchrun launch/train.py configs/lm_tiny.py`
+LM_TORCHRUN_CASES = [(2, 1, 2, "H"), (4, 2, 2, "HA")]
 
 
-@pytest.mark.parametrize("nproc,tp,cp", LM_TORCHRUN_CASES)
-def test_lm_torchrun_trains_like_one_process(dist_run, tmp_path, nproc, tp, cp):
-    overrides = LM + ["train.log_every=1", "parallel.timeout_s=60"]
+@pytest.mark.parametrize("nproc,tp,cp,pattern", LM_TORCHRUN_CASES)
+def test_lm_torchrun_trains_like_one_process(dist_run, tmp_path, nproc, tp, cp, pattern):
+    overrides = LM + ["train.log_every=1", "parallel.timeout_s=60", f"model.layer_pattern={pattern}",
+                      f"model.num_layers={len(pattern)}"]
     single = dist_run(run_config, 1, "lm_tiny.py", overrides + ["parallel.cp=1", "parallel.tp=1"],
                       str(tmp_path / "single"))[0]
     out = tmp_path / "torchrun"
