@@ -2,8 +2,8 @@
 # Multi-node training under SLURM: srun starts one torchrun agent per node; the agents meet
 # at a c10d rendezvous on the first node and start NPROC_PER_NODE ranks each.
 #
-#   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh configs/lm_tiny.py parallel.cp=8
-#   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh configs/lm_tiny.py parallel.tp=4 parallel.cp=2
+#   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh configs/lm_tiny.py parallel.cp=8 model.hyena.num_heads=8
+#   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh configs/lm_tiny.py parallel.tp=4 parallel.cp=2 model.hyena.num_heads=8
 #   DRY_RUN=1 launch/slurm.sh configs/digits_hyena_tiny.py train.steps=10   # print, run nothing
 #
 # Arguments are those of launch/train.py: a config file and key=value overrides.
