@@ -89,6 +89,20 @@ def test_quick_run_memory_per_rank_meets_the_target(quick_run):
                     assert r["parts"].get("hyena.filter", 0) == 0 and r["saved"] <= 1.15 * base["saved"] / world
 
 
+def test_quick_run_fsdp_shards_params_grads_and_adamw(quick_run):
+    """Byte counts are deterministic: FSDP2 holds <= 1.1/P of one process's parameters, gradients
+    and AdamW state per rank; the replicated layout (ddp) holds all of it on every rank."""
+    results = quick_run[1]["Parameter, gradient and optimizer memory per rank"].data["results"]
+    assert any("LM" in label for label in results) and any("ViT" in label for label in results)
+    for label, per_mode in results.items():
+        base = per_mode["fsdp"][1]["local"]
+        assert base == per_mode["fsdp"][1]["replicated"]  # one process: nothing sharded
+        for world, r in per_mode["fsdp"].items():
+            for key in ("params", "grads", "optimizer", "total"):
+                assert r["local"][key] <= 1.1 * base[key] / world, (label, world, key)
+            assert per_mode["ddp"][world]["local"] == base and r["replicated"] == base, (label, world)
+
+
 def test_gpu_section_code_paths_on_cpu():
     tiny = gpu.GpuSizes(copy_bytes=2**14, matmul_n=16, repeats=1, channels=8, heads=2, layers=((16,), (4, 4)),
                         lengths=(16, 32), batches=(1,))

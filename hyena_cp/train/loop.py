@@ -9,9 +9,9 @@ One step on every rank: this (dp, cp) position's batch (full images, or this ran
 token shard; the TP ranks of the position get the identical batch) -> forward (FSDP
 all-gathers each block's parameters) -> this rank's loss SHARE -> backward of ``cp x share``
 (FSDP reduce-scatters each block's gradients with a MEAN over dp x cp: with the factor
-cp, summed over CP and averaged over DP for each TP shard, `hyena_cp.parallel.fsdp`) -> clip by the norm of the FULL gradient
-(`hyena_cp.parallel.grad_norm`: FSDP shards and TP shards summed, replicas counted once)
--> optimizer step on this rank's shards.
+cp, summed over CP and averaged over DP for each TP shard, `hyena_cp.parallel.fsdp`) ->
+clip by the norm of the FULL gradient (`hyena_cp.parallel.grad_norm`: FSDP shards and TP
+shards summed, replicas counted once) -> optimizer step on this rank's shards.
 
 The dp x tp x cp invariant this keeps: the ranks of one TP shard hold the same (reduced)
 gradients, so the sharded model takes the single-process step; the TP ranks of a (dp, cp)
