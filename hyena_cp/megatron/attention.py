@@ -94,6 +94,7 @@ class TorchCoreAttention(MegatronModule):
         self.layer_number, self.attn_mask_type = layer_number, attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.kv_cache = None  # set during generation only: a `hyena_cp.megatron.kv_cache.KVCache`
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
@@ -104,6 +105,10 @@ class TorchCoreAttention(MegatronModule):
         type means causal over GLOBAL positions."""
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("TorchCoreAttention supports neither attention_bias nor packed sequences; pass None")
+        if self.kv_cache is not None:  # generation: a decode step, or a prefill that keeps K and V
+            if self.kv_cache.decoding:
+                return self.kv_cache.decode(query, key, value)
+            self.kv_cache.record(key, value)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         keep, is_causal = None, attention_mask is None and mask_type == AttnMaskType.causal
         if is_parallel(self.cp_group):

@@ -173,6 +173,7 @@ class MegatronHyenaMixer(MegatronModule):
         if self.tp_group is not None:
             self._mark_tp_sharded()
         self.mixer.to(dtype=config.params_dtype)
+        self.inference_cache = None  # set during generation only: a `hyena_cp.modules.inference.HyenaCache`
 
     def _mark_tp_sharded(self) -> None:
         """megatron's TP attributes on the mixer's own per-channel parameters (the linears set theirs)."""
@@ -208,7 +209,10 @@ class MegatronHyenaMixer(MegatronModule):
             raise ValueError(f"hidden_states must be [s, b, h] with h=hidden_size={self.config.hidden_size}, "
                              f"got {tuple(hidden_states.shape)}")
         x = rearrange(hidden_states, "s b h -> b s h")
-        y = self.mixer(x, cp_group=self.cp_group)
+        if self.inference_cache is not None:  # generation: prefill of the prompt, or one decode step
+            y = self.inference_cache(x)
+        else:
+            y = self.mixer(x, cp_group=self.cp_group)
         return rearrange(y, "b s h -> s b h").contiguous(), None
 
     def flop_count(self, num_tokens: int, inference: bool = False) -> int:

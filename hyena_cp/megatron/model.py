@@ -39,12 +39,13 @@ from einops import rearrange
 from torch.distributed import ProcessGroup
 
 from hyena_cp.megatron.attention import TorchCoreAttention, check_attention_parallelism
+from hyena_cp.megatron.generation import generate
 from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
                                       check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
                                       resolve_pg_collection, vocab_parallel_cross_entropy)
 from hyena_cp.megatron.mixer import HyenaMixerConfig
-from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, rotary_pos_emb
+from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, rotary_angles, zigzag_positions
 from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
 from hyena_cp.parallel import gather_from_group, group_size
 
@@ -118,11 +119,14 @@ class HyenaLanguageModel(MegatronModule):
     def rotary_pos_emb(self, local_len: int, device: torch.device | None = None) -> torch.Tensor | None:
         """The attention layers' rotary table for a local shard of ``local_len`` tokens
         (``[s_local, 1, 1, kv_channels]``), or None (NoPE, or no attention layer)."""
+        return self.rotary_pos_emb_at(zigzag_positions(local_len, self.cp_group, device))
+
+    def rotary_pos_emb_at(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The rotary table of tokens at GLOBAL ``positions [s]`` (``[s, 1, 1, kv_channels]``), or None."""
         if self.position_embedding == "none" or "A" not in self.layer_pattern:
             return None
         dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
-        return rotary_pos_emb(local_len, self.config.kv_channels, base=self.rotary_base, cp_group=self.cp_group,
-                              dtype=dtype, device=device)
+        return rotary_angles(positions, self.config.kv_channels, self.rotary_base).to(dtype)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits or per-token losses of this rank's shard.
@@ -146,6 +150,13 @@ class HyenaLanguageModel(MegatronModule):
         if labels is None:
             return rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v")
         return rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s")
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue the GLOBAL prompts ``input_ids [b, s]`` (equal lengths, the same on every rank)
+        by ``max_new_tokens`` tokens under this model's CP and TP groups -> ``[b, s + max_new_tokens]``
+        on every rank. ``temperature=0`` is greedy. See `hyena_cp.megatron.generation.generate`."""
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
 
     def _token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits [s, b, vocab/tp]``, ``target [s, b]`` -> float32 loss ``[s, b]``."""
