@@ -131,6 +131,8 @@ def worker_limits(what: str) -> None:
             model.generate(prompt, 2)
         elif what == "capacity":
             InferenceCache(model, batch_size=1, capacity=33)
+        elif what == "batch":
+            InferenceCache(model, batch_size=1, capacity=4).step(torch.zeros(2, 1, dtype=torch.long))
         elif what == "full":
             cache = InferenceCache(model, batch_size=1, capacity=2)
             cache.step(prompt[:, :1])
@@ -145,6 +147,7 @@ def worker_limits(what: str) -> None:
     ("temperature", 2, "temperature=-0.5 must be >= 0"),
     ("relative filters", 2, "decoding needs Hyena filters with a fixed max_len"),
     ("capacity", 2, "capacity=33 must be between 1 and the model's context 32"),
+    ("batch", 2, "tokens must be [b=1, s] (the cache's batch)"),
     ("full", 1, "holds 2 of its 2 positions and cannot take 1 more"),
 ])
 def test_limits_raise_on_every_rank_before_communicating(dist_run, what, world, match):

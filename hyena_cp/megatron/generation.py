@@ -83,6 +83,7 @@ class InferenceCache:
             raise ValueError(f"cache capacity={capacity} must be between 1 and the model's context {limit} "
                              f"(max_sequence_length and the Hyena filters' max_len)")
         self.model, self.capacity, self.limit, self.length = model, capacity, limit, 0
+        self.batch_size = batch_size
         self.layers: list[HyenaCache | KVCache] = []
         for symbol, layer in zip(model.layer_pattern, model.decoder.layers):
             if symbol == "H":
@@ -99,19 +100,24 @@ class InferenceCache:
     @contextmanager
     def bound(self, decoding: bool) -> Iterator[None]:
         """Attach each layer's cache to its mixer for one forward (prefill or a decode step)."""
-        hooks = []
+        hooks = []  # (module, attribute): MegatronHyenaMixer.inference_cache, TorchCoreAttention.kv_cache
         for cache, layer in zip(self.layers, self.model.decoder.layers):
             cache.decoding = decoding
-            target = layer.self_attention if isinstance(cache, HyenaCache) else layer.self_attention.core_attention
-            hooks.append((target, "inference_cache" if isinstance(cache, HyenaCache) else "kv_cache"))
-            setattr(target, hooks[-1][1], cache)
+            if isinstance(cache, HyenaCache):
+                hooks.append((layer.self_attention, "inference_cache"))
+            else:
+                hooks.append((layer.self_attention.core_attention, "kv_cache"))
+            setattr(*hooks[-1], cache)
         try:
             yield
         finally:
-            for target, name in hooks:
-                setattr(target, name, None)
+            for module, name in hooks:
+                setattr(module, name, None)
 
-    def _reserve(self, n: int) -> None:
+    def _reserve(self, tokens: Tensor, n: int) -> None:
+        """Raise, on every rank alike, for a batch of the wrong size or one that overflows the cache."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
+            raise ValueError(f"tokens must be [b={self.batch_size}, s] (the cache's batch), got {tuple(tokens.shape)}")
         if self.length + n > self.capacity:
             raise ValueError(f"the inference cache holds {self.length} of its {self.capacity} positions and cannot "
                              f"take {n} more; the model's context ends at {self.limit} (max_sequence_length and the "
@@ -123,7 +129,7 @@ class InferenceCache:
         ``[b, s_local, vocab]`` (as `HyenaLanguageModel.forward`), filling every layer's cache."""
         if self.length:
             raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
-        self._reserve(input_ids.shape[1] * group_size(self.model.cp_group))
+        self._reserve(input_ids, input_ids.shape[1] * group_size(self.model.cp_group))
         with self.bound(decoding=False):
             logits = self.model(input_ids)
         self.length = input_ids.shape[1] * group_size(self.model.cp_group)
@@ -135,7 +141,7 @@ class InferenceCache:
         logits of the position after it ``[b, vocab]``, the same on every rank."""
         if tokens.dim() != 2 or tokens.shape[1] != 1:
             raise ValueError(f"a decode step takes tokens [b, 1], got {tuple(tokens.shape)}")
-        self._reserve(1)
+        self._reserve(tokens, 1)
         model = self.model
         hidden = model.embedding(input_ids=tokens, position_ids=None)  # 1, b, h
         rotary = model.rotary_pos_emb_at(torch.tensor([self.length], device=tokens.device))

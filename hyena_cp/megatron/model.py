@@ -25,6 +25,9 @@ the usual transformer baseline; table from GLOBAL positions of the zigzag shard,
 `hyena_cp.megatron.rope`); ``"none"`` gives NoPE attention. Hyena layers ignore it: their
 causal, position-indexed filters carry position. There is no learned absolute embedding.
 
+Generation: `HyenaLanguageModel.generate` (CP prefill of the prompt, then exact cached decoding
+under the same CP/TP groups; `hyena_cp.megatron.generation`, tested in tests/test_generation.py).
+
 Tested in tests/test_megatron_lm.py (CP, Hyena and hybrids) and tests/test_megatron_lm_tp.py
 (TP and TP x CP), against single-process models built from the same full weights.
 """

@@ -134,6 +134,8 @@ class HyenaCache:
             raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
         mixer, world = self.mixer, group_size(self.cp_group)
         mixer._check(x, None, world)
+        if x.shape[0] != self.z.shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]}, the cache was built for batch_size={self.z.shape[0]}")
         length = x.shape[1] * world
         self._reserve(length)
         u = rearrange(_project(mixer.in_proj, x), "b l c -> b c l")  # b, 3C_l, s_local
