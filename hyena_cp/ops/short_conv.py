@@ -17,6 +17,7 @@ def causal_depthwise_conv1d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     left_context: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal depthwise conv: ``y[t] = sum_j weight[:, j] * x[t - (K-1) + j] + bias``.
 
@@ -30,6 +31,10 @@ def causal_depthwise_conv1d(
         bias: ``[C]`` or None.
         left_context: ``[N, C, K-1]`` the K-1 tokens preceding ``x`` (a halo), or None
             for zeros (the start of the sequence).
+        positions: packed documents: ``[N, L]`` integer offset of each output token in its
+            document (`hyena_cp.ops.packing.document_positions`), or None (one document).
+            The tap looking ``s`` tokens back is then used only where ``positions >= s``:
+            taps, halo included, stop at a document start, as if the document ran alone.
 
     Returns:
         ``[N, C, L]`` (contiguous), in ``x``'s dtype.
@@ -37,7 +42,10 @@ def causal_depthwise_conv1d(
     dtype = x.dtype
     bias = None if bias is None else bias.to(dtype)
     left_context = None if left_context is None else left_context.to(dtype)
-    return _CausalDepthwiseConv1d.apply(x.contiguous(), weight.to(dtype), bias, left_context)
+    if positions is not None and positions.shape != (x.shape[0], x.shape[-1]):
+        raise ValueError(f"positions must be [N, L] = {(x.shape[0], x.shape[-1])} like x [N, C, L], "
+                         f"got {tuple(positions.shape)}")
+    return _CausalDepthwiseConv1d.apply(x.contiguous(), weight.to(dtype), bias, left_context, positions)
 
 
 def _shifted_taps(kernel: int, length: int):
@@ -47,53 +55,70 @@ def _shifted_taps(kernel: int, length: int):
         yield shift, kernel - 1 - shift, min(shift, length)
 
 
+def _tap_masks(positions: torch.Tensor | None, kernel: int, dtype: torch.dtype) -> dict[int, torch.Tensor | None]:
+    """``{shift: [N, 1, L] 1/0}``: where the tap ``shift`` tokens back stays in the document
+    (all None without packing, so the unpacked path does no extra work)."""
+    return {shift: None if positions is None else (positions >= shift).to(dtype)[:, None, :]
+            for shift in range(1, kernel)}
+
+
+def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return t if mask is None else t * mask
+
+
 class _CausalDepthwiseConv1d(torch.autograd.Function):
     """``causal_depthwise_conv1d`` with its backward written out: the gradient of x is the
     same taps run anti-causally, that of each tap a per-channel dot product of shifted
-    sequences; autograd through in-place slice updates would copy the full gradient per tap."""
+    sequences; autograd through in-place slice updates would copy the full gradient per tap.
+    With packed documents each tap's output gradient is masked once (the mask is on the
+    output side of the tap) and reused for x, the halo and the weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, left_context):
+    def forward(ctx, x, weight, bias, left_context, positions):
         kernel, length = weight.shape[1], x.shape[-1]
+        masks = _tap_masks(positions, kernel, x.dtype)
         last = weight[:, -1:]
         y = x * last if bias is None else torch.addcmul(bias[:, None], x, last)
         for shift, j, n in _shifted_taps(kernel, length):
-            tap = weight[:, j, None]
+            tap, mask = weight[:, j, None], masks[shift]
             if shift < length:
-                y[..., shift:].addcmul_(x[..., :length - shift], tap)
+                y[..., shift:].addcmul_(_masked(x[..., :length - shift], None if mask is None else mask[..., shift:]),
+                                        tap)
             if left_context is not None:
-                y[..., :n].addcmul_(left_context[..., j:j + n], tap)
-        ctx.save_for_backward(x, weight, left_context)
+                y[..., :n].addcmul_(_masked(left_context[..., j:j + n], None if mask is None else mask[..., :n]), tap)
+        ctx.save_for_backward(x, weight, left_context, positions)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, left_context = ctx.saved_tensors
+        x, weight, left_context, positions = ctx.saved_tensors
         grad = grad.contiguous()
         kernel, length = weight.shape[1], x.shape[-1]
-        need_x, need_w, need_b, need_halo = ctx.needs_input_grad
+        masks = _tap_masks(positions, kernel, x.dtype)
+        need_x, need_w, need_b, need_halo, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_halo = None
+        taps = {shift: _masked(grad, masks[shift]) for shift in masks}  # output grad each tap may reach
         if need_x:
             grad_x = grad * weight[:, -1:]
             for shift, j, _ in _shifted_taps(kernel, length):
                 if shift < length:
-                    grad_x[..., :length - shift].addcmul_(grad[..., shift:], weight[:, j, None])
+                    grad_x[..., :length - shift].addcmul_(taps[shift][..., shift:], weight[:, j, None])
         if need_halo and left_context is not None:
             grad_halo = torch.zeros_like(left_context)
-            for _, j, n in _shifted_taps(kernel, length):
-                grad_halo[..., j:j + n].addcmul_(grad[..., :n], weight[:, j, None])
+            for shift, j, n in _shifted_taps(kernel, length):
+                grad_halo[..., j:j + n].addcmul_(taps[shift][..., :n], weight[:, j, None])
         if need_w:
             grad_w = torch.empty_like(weight)
             grad_w[:, -1] = (grad * x).sum((0, 2))
             for shift, j, n in _shifted_taps(kernel, length):
-                tap = (grad[..., shift:] * x[..., :length - shift]).sum((0, 2))
+                tap = (taps[shift][..., shift:] * x[..., :length - shift]).sum((0, 2))
                 if left_context is not None:
-                    tap += (grad[..., :n] * left_context[..., j:j + n]).sum((0, 2))
+                    tap += (taps[shift][..., :n] * left_context[..., j:j + n]).sum((0, 2))
                 grad_w[:, j] = tap
         if need_b and ctx.has_bias:
             grad_b = grad.sum((0, 2))
-        return grad_x, grad_w, grad_b, grad_halo
+        return grad_x, grad_w, grad_b, grad_halo, None
 
 
 def depthwise_conv2d_same(
