@@ -93,7 +93,8 @@ def per_document_long_conv(u, k, d, cu):
     """Each document through the direct reference alone (its first n filter taps)."""
     y = torch.zeros_like(u)
     for row, a, b in doc_spans(cu, u.shape[-1]):
-        y[row:row + 1, :, a:b] = direct_causal_conv1d(u[row:row + 1, :, a:b], expand_groups(k, u.shape[1])[:, :b - a], d)
+        taps = expand_groups(k, u.shape[1])[:, :b - a]  # the document sees the filter from tap 0
+        y[row:row + 1, :, a:b] = direct_causal_conv1d(u[row:row + 1, :, a:b], taps, d)
     return y
 
 
@@ -195,3 +196,17 @@ def test_masked_short_conv_with_a_halo(cut):
 def test_short_conv_positions_shape_is_checked():
     with pytest.raises(ValueError, match=re.escape("positions must be [N, L] = (1, 4)")):
         causal_depthwise_conv1d(torch.randn(1, 2, 4), torch.randn(2, 3), positions=torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_short_conv_backward_on_a_sequence_shorter_than_the_taps(length):
+    """A 2- or 3-token document with K=5 (the weight grad used to slice with a negative stop)."""
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(2, 3, length, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, 3, length, generator=g, dtype=torch.float64)
+    y, grads = _grads(lambda x, w: causal_depthwise_conv1d(x, w), [x, w], grad_out)
+    y_ref, grads_ref = _grads(lambda x, w: F.conv1d(F.pad(x, (4, 0)), w[:, None], groups=3), [x, w], grad_out)
+    assert rel_err(y, y_ref) < TOL64
+    for name, a_, b_ in zip("xw", grads, grads_ref):
+        assert rel_err(a_, b_) < TOL64, name

@@ -112,7 +112,9 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
             grad_w = torch.empty_like(weight)
             grad_w[:, -1] = (grad * x).sum((0, 2))
             for shift, j, n in _shifted_taps(kernel, length):
-                tap = (taps[shift][..., shift:] * x[..., :length - shift]).sum((0, 2))
+                tap = grad.new_zeros(weight.shape[0])
+                if shift < length:  # a sequence shorter than the tap reads it only from the halo
+                    tap += (taps[shift][..., shift:] * x[..., :length - shift]).sum((0, 2))
                 if left_context is not None:
                     tap += (taps[shift][..., :n] * left_context[..., j:j + n]).sum((0, 2))
                 grad_w[:, j] = tap
