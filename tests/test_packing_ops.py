@@ -75,10 +75,12 @@ def test_buckets_gather_and_scatter_every_token_once():
     buckets = DocumentBuckets.build(cu, 40)
     assert len(buckets.lengths) <= 2 * 6  # at most 2 log2(L) buckets
     tokens = torch.cat([torch.arange(40), torch.tensor([-1])])  # position-encoded, -1 = the zero slot
-    slots = torch.cat([tokens[g] for g in buckets.gather])
+    slots = tokens[buckets.gather]
     assert torch.equal(slots[buckets.scatter], torch.arange(40))
-    for m, count, g in zip(buckets.lengths, buckets.counts, buckets.gather):
-        for doc in tokens[g].view(count, m):  # each bucket row is one document, then zero slots
+    offsets = buckets.offsets
+    assert offsets[-1] == len(slots)
+    for i, (m, count) in enumerate(zip(buckets.lengths, buckets.counts)):
+        for doc in slots[offsets[i]:offsets[i + 1]].view(count, m):  # one document per row, then zero slots
             real = doc[doc >= 0]
             assert (doc[len(real):] == -1).all() and torch.equal(real, torch.arange(real[0], real[0] + len(real)))
 

@@ -89,16 +89,20 @@ def fft_causal_conv1d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None =
 def _packed_causal_conv1d(u: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """``u [B, C, L]``, ``k [G, L]`` -> ``[B, C, L]``, each document convolved alone: gather the
     documents of each bucket into ``[N_b, C, m]`` (zeros past a document's end), run the one
-    FFT conv on them, put every token back (the gathers' adjoints are autograd's index_add)."""
+    FFT conv on them, put every token back (the gathers' adjoints are autograd's index_add_)."""
     batch, _, length = u.shape
     buckets = DocumentBuckets.build(cu_seqlens.to(u.device), batch * length)
     flat = F.pad(rearrange(u, "b c l -> c (b l)"), (0, 1))  # C, B*L + the zero slot
+    # index_select (its adjoint: one index_add_, ~3x faster on CPU than advanced indexing's
+    # accumulating index_put_), and split, not slices (adjoint: one cat, not a zero tensor per slice)
+    slots = flat.index_select(1, buckets.gather)  # C, slots of every bucket
+    pieces = slots.split([m * n for m, n in zip(buckets.lengths, buckets.counts)], dim=1)
     outs = []
-    for m, index in zip(buckets.lengths, buckets.gather):
-        docs = rearrange(flat[:, index], "c (n m) -> n c m", m=m)
+    for m, piece in zip(buckets.lengths, pieces):
+        docs = rearrange(piece, "c (n m) -> n c m", m=m)
         y = _FFTCausalConv1d.apply(docs, k[:, :m], fft_size(m))  # n, C, m
         outs.append(rearrange(y, "n c m -> c (n m)"))
-    y = torch.cat(outs, dim=1)[:, buckets.scatter]  # C, B*L
+    y = torch.cat(outs, dim=1).index_select(1, buckets.scatter)  # C, B*L
     return rearrange(y, "c (b l) -> b c l", b=batch)
 
 

@@ -93,18 +93,27 @@ class DocumentBuckets:
     """How to run a per-document op on the tokens of ``cu_seqlens``, grouped by padded length.
 
     Documents are bucketed by `fft_segment_length`; bucket i holds ``counts[i]`` documents,
-    each zero-padded to ``lengths[i]`` tokens. ``gather[i]`` (``[counts[i] * lengths[i]]``) is
-    the token index of every slot of the bucket, ``total_len`` (a zero slot the caller
-    appends) past a document's end; ``scatter`` (``[total_len]``) is the slot of every token
-    in the buckets laid end to end. Gathering a ``[..., total_len + 1]`` tensor with
-    ``gather[i]`` gives the bucket's documents ``[..., counts[i], lengths[i]]``; gathering the
+    each zero-padded to ``lengths[i]`` tokens, and the buckets' slots are laid end to end.
+    ``gather`` (``[slots]``) is the token index of every slot, ``total_len`` (a zero slot the
+    caller appends) past a document's end; ``scatter`` (``[total_len]``) is the slot of every
+    token. Gathering a ``[..., total_len + 1]`` tensor with ``gather`` gives all buckets at
+    once (ONE gather: its adjoint is one scatter-add, not one per bucket), bucket i being
+    ``[..., offsets[i]:offsets[i+1]]`` = ``[..., counts[i], lengths[i]]``; gathering the
     concatenated bucket results with ``scatter`` puts every token back.
     """
 
     lengths: tuple[int, ...]
     counts: tuple[int, ...]
-    gather: tuple[Tensor, ...]
+    gather: Tensor
     scatter: Tensor
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Slot offset of each bucket, and the total slot count last."""
+        ends = [0]
+        for m, n in zip(self.lengths, self.counts):
+            ends.append(ends[-1] + m * n)
+        return tuple(ends)
 
     @classmethod
     def build(cls, cu_seqlens: Tensor, total_len: int) -> DocumentBuckets:
@@ -128,4 +137,4 @@ class DocumentBuckets:
             base += m * len(docs)
         ids = document_ids(cu, total_len)
         scatter = slot_of_doc[ids] + torch.arange(total_len, device=cu.device) - starts[ids]
-        return cls(tuple(lengths), tuple(counts), tuple(gathers), scatter)
+        return cls(tuple(lengths), tuple(counts), torch.cat(gathers), scatter)
