@@ -1,12 +1,19 @@
 """Packed LM data: source files as documents in the stdlib-text windows (boundaries at file
 starts, targets crossing into the next file ignored), and the LM task's loss share normalised
-by the counted tokens of the replica's batch. In one process: the CP ranks' shares are taken
-one rank at a time (their sum is the replica's loss)."""
+by the counted tokens of the replica's batch: with a counting stub one CP rank at a time,
+and with the megatron Hyena LM on a packed batch under CP=2 against one process."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+# Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
+from megatron.core import parallel_state
 from torch import nn
+
+from hyena_cp.megatron import HyenaMixerConfig, build_hyena_lm
+from hyena_cp.parallel import group_sum
+from references import rel_err
 
 from hyena_cp.data.stdlib_text import EOS, IGNORE_INDEX, TokenSplits, load_stdlib_text
 from hyena_cp.ops.packing import check_cu_seqlens, document_ids
@@ -111,3 +118,38 @@ def test_document_ids_follow_the_files(text):
         for t in eos.tolist():
             if t + 1 < text.seq_len:
                 assert ids[t + 1] == ids[t] + 1
+
+
+def worker_task_with_lm(pack: bool) -> dict:
+    """The task's packed batch of a step with document boundaries through the real LM (HAH)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=world)
+    try:
+        cp_group = parallel_state.get_context_parallel_group() if world > 1 else None
+        g = ParallelGroups(dims=ParallelDims(world=world, cp=world), rank=rank, dp_rank=0, cp_rank=rank,
+                           cp_group=cp_group, dp_group=None, grad_group=cp_group, device=torch.device("cpu"),
+                           megatron=True)
+        text = load_stdlib_text(seq_len=32, val_fraction=0.4, max_bytes=60_000)
+        task = LanguageModeling(data=text, global_batch_size=4, pack=pack, groups=g, seed=0)
+        step = next(s for s in range(task.sampler.steps_per_epoch)
+                    if len(LanguageModeling(data=text, global_batch_size=4, pack=True, groups=g, seed=0)
+                           .batch(s).cu_seqlens) > 5)  # the same step packed or not: one with boundaries
+        torch.manual_seed(0)
+        model = build_hyena_lm(vocab_size=256, max_sequence_length=32, num_layers=3, hidden_size=16,
+                               ffn_hidden_size=32, num_attention_heads=2, layer_pattern="HAH",
+                               hyena=HyenaMixerConfig(num_heads=2, filter_width=8, max_len=32))
+        share = task.loss_share(model, task.batch(step))
+        share.backward()
+        return {"loss": float(group_sum(share.detach(), cp_group)),
+                "grads": {n: group_sum(p.grad, cp_group) for n, p in model.named_parameters()}}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_packed_task_under_cp2_trains_like_one_process(dist_run):
+    single, cp2 = dist_run(worker_task_with_lm, 1, True)[0], dist_run(worker_task_with_lm, 2, True)[0]
+    assert abs(cp2["loss"] - single["loss"]) < 1e-5 * single["loss"]
+    for name, grad in single["grads"].items():
+        assert rel_err(cp2["grads"][name], grad) < 1e-5, name  # float32
+    plain = dist_run(worker_task_with_lm, 1, False)[0]  # the same windows, unpacked
+    assert abs(plain["loss"] - single["loss"]) > 1e-4, "packing changed nothing: the test would be vacuous"

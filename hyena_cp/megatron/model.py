@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.distributed import ProcessGroup
 
+from hyena_cp.data.stdlib_text import IGNORE_INDEX
 from hyena_cp.megatron.attention import TorchCoreAttention, check_attention_parallelism
-from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule,
+from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule, PackedSeqParams,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
                                       check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
                                       resolve_pg_collection, vocab_parallel_cross_entropy)
-from hyena_cp.data.stdlib_text import IGNORE_INDEX
 from hyena_cp.megatron.mixer import HyenaMixerConfig
 from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_pos_emb
@@ -147,7 +147,8 @@ class HyenaLanguageModel(MegatronModule):
         return rotary_pos_emb(local_len, self.config.kv_channels, **common)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                cu_seqlens: torch.Tensor | None = None, packed_seq_params: Any = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
         """Logits or per-token losses of this rank's shard.
 
         Args:

@@ -18,8 +18,8 @@ depthwise weights of the same channels, ``[q_t; k_t; v_t]`` of the full ``[q; k;
 Packed sequences (1-D): ``forward(x, cu_seqlens=...)`` with GLOBAL document boundaries ``[N+1]``
 over the B rows laid end to end (`hyena_cp.ops.packing`; with B = 1 the flash-attention /
 megatron THD convention), identical on every rank. No output depends on another document:
-the short conv's taps, halo taps included, stop at a document start (masked by each token's
-offset in its document, so the halo exchange itself is unchanged), and the long conv
+the short conv's taps, halo taps included, stop at a document start (found from each
+token's offset in its document: the halo exchange itself is unchanged), and the long conv
 restarts at each document (`hyena_cp.modules.hyena`). Under CP the zigzag layout is the
 WHOLE sequence's, whatever the boundaries: documents straddle chunks and ranks freely.
 Neither the halos nor the AllToAlls depend on the boundaries, so packing adds no
