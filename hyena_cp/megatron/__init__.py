@@ -1,6 +1,7 @@
 """megatron-core integration: Hyena as a ``TransformerLayer`` submodule, a CPU-safe
 context-parallel core attention, rotary tables for zigzag shards, layer specs for Hyena and
 hybrid Hyena/attention stacks, and a Hyena language model (CP, and TP for attention layers).
+Packed sequences (``PackedSeqParams`` / ``cu_seqlens``): `hyena_cp.megatron.packing`.
 
 The only package in hyena_cp that imports megatron-core (``import hyena_cp`` does not);
 version-specific code lives in `hyena_cp.megatron.compat`.
