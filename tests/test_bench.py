@@ -99,6 +99,18 @@ def test_quick_run_generation_cache_bytes_are_one_over_p(quick_run):
     assert all(r["cached_s"] > 0 and r["naive_s"] > 0 for r in data["rates"])
 
 
+def test_quick_run_packing_section_times_every_document_count(quick_run):
+    """Timings are never asserted: the section measured each count, as a ratio to the unpacked layer."""
+    from hyena_cp.bench import packing
+
+    section = quick_run[1]["Packed sequences (one process)"]
+    rows = section.data["rows"]
+    assert [r["documents"] for r in rows] == [1, 4]
+    assert all(r["ratio"] > 0 and r["seconds"] > 0 for r in rows)
+    cu = packing.random_cu_seqlens(256, 4, seed=4)
+    assert cu[0] == 0 and cu[-1] == 256 and len(cu) == 5 and (cu.diff() > 0).all()
+
+
 def test_gpu_section_code_paths_on_cpu():
     tiny = gpu.GpuSizes(copy_bytes=2**14, matmul_n=16, repeats=1, channels=8, heads=2, layers=((16,), (4, 4)),
                         lengths=(16, 32), batches=(1,))

@@ -133,7 +133,7 @@ class HyenaCache:
         if self.length:
             raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
         mixer, world = self.mixer, group_size(self.cp_group)
-        mixer._check(x, None, world)
+        mixer._check(x, None, world, None)
         if x.shape[0] != self.z.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]}, the cache was built for batch_size={self.z.shape[0]}")
         length = x.shape[1] * world
