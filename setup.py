@@ -10,7 +10,9 @@ setup(
     # torch is listed without a pin so an installed CPU/CUDA build is kept; install
     # torch first (see README) or pip may resolve a multi-GB CUDA build.
     install_requires=[
-        "torch>=2.4",
+        # 2.6: the group-relative peer arguments of send/recv/broadcast/reduce (group_peer=,
+        # group_src=, group_dst=) used in hyena_cp/parallel/; CI tests 2.13.
+        "torch>=2.6",
         "megatron-core>=0.16",
         "einops>=0.7",
         "omegaconf>=2.3",

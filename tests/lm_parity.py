@@ -14,8 +14,11 @@ pieces with `unshard` / summed — and returns relative errors against the refer
 - ``loss`` path: the model's own per-token loss (float32 by contract: megatron's
   ``vocab_parallel_cross_entropy`` under TP), its loss share and the gradients from it.
 
-Rank order is megatron's: tp innermost, then cp. `WeightLayout` variants other than "exact"
-and ``local_keys`` attention are negative twins: parity must fail for them.
+Rank order is megatron's: tp innermost, then cp. `WeightLayout` variants other than "exact",
+``local_keys`` attention and ``no_boundaries`` (a packed case run as if unpacked) are
+negative twins: parity must fail for them. ``ParityCase.docs`` packs documents into the rows:
+both models then get the same GLOBAL ``cu_seqlens`` (the equality with each document run
+alone is tests/test_megatron_packed.py's).
 """
 from __future__ import annotations
 
@@ -29,11 +32,12 @@ from megatron.core import parallel_state
 
 from hyena_cp.megatron import IGNORE_INDEX, HyenaMixerConfig, TorchCoreAttention, build_hyena_lm
 from hyena_cp.megatron.compat import ProcessGroupCollection
+from hyena_cp.ops.packing import concat_cu_seqlens
 from hyena_cp.parallel import shard, shard_tp, tp_partition, unshard, unshard_tp
 from references import rel_err
 
 WeightLayout = Literal["exact", "swapped_ranks", "stride_one"]
-Variant = Literal["exact", "swapped_ranks", "stride_one", "local_keys"]
+Variant = Literal["exact", "swapped_ranks", "stride_one", "local_keys", "no_boundaries"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,14 @@ class ParityCase:
     glu: bool = False  # SwiGLU MLP: megatron's fc1 is a stride-2 TP partition
     explicit_groups: bool = False  # ProcessGroupCollection instead of parallel_state
     dtype: torch.dtype = torch.float64
+    docs: tuple[tuple[int, ...], ...] | None = None  # packed: token counts of each row's documents
+
+    def cu_seqlens(self) -> torch.Tensor | None:
+        """GLOBAL boundaries of ``docs`` over the rows laid end to end, or None (unpacked)."""
+        if self.docs is None:
+            return None
+        return concat_cu_seqlens([torch.tensor([0, *torch.tensor(row).cumsum(0).tolist()]) for row in self.docs],
+                                 self.seq)
 
 
 class LocalKeysAttention(TorchCoreAttention):
@@ -78,11 +90,15 @@ def build_model(case: ParityCase, pg_collection: ProcessGroupCollection | None, 
 
 
 def batch(case: ParityCase) -> tuple[torch.Tensor, torch.Tensor]:
-    """GLOBAL inputs and labels (shifted on the global sequence), a few labels ignored."""
+    """GLOBAL inputs and labels (shifted on the global sequence), a few labels ignored; packed,
+    the last token of every document has no label (its target starts the next one)."""
     gen = torch.Generator().manual_seed(4321)
     tokens = torch.randint(0, case.vocab, (case.batch, case.seq + 1), generator=gen)
     labels = tokens[:, 1:].clone()
     labels[torch.rand(labels.shape, generator=gen) < 0.15] = IGNORE_INDEX
+    if case.docs is not None:
+        ends = case.cu_seqlens()[1:] - 1  # GLOBAL last token of each document
+        labels.view(-1)[ends] = IGNORE_INDEX
     return tokens[:, :-1], labels
 
 
@@ -108,9 +124,11 @@ def load_full_weights(model: torch.nn.Module, full: torch.nn.Module, tp_size: in
             param.copy_(src)
 
 
-def forward_backward(model, inputs: torch.Tensor, labels: torch.Tensor, world: int, rank: int) -> dict:
+def forward_backward(model, inputs: torch.Tensor, labels: torch.Tensor, world: int, rank: int,
+                     cu_seqlens: torch.Tensor | None = None) -> dict:
     """Both paths on this CP rank's zigzag shard; loss shares are divided by the GLOBAL count."""
     x, y = (shard(t, 1, "zigzag", world, rank) for t in (inputs, labels))
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     count = (labels != IGNORE_INDEX).sum()
     captured = {}
 
@@ -120,7 +138,7 @@ def forward_backward(model, inputs: torch.Tensor, labels: torch.Tensor, world: i
 
     hook = model.embedding.register_forward_hook(keep_embedding)
     try:
-        logits = model(x)  # b, s_local, vocab (gathered over TP)
+        logits = model(x, **packed)  # b, s_local, vocab (gathered over TP)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / count
         loss.backward()
     finally:
@@ -128,7 +146,7 @@ def forward_backward(model, inputs: torch.Tensor, labels: torch.Tensor, world: i
     out = {"logits": logits.detach(), "loss": loss.detach(), "embedding_grad": captured["embedding"].grad,
            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
     model.zero_grad(set_to_none=True)
-    token_loss = model(x, y)  # b, s_local, float32
+    token_loss = model(x, y, **packed)  # b, s_local, float32
     loss32 = token_loss.sum() / count
     loss32.backward()
     out.update(token_loss=token_loss.detach(), loss32=loss32.detach(),
@@ -153,14 +171,17 @@ def parity_worker(case: ParityCase, variants: tuple[Variant, ...] = ("exact",)) 
         reference = build_model(case, ProcessGroupCollection(tp=singles[rank], pp=singles[rank], cp=None))
         perturb(reference)
         inputs, labels = batch(case)
+        cu = case.cu_seqlens()
         tp_rank, cp_rank = tp_group.rank(), cp_group.rank()
         out = {"tp_rank": tp_rank, "cp_rank": cp_rank,
-               "ref": forward_backward(reference, inputs, labels, 1, 0) if rank == 0 else None}
+               "ref": forward_backward(reference, inputs, labels, 1, 0, cu) if rank == 0 else None}
         for variant in variants:
             core = LocalKeysAttention if variant == "local_keys" else TorchCoreAttention
             model = build_model(case, pgs, tp_size=case.tp, core_attention=core)
-            load_full_weights(model, reference, case.tp, tp_rank, "exact" if variant == "local_keys" else variant)
-            out[variant] = forward_backward(model, inputs, labels, case.cp, cp_rank)
+            layout = variant if variant in ("swapped_ranks", "stride_one") else "exact"
+            load_full_weights(model, reference, case.tp, tp_rank, layout)
+            out[variant] = forward_backward(model, inputs, labels, case.cp, cp_rank,
+                                            None if variant == "no_boundaries" else cu)
             out.setdefault("partitions", {n: tp_partition(p) for n, p in model.named_parameters()})
         return out
     finally:

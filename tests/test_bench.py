@@ -1,5 +1,5 @@
 """launch/bench.py: the --quick smoke run of every section (byte counts asserted exactly
-against the floor, timings never asserted), the GPU section's code on CPU, and the
+against the floor and, for generation caches, against 1/P; timings never asserted), the GPU section's code on CPU, and the
 measurement helpers on cases small enough to count by hand."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_quick_run_writes_every_section(quick_run):
     out, sections = quick_run
     text = (out / "bench.md").read_text()
     for title in ("Communication per rank", "Activation memory per rank", "Hyena vs attention (one process)",
-                  "CP efficiency (CPU)"):
+                  "CP efficiency (CPU)", "Generation: cached decoding and cache memory"):
         assert f"## {title}" in text
     for plot in ("comm_bytes.png", "memory_per_rank.png", "scaling_1d.png", "scaling_2d.png"):
         assert (out / plot).stat().st_size > 0
@@ -101,6 +101,28 @@ def test_quick_run_fsdp_shards_params_grads_and_adamw(quick_run):
             for key in ("params", "grads", "optimizer", "total"):
                 assert r["local"][key] <= 1.1 * base[key] / world, (label, world, key)
             assert per_mode["ddp"][world]["local"] == base and r["replicated"] == base, (label, world)
+
+
+def test_quick_run_generation_cache_bytes_are_one_over_p(quick_run):
+    """Exactly 1/P per rank (deterministic byte counts; timings only need to exist)."""
+    data = quick_run[1]["Generation: cached decoding and cache memory"].data
+    base = sum(data["bytes"]["1"][0].values())
+    assert set(data["bytes"]) == {"1", "2", "4"} and base > 0
+    for world, ranks in data["bytes"].items():
+        assert len(ranks) == int(world) and all(sum(r.values()) * int(world) == base for r in ranks), (world, ranks)
+    assert all(r["cached_s"] > 0 and r["naive_s"] > 0 for r in data["rates"])
+
+
+def test_quick_run_packing_section_times_every_document_count(quick_run):
+    """Timings are never asserted: the section measured each count, as a ratio to the unpacked layer."""
+    from hyena_cp.bench import packing
+
+    section = quick_run[1]["Packed sequences (one process)"]
+    rows = section.data["rows"]
+    assert [r["documents"] for r in rows] == [1, 4]
+    assert all(r["ratio"] > 0 and r["seconds"] > 0 for r in rows)
+    cu = packing.random_cu_seqlens(256, 4, seed=4)
+    assert cu[0] == 0 and cu[-1] == 256 and len(cu) == 5 and (cu.diff() > 0).all()
 
 
 def test_gpu_section_code_paths_on_cpu():

@@ -86,7 +86,7 @@ def run_mixer(case: Case, group=None) -> dict:
         y.backward(grad)
     return {"y": y.detach(), "dx": x.grad, "dcond": None if cond is None else cond.grad,
             "params": {n: p.grad for n, p in mixer.named_parameters()}, "bytes": stats.bytes_sent,
-            "by_op": dict(stats.by_op)}
+            "by_op": dict(stats.by_op), "calls": dict(stats.calls)}
 
 
 def worker_run(case: Case) -> dict:
@@ -132,6 +132,13 @@ def predicted_bytes(case: Case, world: int, rank: int) -> int:
     return comm_floor_bytes(case.shape, case.kernel, world, rank, torch.finfo(case.dtype).bits // 8)
 
 
+def predicted_calls(world: int, rank: int) -> dict[str, int]:
+    """Exactly 4 AllToAlls (z forward and back, then their adjoints) and one point-to-point
+    send per neighbour that needs a halo, forward (values) and backward (gradients); nothing else."""
+    sends = (rank < world - 1) + (rank > 0)  # 1-D zigzag and 2-D rows alike (see comm_floor_bytes)
+    return {"all_to_all": 4, **({"p2p": 2 * sends} if sends else {})}
+
+
 @pytest.mark.parametrize("name", ["1d_k3", "1d_k7_adaln", "2d_k3", "2d_k5_fp32_film"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_equal_the_floor(dist_run, name, world):
@@ -139,6 +146,7 @@ def test_bytes_sent_equal_the_floor(dist_run, name, world):
     results = dist_run(worker_run, world, case)
     for rank, r in enumerate(results):
         assert r["bytes"] == predicted_bytes(case, world, rank), (rank, r["by_op"])
+        assert r["calls"] == predicted_calls(world, rank), (rank, r["calls"])
 
 
 def test_a2a_mode_sends_twice_the_alltoall_bytes(dist_run):

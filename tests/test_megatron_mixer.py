@@ -76,7 +76,7 @@ def test_forward_contract_and_causality():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(inference_context=object()), "inference_context"),
-    (dict(packed_seq_params=object()), "packed_seq_params"),
+    (dict(packed_seq_params=object()), "packed_seq_params must be megatron's PackedSeqParams"),
 ])
 def test_unsupported_forward_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,7 +1,8 @@
 """Tensor x context parallel `MegatronHyenaMixer` (gloo, fp64) against the single-process
 mixer built from the same full weights: outputs, input grads and every parameter gradient
 (TP shards gathered with `unshard_tp`, CP-summed). Rank order is megatron's: tp innermost,
-then cp (``global = cp_rank * tp + tp_rank``)."""
+then cp (``global = cp_rank * tp + tp_rank``). Packed cases hand both mixers the same
+``PackedSeqParams`` (each document alone is tests/test_cp_packed_mixer.py's reference)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from megatron.core.transformer.spec_utils import build_module
 
 from hyena_cp.megatron import HyenaMixerConfig, get_hyena_layer_spec
 from hyena_cp.megatron.compat import ProcessGroupCollection, TransformerConfig, cpu_config_defaults
+from hyena_cp.megatron.packing import make_packed_seq_params
+from hyena_cp.ops.packing import concat_cu_seqlens
 from hyena_cp.parallel import shard, shard_tp, tp_partition, unshard, unshard_tp
 from references import rel_err
 
@@ -32,6 +35,13 @@ class Case:
     groups: str = "parallel_state"  # or "explicit": a ProcessGroupCollection built by hand
     norm: str | None = None  # on q * y; under TP its statistics span the TP ranks
     modes: tuple[str, str] = ("alltoall", "halo")  # cp_comm, short_conv_cp (the comparison modes too)
+    docs: tuple[tuple[int, ...], ...] | None = None  # packed: token counts of each row's documents
+
+    def packed(self) -> dict:
+        if self.docs is None:
+            return {}
+        rows = [torch.tensor([0, *torch.tensor(row).cumsum(0).tolist()]) for row in self.docs]
+        return {"packed_seq_params": make_packed_seq_params(concat_cu_seqlens(rows, self.seq))}
 
 
 def make_config(tp: int, cp: int) -> TransformerConfig:
@@ -66,10 +76,11 @@ def full_weights(case: Case, pg_collection) -> dict[str, torch.Tensor]:
     return {n: p.detach() + 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()}
 
 
-def forward_backward(model, x_full: torch.Tensor, w_full: torch.Tensor, cp: int, cp_rank: int) -> dict:
+def forward_backward(model, x_full: torch.Tensor, w_full: torch.Tensor, cp: int, cp_rank: int,
+                     packed: dict) -> dict:
     """This rank's zigzag shard through the mixer; loss share = <out, w> on the shard."""
     x = shard(x_full, 0, "zigzag", cp, cp_rank).clone().requires_grad_()  # never x_full itself (cp=1)
-    out, _ = model(x)
+    out, _ = model(x, **packed)
     (out * shard(w_full, 0, "zigzag", cp, cp_rank)).sum().backward()
     return {"out": out.detach(), "x_grad": x.grad, "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
             "partitions": {n: tp_partition(p) for n, p in model.named_parameters()}}
@@ -103,12 +114,12 @@ def worker(case: Case, wrong_stride: bool = False) -> dict:
         gen = torch.Generator().manual_seed(7)
         x = torch.randn(case.seq, case.batch, case.hidden, generator=gen, dtype=torch.float64)
         w = torch.randn(case.seq, case.batch, case.hidden, generator=gen, dtype=torch.float64)
-        out = forward_backward(seeded, x, w, case.cp, cp_rank)
+        out = forward_backward(seeded, x, w, case.cp, cp_rank, case.packed())
         out["seeded_weights"] = seeded_weights
         if rank == 0:
             ref_model = build_mixer(case, 1, 1, reference_groups)
             load_full(ref_model, full, 1, 0)
-            out["ref"] = forward_backward(ref_model, x, w, 1, 0)
+            out["ref"] = forward_backward(ref_model, x, w, 1, 0, case.packed())
             out["ref_seeded"] = {n: p.detach() for n, p in build_mixer(case, 1, 1, reference_groups).named_parameters()}
         return out
     finally:
@@ -152,10 +163,12 @@ def check_parity(results: list[dict], case: Case) -> dict[str, float]:
 
 CASES = [Case(tp=2, cp=1), Case(tp=1, cp=2), Case(tp=2, cp=2), Case(tp=1, cp=4), Case(tp=4, cp=1),
          Case(tp=2, cp=2, groups="explicit"), Case(tp=2, cp=1, norm="layernorm"), Case(tp=2, cp=2, norm="rmsnorm"),
-         Case(tp=2, cp=2, modes=("allgather", "a2a"))]
+         Case(tp=2, cp=2, modes=("allgather", "a2a")), Case(tp=2, cp=2, docs=((1, 7, 3, 12, 9), (17, 2, 13))),
+         Case(tp=2, cp=2, modes=("allgather", "a2a"), docs=((5, 1, 26), (2, 30)))]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"tp{c.tp}-cp{c.cp}-{c.groups}-{c.norm}-{'-'.join(c.modes)}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"tp{c.tp}-cp{c.cp}-{c.groups}-{c.norm}-{'-'.join(c.modes)}"
+                                                     f"{'-packed' if c.docs else ''}")
 def test_tp_cp_mixer_equals_single_process(dist_run, case):
     results = dist_run(worker, case.tp * case.cp, case)
     check_parity(results, case)

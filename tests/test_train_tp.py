@@ -59,7 +59,10 @@ def _batches(cp: int, tp: int) -> dict:
                              num_classes=3)
         lm = LanguageModeling(data=tokens, global_batch_size=4, groups=groups, seed=0)
         vision = ImageClassification(data=images, global_batch_size=4, groups=groups, seed=0)
-        return {"coords": (groups.dp_rank, groups.cp_rank, groups.tp_rank), "lm": [lm.batch(s) for s in (0, 1)],
+        lm_batches = [lm.batch(s) for s in (0, 1)]
+        assert all(b.cu_seqlens is None for b in lm_batches)  # unpacked data
+        return {"coords": (groups.dp_rank, groups.cp_rank, groups.tp_rank),
+                "lm": [(b.input_ids, b.labels) for b in lm_batches],
                 "vision": [vision.batch(s) for s in (0, 1)],
                 "global": [tokens.samples("train", lm.sampler.indices(s)) for s in (0, 1)]}
     finally:

@@ -84,11 +84,15 @@ def local_input(spec: LayerSpec, cp_group, *, device: torch.device | str = "cpu"
     return x.to(device=device, dtype=dtype).requires_grad_(True)
 
 
-def fwd_bwd(layer: nn.Module, x: torch.Tensor, cp_group=None) -> None:
-    """One training step's worth of layer work: forward, backward of ``sum(y)``, grads dropped."""
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, cp_group=None, cu_seqlens: torch.Tensor | None = None) -> None:
+    """One training step's worth of layer work: forward, backward of ``sum(y)``, grads dropped.
+    ``cu_seqlens``: packed documents (GLOBAL boundaries), passed to the layer when given."""
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    y = layer(x) if cp_group is None else layer(x, cp_group=cp_group)
+    kwargs = {} if cp_group is None else {"cp_group": cp_group}
+    if cu_seqlens is not None:
+        kwargs["cu_seqlens"] = cu_seqlens
+    y = layer(x, **kwargs)
     y.sum().backward()
 
 

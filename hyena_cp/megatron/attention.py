@@ -14,6 +14,12 @@ global position p sees keys 0..p. Memory: each attention layer keeps the gathere
 for backward, ``2 * L * b * ng * hn`` elements per rank (P times its own shard's); ring
 attention would avoid it at the cost of P steps.
 
+Packed sequences (``packed_seq_params``, `hyena_cp.megatron.packing`: GLOBAL boundaries over
+the b rows laid end to end, the whole sequence zigzag-sharded): a query sees only the keys of
+its own document (and, causal, at or before its position), `packed_attention_mask`; rotary
+positions restart at every document (`hyena_cp.megatron.rope`), so a packed document equals
+that document run alone. The K/V gather is unchanged.
+
 Tensor parallelism: megatron's ``SelfAttention`` splits heads over TP (its column-parallel
 qkv and row-parallel output projection run on CPU/gloo); the core attention receives the
 ``np/TP`` local heads and ``ng/TP`` local query groups and needs nothing else. Head counts
@@ -35,11 +41,14 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from hyena_cp.megatron.compat import AttnMaskType, MegatronModule, ProcessGroupCollection, TransformerConfig
-from hyena_cp.megatron.compat import resolve_cp_group
+from hyena_cp.megatron.compat import PackedSeqParams, resolve_cp_group
+from hyena_cp.megatron.packing import cu_seqlens_from, zigzag_rows
 from hyena_cp.megatron.rope import zigzag_positions
+from hyena_cp.ops.packing import check_cu_seqlens, document_ids
 from hyena_cp.parallel import all_gather_seq, from_rank_major, group_size, is_parallel
 
-__all__ = ["TorchCoreAttention", "check_attention_parallelism", "gather_zigzag_sequence", "zigzag_causal_mask"]
+__all__ = ["TorchCoreAttention", "check_attention_parallelism", "gather_zigzag_sequence", "packed_attention_mask",
+           "zigzag_causal_mask"]
 
 _CP_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask)
 
@@ -72,6 +81,19 @@ def zigzag_causal_mask(local_len: int, cp_group: ProcessGroup | None, device: to
     return k_pos[None, :] <= q_pos[:, None]
 
 
+def packed_attention_mask(cu_seqlens: Tensor, batch: int, local_len: int, cp_group: ProcessGroup | None,
+                          causal: bool, device: torch.device | None = None) -> Tensor:
+    """``[b, 1, s_local, L]`` bool, True where this rank's query (zigzag shard) may attend the key
+    at that GLOBAL position: the same document (GLOBAL ``cu_seqlens`` over the b rows laid end
+    to end) and, when ``causal``, key position <= query position."""
+    length = local_len * group_size(cp_group)
+    ids = document_ids(cu_seqlens.to(device), batch * length)  # b*L
+    keep = zigzag_rows(ids, batch, cp_group)[:, :, None] == ids.view(batch, 1, length)  # b, s_local, L
+    if causal:
+        keep &= zigzag_causal_mask(local_len, cp_group, device)
+    return keep[:, None]
+
+
 class TorchCoreAttention(MegatronModule):
     """Scaled dot-product attention as megatron's ``core_attention`` submodule, context parallel.
 
@@ -94,27 +116,33 @@ class TorchCoreAttention(MegatronModule):
         self.layer_number, self.attn_mask_type = layer_number, attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.kv_cache = None  # set during generation only: a `hyena_cp.megatron.kv_cache.KVCache`
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
-                packed_seq_params: object | None = None) -> Tensor:
+                packed_seq_params: PackedSeqParams | None = None) -> Tensor:
         """``query [s_local, b, np, hn]``, ``key``/``value [s_local, b, ng, hn]`` (ng divides np:
         GQA), this rank's zigzag shard -> context ``[s_local, b, np*hn]``. ``attention_mask``:
         megatron's bool mask, True = masked out (one process only); None with a causal mask
-        type means causal over GLOBAL positions."""
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("TorchCoreAttention supports neither attention_bias nor packed sequences; pass None")
+        type means causal over GLOBAL positions. ``packed_seq_params``: packed documents (see
+        the module docstring), the mask is then per document."""
+        if attention_bias is not None:
+            raise ValueError("TorchCoreAttention does not support attention_bias; pass None")
+        if self.kv_cache is not None:  # generation: a decode step, or a prefill that keeps K and V
+            if packed_seq_params is not None:
+                raise ValueError("generation does not take packed sequences (packed_seq_params): prompts are one "
+                                 "document per row; pass packed_seq_params=None")
+            if self.kv_cache.decoding:
+                return self.kv_cache.decode(query, key, value)
+            self.kv_cache.record(key, value)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        keep, is_causal = None, attention_mask is None and mask_type == AttnMaskType.causal
+        cu_seqlens = self._packed(packed_seq_params, attention_mask, mask_type, query)
         if is_parallel(self.cp_group):
             if attention_mask is not None or mask_type not in _CP_MASK_TYPES:
                 raise ValueError("under context parallelism TorchCoreAttention builds the causal mask from global "
                                  "positions: pass attention_mask=None with a causal or no_mask mask type")
             key, value = gather_zigzag_sequence(torch.stack([key, value], dim=1), self.cp_group).unbind(1)
-            keep = zigzag_causal_mask(query.shape[0], self.cp_group, query.device) if is_causal else None
-            is_causal = False
-        elif attention_mask is not None:
-            keep = ~attention_mask
+        keep, is_causal = self._mask(query, attention_mask, mask_type, cu_seqlens)
         rep = query.shape[2] // key.shape[2]
         q = rearrange(query, "s b n d -> b n s d")
         k, v = (rearrange(t, "s b g d -> b g s d").repeat_interleave(rep, dim=1) for t in (key, value))
@@ -122,6 +150,35 @@ class TorchCoreAttention(MegatronModule):
                                              dropout_p=self.dropout if self.training else 0.0,
                                              scale=self.softmax_scale)
         return rearrange(out, "b n s d -> s b (n d)")
+
+    def _packed(self, params: PackedSeqParams | None, attention_mask: Tensor | None, mask_type: AttnMaskType,
+                query: Tensor) -> Tensor | None:
+        """Validated GLOBAL ``cu_seqlens`` of ``params`` (None: unpacked); raises before the gather."""
+        world = group_size(self.cp_group)
+        cu_seqlens = cu_seqlens_from(params, where="TorchCoreAttention", cp_size=world, batch=query.shape[1],
+                                     allow_thd=False)
+        if cu_seqlens is None:
+            return None
+        if attention_mask is not None or mask_type not in _CP_MASK_TYPES:
+            raise ValueError("with packed_seq_params TorchCoreAttention builds the per-document mask itself: pass "
+                             "attention_mask=None with a causal or no_mask mask type")
+        length = query.shape[0] * world
+        check_cu_seqlens(cu_seqlens, query.shape[1] * length, length)
+        return cu_seqlens
+
+    def _mask(self, query: Tensor, attention_mask: Tensor | None, mask_type: AttnMaskType,
+              cu_seqlens: Tensor | None) -> tuple[Tensor | None, bool]:
+        """``(keep mask or None, is_causal)`` for ``scaled_dot_product_attention``."""
+        causal = mask_type == AttnMaskType.causal
+        if cu_seqlens is not None:
+            mask = packed_attention_mask(cu_seqlens, query.shape[1], query.shape[0], self.cp_group, causal,
+                                         query.device)
+            return mask, False
+        if attention_mask is not None:  # one process (refused under CP)
+            return ~attention_mask, False
+        if is_parallel(self.cp_group):  # the causal mask of GLOBAL positions
+            return (zigzag_causal_mask(query.shape[0], self.cp_group, query.device) if causal else None), False
+        return None, causal
 
 
 def _check_cp(config: TransformerConfig, attention_type: str, mask_type: AttnMaskType, cp_size: int) -> None:

@@ -54,6 +54,7 @@ import warnings
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, set_tensor_model_parallel_attributes
@@ -74,7 +75,7 @@ from hyena_cp.parallel import group_size
 
 __all__ = [
     "AttnMaskType", "ColumnParallelLinear", "LanguageModelEmbedding", "MEGATRON_VERSION", "MegatronModule",
-    "ModuleSpec", "ProcessGroupCollection", "RowParallelLinear",
+    "ModuleSpec", "PackedSeqParams", "ProcessGroupCollection", "RowParallelLinear",
     "SelfAttention", "SelfAttentionSubmodules", "TransformerBlock", "TransformerBlockSubmodules",
     "TransformerConfig", "TransformerLayer", "TransformerLayerSubmodules", "WrappedTorchNorm",
     "cpu_config_defaults", "get_bias_dropout_add", "mlp_submodule", "resolve_cp_group", "resolve_pg_collection",

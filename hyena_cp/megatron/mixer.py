@@ -25,6 +25,12 @@ every parameter between the full model and a TP rank; the implicit filter is rep
 the CP group: each rank convolves C/(T*P). Every parameter is initialised for the full
 width and then cut, so one seed gives the same full model at every TP size.
 Sequence parallelism is refused: megatron-core's SP gather allocates on CUDA.
+
+Packed sequences: megatron's ``packed_seq_params`` (``cu_seqlens_q``: GLOBAL document
+boundaries over the b rows laid end to end, the whole sequence zigzag-sharded over CP; see
+`hyena_cp.megatron.packing` for the layout and why) reaches the mixer through
+``TransformerLayer``; the short conv and the long conv then stop at every document start
+(`QKVSequenceMixer`), so a packed document equals that document run alone.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from torch import nn
 from hyena_cp.megatron.compat import (ColumnParallelLinear, MegatronModule, ProcessGroupCollection, RowParallelLinear,
                                       TransformerConfig, resolve_cp_group, resolve_tp_group,
                                       set_tensor_model_parallel_attributes)
+from hyena_cp.megatron.packing import cu_seqlens_from
 from hyena_cp.modules import Hyena, QKVSequenceMixer
 from hyena_cp.parallel import group_size
 
@@ -45,7 +52,8 @@ __all__ = ["HyenaMixerConfig", "MegatronHyenaMixer"]
 
 # Arguments TransformerLayer passes to self_attention that would change the result if Hyena
 # ignored them; the others (masks, rotary embeddings, attention bias) concern attention.
-_UNSUPPORTED_FORWARD_ARGS = ("inference_context", "inference_params", "packed_seq_params")
+# (packed_seq_params is one too, and is supported.)
+_UNSUPPORTED_FORWARD_ARGS = ("inference_context", "inference_params")
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ class MegatronHyenaMixer(MegatronModule):
         if self.tp_group is not None:
             self._mark_tp_sharded()
         self.mixer.to(dtype=config.params_dtype)
+        self.inference_cache = None  # set during generation only: a `hyena_cp.modules.inference.HyenaCache`
 
     def _mark_tp_sharded(self) -> None:
         """megatron's TP attributes on the mixer's own per-channel parameters (the linears set theirs)."""
@@ -195,20 +204,28 @@ class MegatronHyenaMixer(MegatronModule):
                 attention layers sharing the block).
             **kwargs: the rest of megatron's self-attention call (rotary embeddings,
                 attention bias, ...), which varies between megatron-core versions and is
-                ignored; a non-None ``inference_context`` or ``packed_seq_params`` raises.
+                ignored, except ``packed_seq_params`` (packed documents, see the module
+                docstring); a non-None ``inference_context`` raises.
 
         Returns:
             ``(output [s_local, b, h], None)``: no separate bias (it is added inside).
         """
         unsupported = sorted(k for k in _UNSUPPORTED_FORWARD_ARGS if kwargs.get(k) is not None)
         if unsupported:
-            raise ValueError(f"MegatronHyenaMixer does not support {unsupported} (no KV-cache inference or "
-                             f"packed sequences); pass None")
+            raise ValueError(f"MegatronHyenaMixer does not support {unsupported} (no KV-cache inference); pass None")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
             raise ValueError(f"hidden_states must be [s, b, h] with h=hidden_size={self.config.hidden_size}, "
                              f"got {tuple(hidden_states.shape)}")
+        cu_seqlens = cu_seqlens_from(kwargs.get("packed_seq_params"), where="MegatronHyenaMixer",
+                                     cp_size=group_size(self.cp_group), batch=hidden_states.shape[1], allow_thd=True)
         x = rearrange(hidden_states, "s b h -> b s h")
-        y = self.mixer(x, cp_group=self.cp_group)
+        if self.inference_cache is not None:  # generation: prefill of the prompt, or one decode step
+            if cu_seqlens is not None:
+                raise ValueError("generation does not take packed sequences (packed_seq_params): prompts are one "
+                                 "document per row; pass packed_seq_params=None")
+            y = self.inference_cache(x)
+        else:
+            y = self.mixer(x, cp_group=self.cp_group, cu_seqlens=cu_seqlens)
         return rearrange(y, "b s h -> s b h").contiguous(), None
 
     def flop_count(self, num_tokens: int, inference: bool = False) -> int:

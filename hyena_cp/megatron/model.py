@@ -25,6 +25,18 @@ the usual transformer baseline; table from GLOBAL positions of the zigzag shard,
 `hyena_cp.megatron.rope`); ``"none"`` gives NoPE attention. Hyena layers ignore it: their
 causal, position-indexed filters carry position. There is no learned absolute embedding.
 
+Generation: `HyenaLanguageModel.generate` (CP prefill of the prompt, then exact cached decoding
+under the same CP/TP groups; `hyena_cp.megatron.generation`, tested in tests/test_generation.py).
+
+Packed sequences: ``forward(..., cu_seqlens=...)`` (or megatron's ``packed_seq_params=``) with
+GLOBAL document boundaries ``[N+1]`` over the b rows laid end to end (every row end among
+them; b = 1 is megatron's THD convention), identical on every rank. The whole packed
+sequence is zigzag-sharded as usual (`hyena_cp.megatron.packing`: the layout and why). Every
+layer then keeps documents apart: Hyena's short and long convs restart at each document,
+attention masks per document and RoPE positions restart at 0 in each document, so a packed
+document's logits and losses equal that document run alone. Labels that would cross into
+the next document should be ``IGNORE_INDEX`` (the data's job: `hyena_cp.data.stdlib_text`).
+
 Tested in tests/test_megatron_lm.py (CP, Hyena and hybrids) and tests/test_megatron_lm_tp.py
 (TP and TP x CP), against single-process models built from the same full weights.
 """
@@ -38,19 +50,21 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.distributed import ProcessGroup
 
+from hyena_cp.data.stdlib_text import IGNORE_INDEX
 from hyena_cp.megatron.attention import TorchCoreAttention, check_attention_parallelism
-from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule,
+from hyena_cp.megatron.generation import generate
+from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule, PackedSeqParams,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
                                       check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
                                       resolve_pg_collection, vocab_parallel_cross_entropy)
 from hyena_cp.megatron.mixer import HyenaMixerConfig
-from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, rotary_pos_emb
+from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
+from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
+from hyena_cp.ops.packing import check_cu_seqlens, is_one_document_per_row
 from hyena_cp.parallel import gather_from_group, group_size
 
 __all__ = ["IGNORE_INDEX", "HyenaLanguageModel", "build_hyena_lm"]
-
-IGNORE_INDEX = -100  # label of tokens that get zero loss (padding), as torch's cross_entropy
 
 
 class HyenaLanguageModel(MegatronModule):
@@ -86,7 +100,7 @@ class HyenaLanguageModel(MegatronModule):
         self.cp_group, self.tp_group = resolve_cp_group(pg_collection), pg_collection.tp
         _check_parallelism(config, pattern, vocab_size, position_embedding, self.tp_group, group_size(self.cp_group))
         self.vocab_size, self.max_sequence_length, self.layer_pattern = vocab_size, max_sequence_length, pattern
-        self.position_embedding, self.rotary_base = position_embedding, rotary_base
+        self.position_embedding, self.rotary_base, self.core_attention = position_embedding, rotary_base, core_attention
         self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
                                                 max_sequence_length=max_sequence_length,
                                                 position_embedding_type="none", tp_group=self.tp_group)
@@ -98,7 +112,7 @@ class HyenaLanguageModel(MegatronModule):
                                                  tp_group=self.tp_group)
         self.to(dtype=config.params_dtype)  # megatron's WrappedTorchNorm ignores params_dtype
 
-    def _check(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def _check(self, input_ids: torch.Tensor, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
         """Every rank runs this before any collective."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a LongTensor [b, s_local], got {input_ids.dtype} "
@@ -114,17 +128,39 @@ class HyenaLanguageModel(MegatronModule):
         if world > 1 and input_ids.shape[1] % 2:
             raise ValueError(f"s_local={input_ids.shape[1]} must be even (zigzag: two chunks per rank); pad the "
                              f"global sequence to a multiple of 2*cp_size={2 * world}")
+        if cu_seqlens is None:
+            return
+        check_cu_seqlens(cu_seqlens, input_ids.shape[0] * length, length)
+        if "A" in self.layer_pattern and not issubclass(self.core_attention, TorchCoreAttention):
+            raise ValueError(f"packed sequences (cu_seqlens) need core_attention=TorchCoreAttention for the attention "
+                             f"layers, got {self.core_attention.__name__} (it would not see the whole-sequence zigzag "
+                             f"layout's document mask); pass cu_seqlens=None or build with TorchCoreAttention")
 
-    def rotary_pos_emb(self, local_len: int, device: torch.device | None = None) -> torch.Tensor | None:
+    def rotary_pos_emb(self, local_len: int, device: torch.device | None = None,
+                       cu_seqlens: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor | None:
         """The attention layers' rotary table for a local shard of ``local_len`` tokens
-        (``[s_local, 1, 1, kv_channels]``), or None (NoPE, or no attention layer)."""
+        (``[s_local, 1, 1, kv_channels]``; ``[s_local, b, 1, kv_channels]`` at each token's
+        position in its document for a packed batch of ``batch`` rows), or None (NoPE, or no
+        attention layer)."""
         if self.position_embedding == "none" or "A" not in self.layer_pattern:
             return None
         dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
-        return rotary_pos_emb(local_len, self.config.kv_channels, base=self.rotary_base, cp_group=self.cp_group,
-                              dtype=dtype, device=device)
+        common = dict(base=self.rotary_base, cp_group=self.cp_group, dtype=dtype, device=device)
+        if cu_seqlens is not None:
+            return document_rotary_pos_emb(cu_seqlens, batch, local_len, self.config.kv_channels, **common)
+        return rotary_pos_emb(local_len, self.config.kv_channels, **common)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def rotary_pos_emb_at(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The rotary table of tokens at GLOBAL ``positions [s]`` (``[s, 1, 1, kv_channels]``), or None
+        (generation: one decode step's position)."""
+        if self.position_embedding == "none" or "A" not in self.layer_pattern:
+            return None
+        dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
+        return rotary_angles(positions, self.config.kv_channels, self.rotary_base).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
         """Logits or per-token losses of this rank's shard.
 
         Args:
@@ -132,20 +168,43 @@ class HyenaLanguageModel(MegatronModule):
                 without CP); the same on every TP rank.
             labels: ``[b, s_local]`` next-token ids in the same layout, ``IGNORE_INDEX`` for
                 tokens without loss; or None.
+            cu_seqlens: packed documents: integer ``[N+1]`` cumulative GLOBAL document lengths
+                over the b rows laid end to end (0 first, ``b*s_local*cp`` last, every row end
+                among them), identical on every rank; or None (one document per row).
+            packed_seq_params: megatron's ``PackedSeqParams`` instead of ``cu_seqlens`` (its
+                ``cu_seqlens_q``; see `hyena_cp.megatron.packing` for the formats accepted).
 
         Returns:
             logits ``[b, s_local, vocab]`` (the full vocabulary, gathered over TP) when
             ``labels`` is None, else per-token cross-entropy ``[b, s_local]`` in float32 (0
             where ``labels == IGNORE_INDEX``), equal on every TP rank.
         """
-        self._check(input_ids, labels)
+        if packed_seq_params is not None:
+            if cu_seqlens is not None:
+                raise ValueError("pass the document boundaries once: cu_seqlens or packed_seq_params, not both")
+            cu_seqlens = cu_seqlens_from(packed_seq_params, where="HyenaLanguageModel", batch=input_ids.shape[0],
+                                         cp_size=group_size(self.cp_group), allow_thd=True)
+        self._check(input_ids, labels, cu_seqlens)
+        batch, length = input_ids.shape[0], input_ids.shape[1] * group_size(self.cp_group)
+        if cu_seqlens is not None and is_one_document_per_row(cu_seqlens, batch * length, length):
+            cu_seqlens = None  # the documents are the rows: nothing to mask
+        packed = None if cu_seqlens is None else make_packed_seq_params(cu_seqlens.to(input_ids.device))
         hidden = self.embedding(input_ids=input_ids, position_ids=None)  # s, b, h
-        hidden = self.decoder(hidden_states=hidden, attention_mask=None,
-                              rotary_pos_emb=self.rotary_pos_emb(input_ids.shape[1], input_ids.device))
+        rotary = (self.rotary_pos_emb(input_ids.shape[1], input_ids.device) if cu_seqlens is None else
+                  self.rotary_pos_emb(input_ids.shape[1], input_ids.device, cu_seqlens=cu_seqlens, batch=batch))
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
+                              packed_seq_params=packed)
         logits, _ = self.output_layer(hidden)  # s, b, vocab/tp
         if labels is None:
             return rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v")
         return rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s")
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue the GLOBAL prompts ``input_ids [b, s]`` (equal lengths, the same on every rank)
+        by ``max_new_tokens`` tokens under this model's CP and TP groups -> ``[b, s + max_new_tokens]``
+        on every rank. ``temperature=0`` is greedy. See `hyena_cp.megatron.generation.generate`."""
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
 
     def _token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits [s, b, vocab/tp]``, ``target [s, b]`` -> float32 loss ``[s, b]``."""

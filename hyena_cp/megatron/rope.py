@@ -12,16 +12,24 @@ CPU with ``apply_rope_fusion=False``; Hyena layers ignore it.
 Format (``RotaryEmbedding.get_emb`` with ``rotary_interleaved=False``, ``rotary_percent=1``):
 ``[s_local, 1, 1, dim]`` angles ``cat(freqs, freqs)``, ``freqs[t, i] = pos[t] * base^(-2i/dim)``,
 so rotation pairs are ``(i, i + dim/2)``. Angles are computed in float64 and cast once.
+
+Packed sequences: `document_rotary_pos_emb` gives every token its position IN ITS DOCUMENT
+(0 at each document start, what megatron's THD path does), as a ``[s_local, b, 1, dim]``
+table (rows may hold different documents); megatron's unfused ``[s, b, n, d]`` rotation
+broadcasts it over heads, so a packed document is rotated exactly as if it ran alone.
 """
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from hyena_cp.megatron.packing import zigzag_rows
+from hyena_cp.ops.packing import document_positions
 from hyena_cp.parallel import group_rank, group_size, shard
 
-__all__ = ["POSITION_EMBEDDINGS", "rotary_angles", "rotary_pos_emb", "zigzag_positions"]
+__all__ = ["POSITION_EMBEDDINGS", "document_rotary_pos_emb", "rotary_angles", "rotary_pos_emb", "zigzag_positions"]
 
 POSITION_EMBEDDINGS = ("rope", "none")
 
@@ -46,3 +54,14 @@ def rotary_pos_emb(local_len: int, dim: int, *, base: float, cp_group: ProcessGr
                    dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
     """The rotary table of this rank's zigzag shard: ``[s_local, 1, 1, dim]`` in ``dtype``."""
     return rotary_angles(zigzag_positions(local_len, cp_group, device), dim, base).to(dtype)
+
+
+def document_rotary_pos_emb(cu_seqlens: Tensor, batch: int, local_len: int, dim: int, *, base: float,
+                            cp_group: ProcessGroup | None, dtype: torch.dtype = torch.float32,
+                            device: torch.device | None = None) -> Tensor:
+    """The rotary table ``[s_local, b, 1, dim]`` of this rank's zigzag shard of a packed batch:
+    each token at its offset in its document (GLOBAL ``cu_seqlens`` over the b rows laid end to end)."""
+    length = local_len * group_size(cp_group)
+    positions = zigzag_rows(document_positions(cu_seqlens.to(device), batch * length), batch, cp_group)  # b, s_local
+    angles = rotary_angles(positions.flatten(), dim, base)  # (b s), 1, 1, dim
+    return rearrange(angles, "(b s) 1 1 d -> s b 1 d", b=batch).to(dtype)

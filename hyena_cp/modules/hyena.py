@@ -14,6 +14,12 @@ filter is tiny and REPLICATED on every TP rank; each TP rank builds only the fil
 own groups, and the filter's parameters pass through `copy_to_group` (one all-reduce of
 their gradients in backward) so every TP replica holds the whole filter gradient — the
 same gradient the single-process operator computes.
+
+Packed sequences (1-D, ``cu_seqlens``: GLOBAL document boundaries over the B rows laid end to
+end, `hyena_cp.ops.packing`): the long conv restarts at every document. Under CP it runs
+after the AllToAll on the full sequence, in natural order, of a channel block, so the
+per-document conv is local there and needs no extra communication: the same two AllToAlls
+move the same bytes whatever the boundaries.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from hyena_cp import flops
 from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv2d, fft_size
 from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d
+from hyena_cp.ops.packing import check_cu_seqlens
 from hyena_cp.parallel import (all_gather_seq, channel_to_seq, copy_to_group, from_rank_major, group_rank,
                                group_size, seq_to_channel, shard)
 
@@ -108,20 +115,35 @@ class Hyena(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} must be divisible by tp_size*cp_size={tp}*{world} (filter "
                              f"groups are never split across ranks); set num_heads to a multiple of {tp * world}")
 
-    def long_conv(self, z: torch.Tensor, channels: slice) -> torch.Tensor:
+    def check_packing(self, cu_seqlens: torch.Tensor | None, batch: int, global_len: int) -> None:
+        """Raise ``ValueError`` (before any collective) unless ``cu_seqlens`` is None or valid
+        boundaries of ``batch`` rows of ``global_len`` tokens (1-D only)."""
+        if cu_seqlens is None:
+            return
+        if self.spatial_dims != 1:
+            raise ValueError("cu_seqlens (packed sequences) is for 1-D Hyena; a 2-D grid has no documents: "
+                             "pass cu_seqlens=None")
+        check_cu_seqlens(cu_seqlens, batch * global_len, global_len)
+
+    def long_conv(self, z: torch.Tensor, channels: slice, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """FFT long conv of the FULL sequence/grid of a channel block.
 
         Args:
             z: ``[B, C_blk, L]`` or ``[B, C_blk, H, W]`` (global sequence, this block's channels).
             channels: which of this TP rank's ``local_dim`` channels ``z`` holds (a contiguous
                 block aligned to filter groups); only their filters are built.
+            cu_seqlens: 1-D packed documents (GLOBAL, validated), each convolved alone.
         """
+        k = self.build_filter(tuple(z.shape[2:]), self.filter_groups(channels))  # G_blk, L  or  G_blk, 2H-1, 2W-1
+        if self.spatial_dims == 2:
+            return fft_conv2d(z, k, self.skip[channels])
+        return fft_causal_conv1d(z, k, self.skip[channels], cu_seqlens=cu_seqlens)
+
+    def filter_groups(self, channels: slice) -> slice:
+        """The filter groups of a block of this TP rank's local channels (aligned to groups)."""
         per_group = self.hidden_dim // self.num_heads
         first, last = self.channel_offset + channels.start, self.channel_offset + channels.stop  # global channels
-        groups = slice(first // per_group, last // per_group)
-        k = self.build_filter(tuple(z.shape[2:]), groups)  # G_blk, L  or  G_blk, 2H-1, 2W-1
-        conv = fft_causal_conv1d if self.spatial_dims == 1 else fft_conv2d
-        return conv(z, k, self.skip[channels])
+        return slice(first // per_group, last // per_group)
 
     def build_filter(self, spatial: tuple[int, ...], groups: slice) -> torch.Tensor:
         """The long filters of ``groups`` for a global size ``(L,)`` or ``(H, W)``.
@@ -148,27 +170,31 @@ class Hyena(nn.Module):
         return {name: piece.view_as(p) for name, piece, p in zip(names, pieces, params)}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp_group=None,
-                sharded: Sharding = "sequence", mask: torch.Tensor | None = None) -> torch.Tensor:
+                sharded: Sharding = "sequence", mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """``q, k, v``: ``[B, C, L_local]`` (1-D, zigzag shard) or ``[B, C, H_local, W]`` (2-D, row
         block) when ``sharded="sequence"``; with ``sharded="channel"`` they already hold the
         full sequence of this rank's channel block ``[B, C/P, L]`` / ``[B, C/P, H, W]``.
         Under TP, C is this rank's ``local_dim`` channels.
         ``mask`` (1 = real token, 0 = padding), broadcastable to ``z`` in the same layout,
         zeroes padded positions of ``z`` so the long conv never carries them to real tokens.
+        ``cu_seqlens`` (1-D): packed documents ``[N+1]``, GLOBAL boundaries over the B rows laid
+        end to end, the same on every rank; the long conv restarts at each document.
         Returns ``q * (h * z + D z)`` in the same layout as ``q``."""
         world, rank = group_size(cp_group), group_rank(cp_group)
         global_spatial = tuple(q.shape[2:]) if sharded == "channel" else (q.shape[2] * world, *q.shape[3:])
         self.check_input(global_spatial, world)
+        self.check_packing(cu_seqlens, q.shape[0], global_spatial[0])
         block = self.local_dim // world
         channels = slice(rank * block, (rank + 1) * block)  # of this TP rank's local channels
         z = k * v if mask is None else k * v * mask
         if sharded == "channel" or world == 1:
-            return q * self.long_conv(z, channels)
+            return q * self.long_conv(z, channels, cu_seqlens)
         if self.cp_comm == "allgather":
-            return q * self._long_conv_allgather(z, cp_group)
+            return q * self._long_conv_allgather(z, cp_group, cu_seqlens)
         if self.spatial_dims == 1:
             y = seq_to_channel(z, cp_group, "zigzag")  # B, C/P, L
-            y = channel_to_seq(self.long_conv(y, channels), cp_group, "zigzag")  # B, C, L/P
+            y = channel_to_seq(self.long_conv(y, channels, cu_seqlens), cp_group, "zigzag")  # B, C, L/P
             return q * y
         width = z.shape[-1]
         y = seq_to_channel(rearrange(z, "b c h w -> b c (h w)"), cp_group, "rows")  # B, C/P, H*W
@@ -176,12 +202,12 @@ class Hyena(nn.Module):
         y = channel_to_seq(rearrange(y, "b c h w -> b c (h w)"), cp_group, "rows")  # B, C, H/P*W
         return q * rearrange(y, "b c (h w) -> b c h w", w=width)
 
-    def _long_conv_allgather(self, z: torch.Tensor, cp_group) -> torch.Tensor:
+    def _long_conv_allgather(self, z: torch.Tensor, cp_group, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """Baseline: gather the full ``z`` on every rank, convolve all C channels, keep the
         local positions. ``z``: this rank's shard ``[B, C, L_loc]`` / ``[B, C, H_loc, W]``."""
         world, rank = group_size(cp_group), group_rank(cp_group)
         full = from_rank_major(all_gather_seq(z, 2, cp_group), 2, self.layout, world)  # B, C, L / B, C, H, W
-        y = self.long_conv(full, slice(0, self.local_dim))
+        y = self.long_conv(full, slice(0, self.local_dim), cu_seqlens)
         return shard(y, 2, self.layout, world, rank)
 
     def flop_count(self, spatial: tuple[int, ...]) -> dict[str, float]:

@@ -14,6 +14,18 @@ row-parallel linears): ``in_proj`` maps C -> ``[q_t; k_t; v_t]`` (3C/T, this ran
 each) and ``out_proj`` maps C/T -> C, summing over the TP group. The short conv holds the
 depthwise weights of the same channels, ``[q_t; k_t; v_t]`` of the full ``[q; k; v]`` weight
 (`hyena_cp.parallel.shard_tp` with stride 3).
+
+Packed sequences (1-D): ``forward(x, cu_seqlens=...)`` with GLOBAL document boundaries ``[N+1]``
+over the B rows laid end to end (`hyena_cp.ops.packing`; with B = 1 the flash-attention /
+megatron THD convention), identical on every rank. No output depends on another document:
+the short conv's taps, halo taps included, stop at a document start (found from each
+token's offset in its document: the halo exchange itself is unchanged), and the long conv
+restarts at each document (`hyena_cp.modules.hyena`). Under CP the zigzag layout is the
+WHOLE sequence's, whatever the boundaries: documents straddle chunks and ranks freely.
+Neither the halos nor the AllToAlls depend on the boundaries, so packing adds no
+communication. A document sees the filter from tap 0 exactly as if run alone when the filter
+has absolute positions (``Hyena(max_len=...)``); with length-relative filters it sees the
+prefix of the filter of the packed length.
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ from hyena_cp import flops
 from hyena_cp.modules.conditioning import broadcast_tokens, build_conditioning
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.norm import build_norm
+from hyena_cp.ops.packing import document_positions, is_one_document_per_row
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
 from hyena_cp.parallel import (causal_halo_1d, channel_to_seq, group_rank, group_size, row_halo_2d,
                                seq_to_channel, shard, shard_tp)
@@ -107,7 +120,8 @@ class QKVSequenceMixer(nn.Module):
         return conv
 
     # ------------------------------------------------------------------ checks
-    def _check(self, x: torch.Tensor, conditioning: torch.Tensor | None, world: int) -> None:
+    def _check(self, x: torch.Tensor, conditioning: torch.Tensor | None, world: int,
+               cu_seqlens: torch.Tensor | None) -> None:
         """Every rank runs this before any collective, so bad input raises everywhere."""
         shape = "[B, L, C]" if self.spatial_dims == 1 else "[B, H, W, C]"
         if x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.hidden_dim:
@@ -120,6 +134,7 @@ class QKVSequenceMixer(nn.Module):
             raise ValueError(f"conditioning must be [B, cond_dim] with B={x.shape[0]}, got {tuple(conditioning.shape)}")
         local = x.shape[1]
         self.hyena.check_input((local * world, *x.shape[2:-1]), world)
+        self.hyena.check_packing(cu_seqlens, x.shape[0], local * world)
         if world == 1:
             return
         k = self.short_kernel_size
@@ -146,8 +161,9 @@ class QKVSequenceMixer(nn.Module):
         b = None if b is None else b.reshape(3, self.local_dim)[:, channels].flatten()
         return w, b
 
-    def _short_conv_local(self, u: torch.Tensor, cp_group) -> torch.Tensor:
-        """``u``: this rank's sequence shard ``[B, 3C, L_loc]`` / ``[B, 3C, H_loc, W]``; halo exchange."""
+    def _short_conv_local(self, u: torch.Tensor, cp_group, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``u``: this rank's sequence shard ``[B, 3C, L_loc]`` / ``[B, 3C, H_loc, W]``; halo exchange.
+        ``positions`` (1-D, packed): ``[B, L_loc]`` offset of each local token in its document."""
         w, b = self._short_conv_weights(None)
         world, k = group_size(cp_group), self.short_kernel_size
         if self.spatial_dims == 2:
@@ -156,17 +172,21 @@ class QKVSequenceMixer(nn.Module):
             above, below = row_halo_2d(u, k // 2, cp_group)
             return depthwise_conv2d_same(u, w, b, above, below)
         if world == 1 or k == 1:
-            return causal_depthwise_conv1d(u, w, b)
+            return causal_depthwise_conv1d(u, w, b, positions=positions)
         halos = causal_halo_1d(u, k - 1, cp_group)  # B, 3C, 2, K-1
         chunks = rearrange(u, "b c (n l) -> (b n) c l", n=2)  # the two zigzag chunks
-        y = causal_depthwise_conv1d(chunks, w, b, rearrange(halos, "b c n k -> (b n) c k"))
+        if positions is not None:
+            positions = rearrange(positions, "b (n l) -> (b n) l", n=2)
+        y = causal_depthwise_conv1d(chunks, w, b, rearrange(halos, "b c n k -> (b n) c k"), positions)
         return rearrange(y, "(b n) c l -> b c (n l)", n=2)
 
-    def _short_conv_full(self, u: torch.Tensor, channels: slice) -> torch.Tensor:
-        """``u``: full sequence of a channel block of q, k, v ``[B, 3*C_blk, L]`` / ``[B, 3*C_blk, H, W]``."""
+    def _short_conv_full(self, u: torch.Tensor, channels: slice, positions: torch.Tensor | None) -> torch.Tensor:
+        """``u``: full sequence of a channel block of q, k, v ``[B, 3*C_blk, L]`` / ``[B, 3*C_blk, H, W]``;
+        ``positions`` (1-D, packed): ``[B, L]`` offset of each token in its document."""
         w, b = self._short_conv_weights(channels)
-        conv = causal_depthwise_conv1d if self.spatial_dims == 1 else depthwise_conv2d_same
-        return conv(u, w, b)
+        if self.spatial_dims == 2:
+            return depthwise_conv2d_same(u, w, b)
+        return causal_depthwise_conv1d(u, w, b, positions=positions)
 
     # ---------------------------------------------------------------- forward
     def _valid_mask(self, spatial: tuple[int, ...], num_valid: int | None, cp_group, full: bool,
@@ -180,8 +200,18 @@ class QKVSequenceMixer(nn.Module):
             positions = shard(positions, 0, self.hyena.layout, world, group_rank(cp_group))
         return (positions < num_valid).to(like.dtype).reshape(spatial)
 
+    def _document_positions(self, cu_seqlens: torch.Tensor | None, batch: int, length: int, cp_group,
+                            full: bool) -> torch.Tensor | None:
+        """``[B, L_local]`` (``[B, L]`` when ``full``) offset of each token in its document, for
+        a GLOBAL length ``length``; None without packing."""
+        if cu_seqlens is None:
+            return None
+        world = 1 if full else group_size(cp_group)
+        positions = document_positions(cu_seqlens, batch * length).view(batch, length)  # B, L (natural order)
+        return positions if world == 1 else shard(positions, 1, "zigzag", world, group_rank(cp_group))
+
     def forward(self, x: torch.Tensor, *, conditioning: torch.Tensor | None = None, cp_group=None,
-                num_valid_tokens: int | None = None) -> torch.Tensor:
+                num_valid_tokens: int | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Mix tokens.
 
         Args:
@@ -191,22 +221,30 @@ class QKVSequenceMixer(nn.Module):
             cp_group: context-parallel process group, or None for one process.
             num_valid_tokens: tokens at global row-major position >= this are padding; they
                 are zeroed before the short and the long conv so they never reach real tokens.
+            cu_seqlens: 1-D packed documents: integer ``[N+1]``, cumulative GLOBAL document
+                lengths over the B rows laid end to end (0 first, B*L last, every row end
+                b*L among them), the same on every rank; see the module docstring.
 
         Returns:
             Same shape as ``x``.
         """
         world = group_size(cp_group)
-        self._check(x, conditioning, world)
+        self._check(x, conditioning, world, cu_seqlens)
         spatial = tuple(x.shape[1:-1])
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(x.device)
+            if is_one_document_per_row(cu_seqlens, x.shape[0] * spatial[0] * world, spatial[0] * world):
+                cu_seqlens = None  # the documents are the rows: the plain path is exact and cheaper
         u = _project(self.in_proj, x)
         u = rearrange(u, "b l c -> b c l") if self.spatial_dims == 1 else rearrange(u, "b h w c -> b c h w")
         if self.short_conv_cp == "a2a" and world > 1:
-            y = self._forward_a2a(u, cp_group, num_valid_tokens)
+            y = self._forward_a2a(u, cp_group, num_valid_tokens, cu_seqlens)
         else:
             mask = self._valid_mask(spatial, num_valid_tokens, cp_group, False, u)
             u = u if mask is None else u * mask
-            q, k, v = self._short_conv_local(u, cp_group).chunk(3, dim=1)
-            y = self.hyena(q, k, v, cp_group=cp_group, mask=mask)
+            positions = self._document_positions(cu_seqlens, x.shape[0], spatial[0] * world, cp_group, False)
+            q, k, v = self._short_conv_local(u, cp_group, positions).chunk(3, dim=1)
+            y = self.hyena(q, k, v, cp_group=cp_group, mask=mask, cu_seqlens=cu_seqlens)
         y = rearrange(y, "b c l -> b l c") if self.spatial_dims == 1 else rearrange(y, "b c h w -> b h w c")
         y = self.norm(y)
         if self.cond is None:
@@ -215,7 +253,8 @@ class QKVSequenceMixer(nn.Module):
         out = _project(self.out_proj, y * broadcast_tokens(scale, y) + broadcast_tokens(shift, y))
         return out if gate is None else out * broadcast_tokens(gate, out)
 
-    def _forward_a2a(self, u: torch.Tensor, cp_group, num_valid: int | None) -> torch.Tensor:
+    def _forward_a2a(self, u: torch.Tensor, cp_group, num_valid: int | None,
+                     cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """Comparison mode: swap q, k, v to channel shards, run everything on the full sequence."""
         world, rank = group_size(cp_group), group_rank(cp_group)
         block = self.local_dim // world
@@ -227,8 +266,9 @@ class QKVSequenceMixer(nn.Module):
         u = u.reshape(u.shape[0], 3 * block, *full)
         mask = self._valid_mask(full, num_valid, cp_group, True, u)
         u = u if mask is None else u * mask
-        q, k, v = self._short_conv_full(u, channels).chunk(3, dim=1)
-        y = self.hyena(q, k, v, cp_group=cp_group, sharded="channel", mask=mask)  # B, C/P, *full
+        positions = self._document_positions(cu_seqlens, u.shape[0], full[0], cp_group, True)
+        q, k, v = self._short_conv_full(u, channels, positions).chunk(3, dim=1)
+        y = self.hyena(q, k, v, cp_group=cp_group, sharded="channel", mask=mask, cu_seqlens=cu_seqlens)  # B, C/P, *full
         y = channel_to_seq(y.flatten(2), cp_group, self.hyena.layout)  # B, C, S_loc
         return y.reshape(y.shape[0], self.local_dim, *spatial_local)
 

@@ -17,6 +17,7 @@ def causal_depthwise_conv1d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     left_context: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal depthwise conv: ``y[t] = sum_j weight[:, j] * x[t - (K-1) + j] + bias``.
 
@@ -30,6 +31,10 @@ def causal_depthwise_conv1d(
         bias: ``[C]`` or None.
         left_context: ``[N, C, K-1]`` the K-1 tokens preceding ``x`` (a halo), or None
             for zeros (the start of the sequence).
+        positions: packed documents: ``[N, L]`` integer offset of each output token in its
+            document (`hyena_cp.ops.packing.document_positions`), or None (one document).
+            The tap looking ``s`` tokens back is then used only where ``positions >= s``:
+            taps, halo included, stop at a document start, as if the document ran alone.
 
     Returns:
         ``[N, C, L]`` (contiguous), in ``x``'s dtype.
@@ -37,7 +42,10 @@ def causal_depthwise_conv1d(
     dtype = x.dtype
     bias = None if bias is None else bias.to(dtype)
     left_context = None if left_context is None else left_context.to(dtype)
-    return _CausalDepthwiseConv1d.apply(x.contiguous(), weight.to(dtype), bias, left_context)
+    if positions is not None and positions.shape != (x.shape[0], x.shape[-1]):
+        raise ValueError(f"positions must be [N, L] = {(x.shape[0], x.shape[-1])} like x [N, C, L], "
+                         f"got {tuple(positions.shape)}")
+    return _CausalDepthwiseConv1d.apply(x.contiguous(), weight.to(dtype), bias, left_context, positions)
 
 
 def _shifted_taps(kernel: int, length: int):
@@ -47,13 +55,52 @@ def _shifted_taps(kernel: int, length: int):
         yield shift, kernel - 1 - shift, min(shift, length)
 
 
+class _CrossTaps:
+    """The (output, tap) pairs of a packed conv whose input lies before the output's document
+    start (``positions[n, t] < shift``): a few per document, whatever the length. The conv runs
+    unmasked and these terms are subtracted again, so packing costs O(documents * K^2 * C)
+    instead of a masking pass over the whole sequence per tap. ``seq`` holds the pairs that read
+    ``x`` (``src = t - shift >= 0``), ``halo`` those that read the halo (``src`` = its index),
+    each as ``(n, t, j, src)`` index tensors (``weight[:, j]`` is the tap)."""
+
+    def __init__(self, positions: torch.Tensor, kernel: int):
+        shifts = torch.arange(1, kernel, device=positions.device)
+        n, t, s = (positions[..., None] < shifts).nonzero(as_tuple=True)  # s: shift - 1
+        shift = s + 1
+        src, j = t - shift, kernel - 1 - shift
+        inside = src >= 0
+        self.seq = (n[inside], t[inside], j[inside], src[inside])
+        self.halo = (n[~inside], t[~inside], j[~inside], src[~inside] + kernel - 1)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, L] -> [N, L, C]`` view: one (n, t) index pair picks a token's C channels."""
+    return x.transpose(1, 2)
+
+
+def _subtract_taps(out: torch.Tensor, n: torch.Tensor, t: torch.Tensor, src: torch.Tensor, j: torch.Tensor,
+                   source: torch.Tensor, weight: torch.Tensor) -> None:
+    """``out[n, :, t] -= weight[:, j] * source[n, :, src]`` for every pair, in place (pairs may repeat)."""
+    if n.numel():
+        _tokens(out).index_put_((n, t), -_tokens(source)[n, src] * weight[:, j].t(), accumulate=True)
+
+
+def _subtract_tap_grads(grad_w: torch.Tensor, n: torch.Tensor, t: torch.Tensor, src: torch.Tensor,
+                        j: torch.Tensor, grad: torch.Tensor, source: torch.Tensor) -> None:
+    """``grad_w[:, j] -= sum(grad[n, :, t] * source[n, :, src])`` over the pairs, in place."""
+    if n.numel():
+        grad_w.t().index_add_(0, j, -(_tokens(grad)[n, t] * _tokens(source)[n, src]))
+
+
 class _CausalDepthwiseConv1d(torch.autograd.Function):
     """``causal_depthwise_conv1d`` with its backward written out: the gradient of x is the
     same taps run anti-causally, that of each tap a per-channel dot product of shifted
-    sequences; autograd through in-place slice updates would copy the full gradient per tap."""
+    sequences; autograd through in-place slice updates would copy the full gradient per tap.
+    Packed documents: the cross-document terms (`_CrossTaps`) are subtracted after the
+    unmasked conv, and their adjoints after the unmasked backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, left_context):
+    def forward(ctx, x, weight, bias, left_context, positions):
         kernel, length = weight.shape[1], x.shape[-1]
         last = weight[:, -1:]
         y = x * last if bias is None else torch.addcmul(bias[:, None], x, last)
@@ -63,23 +110,31 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
                 y[..., shift:].addcmul_(x[..., :length - shift], tap)
             if left_context is not None:
                 y[..., :n].addcmul_(left_context[..., j:j + n], tap)
+        cross = None if positions is None else _CrossTaps(positions, kernel)
+        if cross is not None:
+            n, t, j, src = cross.seq
+            _subtract_taps(y, n, t, src, j, x, weight)
+            if left_context is not None:
+                n, t, j, src = cross.halo
+                _subtract_taps(y, n, t, src, j, left_context, weight)
         ctx.save_for_backward(x, weight, left_context)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.cross = bias is not None, cross
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, left_context = ctx.saved_tensors
         grad = grad.contiguous()
-        kernel, length = weight.shape[1], x.shape[-1]
-        need_x, need_w, need_b, need_halo = ctx.needs_input_grad
+        kernel, length, cross = weight.shape[1], x.shape[-1], ctx.cross
+        need_x, need_w, need_b, need_halo, _ = ctx.needs_input_grad
+        need_halo = need_halo and left_context is not None
         grad_x = grad_w = grad_b = grad_halo = None
         if need_x:
             grad_x = grad * weight[:, -1:]
             for shift, j, _ in _shifted_taps(kernel, length):
                 if shift < length:
                     grad_x[..., :length - shift].addcmul_(grad[..., shift:], weight[:, j, None])
-        if need_halo and left_context is not None:
+        if need_halo:
             grad_halo = torch.zeros_like(left_context)
             for _, j, n in _shifted_taps(kernel, length):
                 grad_halo[..., j:j + n].addcmul_(grad[..., :n], weight[:, j, None])
@@ -87,13 +142,26 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
             grad_w = torch.empty_like(weight)
             grad_w[:, -1] = (grad * x).sum((0, 2))
             for shift, j, n in _shifted_taps(kernel, length):
-                tap = (grad[..., shift:] * x[..., :length - shift]).sum((0, 2))
+                tap = grad.new_zeros(weight.shape[0])
+                if shift < length:  # a sequence shorter than the tap reads it only from the halo
+                    tap += (grad[..., shift:] * x[..., :length - shift]).sum((0, 2))
                 if left_context is not None:
                     tap += (grad[..., :n] * left_context[..., j:j + n]).sum((0, 2))
                 grad_w[:, j] = tap
+        if cross is not None:  # the adjoints of the subtracted cross-document terms
+            n, t, j, src = cross.seq
+            if need_x:
+                _subtract_taps(grad_x, n, src, t, j, grad, weight)
+            if need_w:
+                _subtract_tap_grads(grad_w, n, t, src, j, grad, x)
+            n, t, j, src = cross.halo
+            if need_halo:
+                _subtract_taps(grad_halo, n, src, t, j, grad, weight)
+            if need_w and left_context is not None:
+                _subtract_tap_grads(grad_w, n, t, src, j, grad, left_context)
         if need_b and ctx.has_bias:
             grad_b = grad.sum((0, 2))
-        return grad_x, grad_w, grad_b, grad_halo
+        return grad_x, grad_w, grad_b, grad_halo, None
 
 
 def depthwise_conv2d_same(

@@ -56,9 +56,27 @@ def _picklable_error(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+def _live_groups() -> set:
+    """Every process group this process holds (WORLD included). torch has no public list, so
+    read c10d's registry; an empty set (no cleanup) if a torch version moves it."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    return set(getattr(world, "pg_map", {}))
+
+
+def _destroy_new_groups(before: set) -> None:
+    """Destroy the groups a task created and left behind (``new_group``, megatron's
+    ``parallel_state``, whose ``destroy_model_parallel`` only drops its references): each gloo
+    group keeps its threads, and a worker that serves hundreds of tasks would otherwise
+    gather thousands of them."""
+    for group in _live_groups() - before:
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
+
+
 def _run_task(conn: Connection, task: tuple) -> None:
     fn, args, kwargs = task
     dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    groups = _live_groups()
     try:
         with count_comm() as stats:
             value = fn(*args, **kwargs)
@@ -70,6 +88,7 @@ def _run_task(conn: Connection, task: tuple) -> None:
         torch.set_default_dtype(dtype)
         torch.set_grad_enabled(grad)
         torch.set_num_threads(1)
+        _destroy_new_groups(groups)
     try:
         conn.send(reply)
     except Exception as exc:  # e.g. an unpicklable return value

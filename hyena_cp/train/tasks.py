@@ -9,7 +9,9 @@ gradients over CP and averages them over DP (FSDP2, `hyena_cp.parallel.fsdp`).
   replicated on every CP rank, so the share is ``cross_entropy / cp``.
 - `LanguageModeling` (megatron-core Hyena LM): every CP rank gets its zigzag shard
   ``[b, S / cp]`` of the same sequences; the model returns per-token losses of that shard,
-  so the share is ``sum / (tokens of the replica's batch)``.
+  so the share is ``sum / (counted tokens of the replica's batch)`` (labels other than
+  ``IGNORE_INDEX``, counted on the full sequences every rank holds: no collective). With
+  ``pack=True`` the sequences carry their documents' GLOBAL boundaries (``cu_seqlens``).
 
 Under tensor parallelism the tasks see only the (dp, cp) coordinates (`ParallelGroups.dp_rank`,
 ``cp_rank``): every TP rank of a (dp, cp) position gets the identical batch, and the model
@@ -19,7 +21,7 @@ the shares and metric sums run over dp x cp only (``grad_group`` / ``dp_group``)
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,8 @@ from torch import Tensor, nn
 
 from hyena_cp.data.digits import ImageSplits
 from hyena_cp.data.sampling import GlobalBatchSampler, cp_shard_tokens, dp_slice, eval_range
-from hyena_cp.data.stdlib_text import TokenSplits
+from hyena_cp.data.stdlib_text import IGNORE_INDEX, TokenSplits
+from hyena_cp.ops.packing import concat_cu_seqlens
 from hyena_cp.parallel.dims import ParallelGroups
 from hyena_cp.parallel.reductions import group_sum
 
@@ -101,30 +104,42 @@ class ImageClassification:
         return {"val_loss": float(sums[0] / sums[2]), "val_acc": float(sums[1] / sums[2])}
 
 
+class LMBatch(NamedTuple):
+    """This rank's share of a language-modelling step."""
+
+    input_ids: Tensor  # b, S/cp: this rank's zigzag shard
+    labels: Tensor  # b, S/cp: same layout, IGNORE_INDEX where a target has no loss
+    cu_seqlens: Tensor | None  # GLOBAL document boundaries over the b rows (pack=True), else None
+    counted: int  # labels with a loss in the replica's FULL batch (all CP shards together)
+
+
 class LanguageModeling:
     """Next-token prediction on `TokenSplits` (e.g. `hyena_cp.data.load_stdlib_text`).
 
     The model is called as ``per_token_loss = model(input_ids, labels)`` with both
-    ``[b, S / cp]`` (this rank's zigzag shard); it reads its TP and CP groups from megatron-core's
-    ``parallel_state`` (set up by the loop with ``parallel.megatron=true``).
+    ``[b, S / cp]`` (this rank's zigzag shard), plus ``cu_seqlens=`` (GLOBAL boundaries over
+    the b rows laid end to end, identical on every rank) when packing; it reads its TP and CP
+    groups from megatron-core's ``parallel_state`` (set up by the loop with ``parallel.megatron=true``).
 
     Args:
         data: GLOBAL byte streams; ``data.seq_len`` must be divisible by ``2 * cp``.
         global_batch_size: sequences per optimizer step over all replicas (divisible by dp).
         eval_batch_size: sequences per forward pass during evaluation (per replica).
         eval_samples: validation sequences evaluated (None: all of them).
+        pack: sequences as packed documents (`TokenSplits.packed_samples`): the model keeps
+            documents apart and targets crossing into the next document are not counted.
         groups, seed: passed by the loop.
     """
 
     unit = "tokens"
 
     def __init__(self, *, data: TokenSplits, global_batch_size: int, eval_batch_size: int = 16,
-                 eval_samples: int | None = 64, groups: ParallelGroups, seed: int):
+                 eval_samples: int | None = 64, pack: bool = False, groups: ParallelGroups, seed: int):
         cp = groups.dims.cp
         if cp > 1 and data.seq_len % (2 * cp):
             raise ValueError(f"seq_len={data.seq_len} must be divisible by 2*cp={2 * cp} (zigzag layout); "
                              f"change the data's seq_len or parallel.cp")
-        self.data, self.groups, self.eval_batch_size = data, groups, eval_batch_size
+        self.data, self.groups, self.eval_batch_size, self.pack = data, groups, eval_batch_size, pack
         self.sampler = GlobalBatchSampler(num_samples=data.num_samples("train"), global_batch_size=global_batch_size,
                                           seed=seed)
         dp_slice(torch.arange(global_batch_size), groups.dims.dp, 0)
@@ -132,21 +147,30 @@ class LanguageModeling:
         self.eval_samples = available if eval_samples is None else min(eval_samples, available)
         self.items_per_step = global_batch_size * data.seq_len
 
-    def _local(self, split: str, indices: Tensor) -> tuple[Tensor, Tensor]:
-        inputs, labels = self.data.samples(split, indices)  # b, S (full sequences)
-        g = self.groups
+    def _local(self, split: str, indices: Tensor) -> LMBatch:
+        g, cu_seqlens = self.groups, None
+        if self.pack:
+            inputs, labels, rows = self.data.packed_samples(split, indices)  # b, S (full sequences)
+            cu_seqlens = concat_cu_seqlens(rows, self.data.seq_len).to(g.device)
+        else:
+            inputs, labels = self.data.samples(split, indices)  # b, S (full sequences)
+        counted = int((labels != IGNORE_INDEX).sum())
         shard = [cp_shard_tokens(t, g.dims.cp, g.cp_rank).to(g.device) for t in (inputs, labels)]  # b, S/cp
-        return shard[0], shard[1]
+        return LMBatch(shard[0], shard[1], cu_seqlens, counted)
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """``(input_ids, labels)``, each ``[b_dp, S / cp]`` int64: this rank's zigzag shard."""
+    def batch(self, step: int) -> LMBatch:
+        """This rank's `LMBatch`: ``input_ids``, ``labels`` ``[b_dp, S / cp]`` int64 zigzag shards."""
         return self._local("train", dp_slice(self.sampler.indices(step), self.groups.dims.dp, self.groups.dp_rank))
 
-    def loss_share(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        input_ids, labels = batch
-        per_token = model(input_ids, labels)  # b_dp, S/cp
-        replica_tokens = labels.shape[0] * labels.shape[1] * self.groups.dims.cp
-        return per_token.float().sum() / replica_tokens
+    @staticmethod
+    def _per_token_loss(model: nn.Module, batch: LMBatch) -> Tensor:
+        if batch.cu_seqlens is None:
+            return model(batch.input_ids, batch.labels)  # b, S/cp
+        return model(batch.input_ids, batch.labels, cu_seqlens=batch.cu_seqlens)
+
+    def loss_share(self, model: nn.Module, batch: LMBatch) -> Tensor:
+        # Normalised by the tokens that have a loss (IGNORE_INDEX labels get 0 and do not count).
+        return self._per_token_loss(model, batch).float().sum() / max(batch.counted, 1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -156,9 +180,9 @@ class LanguageModeling:
         sums = torch.zeros(2, dtype=torch.float64, device=g.device)  # loss sum, tokens
         for start in range(rows.start, rows.stop, self.eval_batch_size):
             indices = torch.arange(start, min(start + self.eval_batch_size, rows.stop))
-            input_ids, labels = self._local("val", indices)
-            per_token = model(input_ids, labels)
-            sums += torch.stack([per_token.double().sum(), sums.new_tensor(labels.numel())])
+            batch = self._local("val", indices)
+            counted = (batch.labels != IGNORE_INDEX).sum()  # this rank's shard: summed over dp x cp below
+            sums += torch.stack([self._per_token_loss(model, batch).double().sum(), counted.to(sums)])
         # the dp x cp ranks of one TP rank hold different tokens (the TP ranks the same ones)
         sums = group_sum(sums, g.grad_group)
         loss = float(sums[0] / sums[1])

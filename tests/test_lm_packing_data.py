@@ -1,0 +1,155 @@
+"""Packed LM data: source files as documents in the stdlib-text windows (boundaries at file
+starts, targets crossing into the next file ignored), and the LM task's loss share normalised
+by the counted tokens of the replica's batch: with a counting stub one CP rank at a time,
+and with the megatron Hyena LM on a packed batch under CP=2 against one process."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+# Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
+from megatron.core import parallel_state
+from torch import nn
+
+from hyena_cp.megatron import HyenaMixerConfig, build_hyena_lm
+from hyena_cp.parallel import group_sum
+from references import rel_err
+
+from hyena_cp.data.stdlib_text import EOS, IGNORE_INDEX, TokenSplits, load_stdlib_text
+from hyena_cp.ops.packing import check_cu_seqlens, document_ids
+from hyena_cp.parallel.dims import ParallelDims, ParallelGroups
+from hyena_cp.train.tasks import LanguageModeling
+
+
+@pytest.fixture(scope="module")
+def text() -> TokenSplits:
+    return load_stdlib_text(seq_len=32, val_fraction=0.4, max_bytes=60_000)  # a few files in each split
+
+
+def windows_with_boundaries(text: TokenSplits, split: str) -> torch.Tensor:
+    starts = text.train_starts if split == "train" else text.val_starts
+    windows = torch.unique(starts[starts > 0] // text.seq_len)
+    return windows[windows < text.num_samples(split)]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_documents_start_at_file_starts(text, split):
+    """Checked against the bytes themselves: a file ends with EOS (which never occurs in Python
+    source), so a document starts after every EOS and exactly the EOS targets are ignored."""
+    indices = windows_with_boundaries(text, split)
+    assert len(indices) >= 1, "no file boundary in the data: the test would be vacuous"
+    inputs, labels, cu = text.packed_samples(split, indices)
+    plain_inputs, plain_labels = text.samples(split, indices)
+    assert torch.equal(inputs, plain_inputs)
+    for row, bounds in enumerate(cu):
+        check_cu_seqlens(bounds, text.seq_len)
+        eos = (inputs[row] == EOS).nonzero().flatten()
+        assert bounds[1:-1].tolist() == [t + 1 for t in eos.tolist() if t + 1 < text.seq_len]
+        assert (labels[row] == IGNORE_INDEX).nonzero().flatten().tolist() == eos.tolist()
+        kept = labels[row] != IGNORE_INDEX
+        assert torch.equal(labels[row, kept], plain_labels[row, kept])
+    assert (labels == IGNORE_INDEX).any()
+
+
+def test_val_split_starts_a_document(text):
+    assert text.val_starts[0] == 0 and text.train_starts[0] == 0
+    assert (text.val_starts.diff() > 0).all() and (text.train_starts.diff() > 0).all()
+
+
+def groups(cp: int, cp_rank: int) -> ParallelGroups:
+    return ParallelGroups(dims=ParallelDims(world=cp, cp=cp), rank=cp_rank, dp_rank=0, cp_rank=cp_rank,
+                          cp_group=None, dp_group=None, grad_group=None, device=torch.device("cpu"))
+
+
+class CountingModel(nn.Module):
+    """Per-token loss 1 on counted tokens (0 on IGNORE_INDEX), and it records what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, labels, cu_seqlens=None):
+        self.calls.append({"shape": tuple(input_ids.shape), "cu_seqlens": cu_seqlens})
+        return (labels != IGNORE_INDEX).float()
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_loss_share_is_normalised_by_the_counted_tokens(text, cp):
+    shares, boundaries = [], []
+    for rank in range(cp):
+        task = LanguageModeling(data=text, global_batch_size=8, pack=True, groups=groups(cp, rank), seed=0)
+        # find a step whose batch holds a document boundary, so some labels are ignored
+        step = next(s for s in range(task.sampler.steps_per_epoch) if task.batch(s).counted < 8 * text.seq_len)
+        model = CountingModel()
+        batch = task.batch(step)
+        shares.append(task.loss_share(model, batch))
+        boundaries.append(model.calls[0]["cu_seqlens"])
+        assert model.calls[0]["shape"] == (8, text.seq_len // cp)
+    assert all(torch.equal(b, boundaries[0]) for b in boundaries)  # GLOBAL boundaries, the same on every rank
+    check_cu_seqlens(boundaries[0], 8 * text.seq_len, text.seq_len)
+    torch.testing.assert_close(sum(shares), torch.tensor(1.0), rtol=0, atol=1e-6)  # mean over counted tokens
+
+
+def test_unpacked_task_passes_no_boundaries(text):
+    task = LanguageModeling(data=text, global_batch_size=4, groups=groups(1, 0), seed=0)
+    model = CountingModel()
+    assert task.loss_share(model, task.batch(0)) == 1.0 and model.calls[0]["cu_seqlens"] is None
+
+
+def test_evaluate_counts_only_counted_tokens(text):
+    task = LanguageModeling(data=text, global_batch_size=4, eval_samples=None, pack=True, groups=groups(1, 0), seed=0)
+    metrics = task.evaluate(CountingModel())
+    assert metrics["val_loss"] == pytest.approx(1.0)  # the ignored targets are in neither sum
+
+
+def test_packing_needs_document_starts():
+    plain = TokenSplits(train=torch.zeros(100, dtype=torch.uint8), val=torch.zeros(100, dtype=torch.uint8), seq_len=8)
+    with pytest.raises(ValueError, match="task.pack=false"):
+        plain.packed_samples("train", torch.tensor([0]))
+
+
+def test_document_ids_follow_the_files(text):
+    indices = windows_with_boundaries(text, "train")[:4]
+    inputs, _, cu = text.packed_samples("train", indices)
+    for row, bounds in enumerate(cu):
+        ids = document_ids(bounds, text.seq_len)
+        eos = (inputs[row] == EOS).nonzero().flatten()
+        # a new document begins right after every EOS inside the window
+        for t in eos.tolist():
+            if t + 1 < text.seq_len:
+                assert ids[t + 1] == ids[t] + 1
+
+
+def worker_task_with_lm(pack: bool) -> dict:
+    """The task's packed batch of a step with document boundaries through the real LM (HAH)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=world)
+    try:
+        cp_group = parallel_state.get_context_parallel_group() if world > 1 else None
+        g = ParallelGroups(dims=ParallelDims(world=world, cp=world), rank=rank, dp_rank=0, cp_rank=rank,
+                           cp_group=cp_group, dp_group=None, grad_group=cp_group, device=torch.device("cpu"),
+                           megatron=True)
+        text = load_stdlib_text(seq_len=32, val_fraction=0.4, max_bytes=60_000)
+        task = LanguageModeling(data=text, global_batch_size=4, pack=pack, groups=g, seed=0)
+        step = next(s for s in range(task.sampler.steps_per_epoch)
+                    if len(LanguageModeling(data=text, global_batch_size=4, pack=True, groups=g, seed=0)
+                           .batch(s).cu_seqlens) > 5)  # the same step packed or not: one with boundaries
+        torch.manual_seed(0)
+        model = build_hyena_lm(vocab_size=256, max_sequence_length=32, num_layers=3, hidden_size=16,
+                               ffn_hidden_size=32, num_attention_heads=2, layer_pattern="HAH",
+                               hyena=HyenaMixerConfig(num_heads=2, filter_width=8, max_len=32))
+        share = task.loss_share(model, task.batch(step))
+        share.backward()
+        return {"loss": float(group_sum(share.detach(), cp_group)),
+                "grads": {n: group_sum(p.grad, cp_group) for n, p in model.named_parameters()}}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_packed_task_under_cp2_trains_like_one_process(dist_run):
+    single, cp2 = dist_run(worker_task_with_lm, 1, True)[0], dist_run(worker_task_with_lm, 2, True)[0]
+    assert abs(cp2["loss"] - single["loss"]) < 1e-5 * single["loss"]
+    for name, grad in single["grads"].items():
+        assert rel_err(cp2["grads"][name], grad) < 1e-5, name  # float32
+    plain = dist_run(worker_task_with_lm, 1, False)[0]  # the same windows, unpacked
+    assert abs(plain["loss"] - single["loss"]) > 1e-4, "packing changed nothing: the test would be vacuous"
