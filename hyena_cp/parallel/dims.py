@@ -226,6 +226,16 @@ def _default_group(backend: str, timeout_s: float) -> bool:
 _MESHES: dict[tuple[int, str, tuple[int, int, int]], tuple[DeviceMesh, DeviceMesh]] = {}
 
 
+def cached_mesh_groups() -> set[ProcessGroup]:
+    """The process groups of the cached run meshes (see `_MESHES`): they outlive any one
+    `init_parallel`, so whoever cleans up groups a task left behind (the test pools) keeps them."""
+    kept: set[ProcessGroup] = set()
+    for mesh, dp_cp in _MESHES.values():
+        kept.update(mesh.get_all_groups())
+        kept.add(dp_cp.get_group())
+    return kept
+
+
 def _run_mesh(device: torch.device, dims: ParallelDims) -> tuple[DeviceMesh, DeviceMesh]:
     """The ``("dp", "cp", "tp")`` mesh and its flattened ``dp_cp`` dimension (collective on first use)."""
     key = (id(dist.group.WORLD), device.type, dims.shape)
