@@ -1,15 +1,16 @@
 """Everything that talks to other ranks: group helpers, CP layouts, the sequence<->channel
-AllToAll swaps, halo exchange and reductions. Nothing else in hyena_cp calls
-torch.distributed. ``group=None`` (or a group of size 1) always means one process and no
+AllToAll swaps, halo exchange, reductions and the cross-rank agreement check. Nothing else
+in hyena_cp calls torch.distributed. ``group=None`` (or a group of size 1) always means one process and no
 communication.
 """
 from __future__ import annotations
 
+from .agreement import AGREEMENT_POLICIES, agreed, check_agreement_policy, check_ranks_agree, shape_of
 from .comm_stats import CommStats, count_comm, record
 from .dims import ParallelDims, ParallelGroups, destroy_parallel, init_parallel
 from .grad_norm import clip_grad_norm, grad_norm
 from .grad_sync import sync_gradients
-from .groups import group_rank, group_size, is_parallel
+from .groups import check_group, group_rank, group_size, is_parallel
 from .halo import causal_halo_1d, row_halo_2d
 from .layouts import (
     LAYOUTS,
@@ -31,18 +32,23 @@ from .tp_layout import TPPartition, shard_tp, tp_partition, unshard_tp
 from .swap import channel_to_seq, seq_to_channel
 
 __all__ = [
+    "AGREEMENT_POLICIES",
     "CommStats",
     "TPPartition",
     "LAYOUTS",
     "ParallelDims",
     "ParallelGroups",
+    "agreed",
     "all_gather_seq",
     "all_reduce_sum",
     "broadcast_from",
     "causal_halo_1d",
     "channel_to_seq",
+    "check_agreement_policy",
     "check_divisible",
+    "check_group",
     "check_layout",
+    "check_ranks_agree",
     "chunk_ids",
     "chunks_per_rank",
     "clip_grad_norm",
@@ -64,6 +70,7 @@ __all__ = [
     "row_halo_2d",
     "seq_to_channel",
     "shard",
+    "shape_of",
     "shard_tp",
     "sync_gradients",
     "to_rank_major",
