@@ -184,6 +184,7 @@ class MegatronHyenaMixer(MegatronModule):
         if self.tp_group is not None:
             self._mark_tp_sharded()
         self.mixer.to(dtype=config.params_dtype)
+        self.inference_cache = None  # set during generation only: a `hyena_cp.modules.inference.HyenaCache`
 
     def _mark_tp_sharded(self) -> None:
         """megatron's TP attributes on the mixer's own per-channel parameters (the linears set theirs)."""
@@ -221,7 +222,13 @@ class MegatronHyenaMixer(MegatronModule):
         cu_seqlens = cu_seqlens_from(kwargs.get("packed_seq_params"), where="MegatronHyenaMixer",
                                      cp_size=group_size(self.cp_group), batch=hidden_states.shape[1], allow_thd=True)
         x = rearrange(hidden_states, "s b h -> b s h")
-        y = self.mixer(x, cp_group=self.cp_group, cu_seqlens=cu_seqlens)
+        if self.inference_cache is not None:  # generation: prefill of the prompt, or one decode step
+            if cu_seqlens is not None:
+                raise ValueError("generation does not take packed sequences (packed_seq_params): prompts are one "
+                                 "document per row; pass packed_seq_params=None")
+            y = self.inference_cache(x)
+        else:
+            y = self.mixer(x, cp_group=self.cp_group, cu_seqlens=cu_seqlens)
         return rearrange(y, "b s h -> s b h").contiguous(), None
 
     def flop_count(self, num_tokens: int, inference: bool = False) -> int:

@@ -25,6 +25,9 @@ the usual transformer baseline; table from GLOBAL positions of the zigzag shard,
 `hyena_cp.megatron.rope`); ``"none"`` gives NoPE attention. Hyena layers ignore it: their
 causal, position-indexed filters carry position. There is no learned absolute embedding.
 
+Generation: `HyenaLanguageModel.generate` (CP prefill of the prompt, then exact cached decoding
+under the same CP/TP groups; `hyena_cp.megatron.generation`, tested in tests/test_generation.py).
+
 Packed sequences: ``forward(..., cu_seqlens=...)`` (or megatron's ``packed_seq_params=``) with
 GLOBAL document boundaries ``[N+1]`` over the b rows laid end to end (every row end among
 them; b = 1 is megatron's THD convention), identical on every rank. The whole packed
@@ -55,13 +58,14 @@ from torch.distributed import ProcessGroup
 
 from hyena_cp.data.stdlib_text import IGNORE_INDEX
 from hyena_cp.megatron.attention import TorchCoreAttention, check_attention_parallelism
+from hyena_cp.megatron.generation import generate
 from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule, PackedSeqParams,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
                                       check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
                                       resolve_pg_collection, vocab_parallel_cross_entropy)
 from hyena_cp.megatron.mixer import HyenaMixerConfig
 from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
-from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_pos_emb
+from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
 from hyena_cp.ops.packing import check_cu_seqlens, is_one_document_per_row
 from hyena_cp.parallel import (agreed, check_agreement_policy, check_ranks_agree, gather_from_group, group_size,
@@ -155,6 +159,14 @@ class HyenaLanguageModel(MegatronModule):
             return document_rotary_pos_emb(cu_seqlens, batch, local_len, self.config.kv_channels, **common)
         return rotary_pos_emb(local_len, self.config.kv_channels, **common)
 
+    def rotary_pos_emb_at(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The rotary table of tokens at GLOBAL ``positions [s]`` (``[s, 1, 1, kv_channels]``), or None
+        (generation: one decode step's position)."""
+        if self.position_embedding == "none" or "A" not in self.layer_pattern:
+            return None
+        dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
+        return rotary_angles(positions, self.config.kv_channels, self.rotary_base).to(dtype)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
@@ -203,6 +215,13 @@ class HyenaLanguageModel(MegatronModule):
         if labels is None:
             return rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v")
         return rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s")
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue the GLOBAL prompts ``input_ids [b, s]`` (equal lengths, the same on every rank)
+        by ``max_new_tokens`` tokens under this model's CP and TP groups -> ``[b, s + max_new_tokens]``
+        on every rank. ``temperature=0`` is greedy. See `hyena_cp.megatron.generation.generate`."""
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
 
     def _token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits [s, b, vocab/tp]``, ``target [s, b]`` -> float32 loss ``[s, b]``."""

@@ -163,13 +163,16 @@ class Hyena(nn.Module):
                 block aligned to filter groups); only their filters are built.
             cu_seqlens: 1-D packed documents (GLOBAL, validated), each convolved alone.
         """
-        per_group = self.hidden_dim // self.num_heads
-        first, last = self.channel_offset + channels.start, self.channel_offset + channels.stop  # global channels
-        groups = slice(first // per_group, last // per_group)
-        k = self.build_filter(tuple(z.shape[2:]), groups)  # G_blk, L  or  G_blk, 2H-1, 2W-1
+        k = self.build_filter(tuple(z.shape[2:]), self.filter_groups(channels))  # G_blk, L  or  G_blk, 2H-1, 2W-1
         if self.spatial_dims == 2:
             return fft_conv2d(z, k, self.skip[channels])
         return fft_causal_conv1d(z, k, self.skip[channels], cu_seqlens=cu_seqlens)
+
+    def filter_groups(self, channels: slice) -> slice:
+        """The filter groups of a block of this TP rank's local channels (aligned to groups)."""
+        per_group = self.hidden_dim // self.num_heads
+        first, last = self.channel_offset + channels.start, self.channel_offset + channels.stop  # global channels
+        return slice(first // per_group, last // per_group)
 
     def build_filter(self, spatial: tuple[int, ...], groups: slice) -> torch.Tensor:
         """The long filters of ``groups`` for a global size ``(L,)`` or ``(H, W)``.
