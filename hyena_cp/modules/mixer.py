@@ -150,7 +150,7 @@ class QKVSequenceMixer(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check(self, x: torch.Tensor, conditioning: torch.Tensor | None, world: int,
-               cu_seqlens: torch.Tensor | None, num_valid_tokens: int | None) -> None:
+               cu_seqlens: torch.Tensor | None, num_valid_tokens: int | None = None) -> None:
         """Every rank runs this before any collective, so bad input raises everywhere."""
         self._check_tensors(x, conditioning)
         local = x.shape[1]
