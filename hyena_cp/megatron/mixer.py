@@ -75,6 +75,8 @@ class HyenaMixerConfig:
         bias: bias of in_proj, short conv and out_proj; None follows ``config.add_bias_linear``.
         cp_comm: "alltoall" (default, the communication floor) or "allgather" (baseline).
         short_conv_cp: "halo" (default) or "a2a" (comparison mode), see QKVSequenceMixer.
+        check_agreement: "always" (default) or "off": the CP ranks compare their shard shapes
+            and ``cu_seqlens`` before the mixer's first collective (see QKVSequenceMixer).
     """
 
     num_heads: int = 1
@@ -88,6 +90,7 @@ class HyenaMixerConfig:
     bias: bool | None = None
     cp_comm: Literal["alltoall", "allgather"] = "alltoall"
     short_conv_cp: Literal["halo", "a2a"] = "halo"
+    check_agreement: Literal["always", "off"] = "always"
 
 
 def _check_parallelism(config: TransformerConfig, tp_size: int, cp_size: int, hyena_config: HyenaMixerConfig) -> None:
@@ -177,7 +180,7 @@ class MegatronHyenaMixer(MegatronModule):
         in_proj, out_proj = _projections(config, self.tp_group, bias)
         self.mixer = QKVSequenceMixer(hidden_dim=h, hyena=hyena, short_kernel_size=cfg.short_kernel_size,
                                       norm=cfg.norm, bias=bias, short_conv_cp=cfg.short_conv_cp,
-                                      in_proj=in_proj, out_proj=out_proj)
+                                      in_proj=in_proj, out_proj=out_proj, check_agreement=cfg.check_agreement)
         if self.tp_group is not None:
             self._mark_tp_sharded()
         self.mixer.to(dtype=config.params_dtype)

@@ -37,6 +37,12 @@ attention masks per document and RoPE positions restart at 0 in each document, s
 document's logits and losses equal that document run alone. Labels that would cross into
 the next document should be ``IGNORE_INDEX`` (the data's job: `hyena_cp.data.stdlib_text`).
 
+Cross-rank agreement: before its first collective the model compares the CP ranks' shard
+shapes (``input_ids``, ``labels``) and ``cu_seqlens`` once per forward (one small all-gather,
+`hyena_cp.parallel.agreement`; policy ``hyena_config.check_agreement``) and runs its layers
+inside `hyena_cp.parallel.agreed`: the Hyena layers skip their own checks, and an attention
+layer ahead of them never meets mismatched shards in its K/V all-gather.
+
 Tested in tests/test_megatron_lm.py (CP, Hyena and hybrids) and tests/test_megatron_lm_tp.py
 (TP and TP x CP), against single-process models built from the same full weights.
 """
@@ -62,7 +68,8 @@ from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
 from hyena_cp.ops.packing import check_cu_seqlens, is_one_document_per_row
-from hyena_cp.parallel import gather_from_group, group_size
+from hyena_cp.parallel import (agreed, check_agreement_policy, check_ranks_agree, gather_from_group, group_size,
+                               shape_of)
 
 __all__ = ["IGNORE_INDEX", "HyenaLanguageModel", "build_hyena_lm"]
 
@@ -77,7 +84,8 @@ class HyenaLanguageModel(MegatronModule):
         vocab_size: output classes (256 for bytes); divisible by the TP size.
         max_sequence_length: longest GLOBAL sequence accepted by `forward`.
         layer_pattern: e.g. ``"HHA"`` ("H" Hyena, "A" attention); default all Hyena.
-        hyena_config: settings of every Hyena layer.
+        hyena_config: settings of every Hyena layer; its ``check_agreement`` is also the
+            model's (see the module docstring).
         position_embedding: ``"rope"`` (default) or ``"none"``, for the attention layers.
         rotary_base: RoPE base (megatron's ``rotary_base``).
         core_attention: the attention layers' core attention (``TEDotProductAttention`` on GPUs).
@@ -100,6 +108,7 @@ class HyenaLanguageModel(MegatronModule):
         self.cp_group, self.tp_group = resolve_cp_group(pg_collection), pg_collection.tp
         _check_parallelism(config, pattern, vocab_size, position_embedding, self.tp_group, group_size(self.cp_group))
         self.vocab_size, self.max_sequence_length, self.layer_pattern = vocab_size, max_sequence_length, pattern
+        self.check_agreement = check_agreement_policy((hyena_config or HyenaMixerConfig()).check_agreement)
         self.position_embedding, self.rotary_base, self.core_attention = position_embedding, rotary_base, core_attention
         self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
                                                 max_sequence_length=max_sequence_length,
@@ -184,7 +193,15 @@ class HyenaLanguageModel(MegatronModule):
                 raise ValueError("pass the document boundaries once: cu_seqlens or packed_seq_params, not both")
             cu_seqlens = cu_seqlens_from(packed_seq_params, where="HyenaLanguageModel", batch=input_ids.shape[0],
                                          cp_size=group_size(self.cp_group), allow_thd=True)
+        signature = {"input_ids.shape": shape_of(input_ids), "labels.shape": shape_of(labels), "cu_seqlens": cu_seqlens}
+        check_ranks_agree(self.cp_group, "HyenaLanguageModel.forward", signature, policy=self.check_agreement,
+                          hint="Give every CP rank its zigzag shard of the SAME global batch and the same cu_seqlens")
         self._check(input_ids, labels, cu_seqlens)
+        with agreed(self.cp_group):  # every layer's shapes follow from the input: no per-layer check
+            return self._forward(input_ids, labels, cu_seqlens)
+
+    def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         batch, length = input_ids.shape[0], input_ids.shape[1] * group_size(self.cp_group)
         if cu_seqlens is not None and is_one_document_per_row(cu_seqlens, batch * length, length):
             cu_seqlens = None  # the documents are the rows: nothing to mask

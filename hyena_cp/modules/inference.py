@@ -36,8 +36,8 @@ from torch.distributed import ProcessGroup
 from hyena_cp.modules.mixer import QKVSequenceMixer, _project
 from hyena_cp.ops.decode import causal_conv_step
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d
-from hyena_cp.parallel import (broadcast_from, channel_to_seq, gather_from_group, group_rank, group_size,
-                               seq_to_channel)
+from hyena_cp.parallel import (broadcast_from, channel_to_seq, check_ranks_agree, gather_from_group, group_rank,
+                               group_size, seq_to_channel, shape_of)
 
 __all__ = ["HyenaCache", "check_decodable"]
 
@@ -133,6 +133,9 @@ class HyenaCache:
         if self.length:
             raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
         mixer, world = self.mixer, group_size(self.cp_group)
+        signature = {"x.shape": shape_of(x), "x.dtype": getattr(x, "dtype", None)}  # free inside the LM's check
+        check_ranks_agree(self.cp_group, "HyenaCache.prefill", signature, policy=mixer.check_agreement,
+                          hint="Give every CP rank its zigzag shard of the same prompt")
         mixer._check(x, None, world, None)
         if x.shape[0] != self.z.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]}, the cache was built for batch_size={self.z.shape[0]}")

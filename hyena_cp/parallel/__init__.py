@@ -1,15 +1,16 @@
 """Everything that talks to other ranks: the run's DeviceMesh (`dims`), data parallelism with
-FSDP2 (`fsdp`), group helpers, CP layouts, the sequence<->channel AllToAll swaps, halo exchange
-and reductions. Nothing else in hyena_cp calls torch.distributed. ``group=None`` (or a group
-of size 1) always means one process and no communication.
+FSDP2 (`fsdp`), group helpers, CP layouts, the sequence<->channel AllToAll swaps, halo exchange,
+reductions and the cross-rank agreement check. Nothing else in hyena_cp calls torch.distributed.
+``group=None`` (or a group of size 1) always means one process and no communication.
 """
 from __future__ import annotations
 
+from .agreement import AGREEMENT_POLICIES, agreed, check_agreement_policy, check_ranks_agree, shape_of
 from .comm_stats import CommStats, count_comm, record
 from .dims import ParallelDims, ParallelGroups, destroy_parallel, init_parallel
 from .fsdp import DP_MODES, apply_data_parallel, block_modules, full_parameters
 from .grad_norm import clip_grad_norm, grad_norm
-from .groups import group_rank, group_size, is_parallel
+from .groups import check_group, group_rank, group_size, is_parallel
 from .halo import causal_halo_1d, row_halo_2d
 from .layouts import (
     LAYOUTS,
@@ -32,6 +33,7 @@ from .tp_layout import TPPartition, shard_tp, tp_partition, unshard_tp
 from .swap import channel_to_seq, seq_to_channel
 
 __all__ = [
+    "AGREEMENT_POLICIES",
     "CommStats",
     "DP_MODES",
     "StateBytes",
@@ -39,6 +41,7 @@ __all__ = [
     "LAYOUTS",
     "ParallelDims",
     "ParallelGroups",
+    "agreed",
     "all_gather_seq",
     "all_reduce_sum",
     "apply_data_parallel",
@@ -46,8 +49,11 @@ __all__ = [
     "broadcast_from",
     "causal_halo_1d",
     "channel_to_seq",
+    "check_agreement_policy",
     "check_divisible",
+    "check_group",
     "check_layout",
+    "check_ranks_agree",
     "chunk_ids",
     "chunks_per_rank",
     "clip_grad_norm",
@@ -70,6 +76,7 @@ __all__ = [
     "row_halo_2d",
     "seq_to_channel",
     "shard",
+    "shape_of",
     "shard_tp",
     "state_bytes",
     "stored_view",
