@@ -1,7 +1,7 @@
 """Gloo rank groups for the multi-rank benchmark sections, started by the bench itself.
 
-``python launch/bench.py`` stays one command (no torchrun): `RankPools` forks P worker
-processes per group size on first use (`hyena_cp.parallel.local_pool` holds the
+``python launch/bench.py`` stays one command (no torchrun): `RankPools` starts P worker
+processes per group size on first use (from a fork server, see `hyena_cp.parallel.local_pool`) (`hyena_cp.parallel.local_pool` holds the
 mechanics), each joins a gloo group on 127.0.0.1 and then runs tasks ``fn(group, *args)``
 until closed. Pools are reused by every section; a failed task discards its pool and a
 later call forks a fresh one.
@@ -24,6 +24,8 @@ __all__ = ["RankPools", "RankFailure"]
 TIMEOUT_S = 600.0
 START_TIMEOUT_S = 120.0
 ERROR_GRACE_S = 5.0
+# imported once by the fork server, inherited by every worker (megatron-core: ~5 s to import)
+PRELOAD = ("torch", "hyena_cp.bench", "megatron.core")
 
 
 class RankFailure(RuntimeError):
@@ -38,8 +40,10 @@ class RankPools:
     """One gloo rank pool per group size, created on first use; a context manager closes them."""
 
     def __init__(self) -> None:
+        # forkserver: sections time ranks with several threads, which a forked worker cannot use
+        # safely once the bench process itself has run multi-threaded ops (see local_pool)
         self.pools = LocalPools(gloo_timeout_s=TIMEOUT_S, start_timeout_s=START_TIMEOUT_S,
-                                error_grace_s=ERROR_GRACE_S)
+                                error_grace_s=ERROR_GRACE_S, start_method="forkserver", preload=PRELOAD)
 
     def run(self, world: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """``fn(group, *args)`` on every rank of a ``world``-rank group (``fn`` module-level,

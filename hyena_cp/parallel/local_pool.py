@@ -7,6 +7,13 @@ OpenMP pools are not fork-safe), joins a gloo group on 127.0.0.1 once, then loop
 ``fn(*args, **kwargs)`` with the WORLD group set up; replies come back pickled over a pipe
 as `Reply` tuples, one per rank, and the caller decides what a failure means.
 
+Start methods: ``"fork"`` (the default, for the tests: workers inherit the test module's
+imports and functions) or ``"forkserver"`` (the benchmarks): GNU OpenMP is not fork-safe, so
+a worker forked from a parent that has already run a multi-threaded op hangs in its first
+parallel region with more than one thread, which benchmarks that time "one rank with P
+threads" need. A fork server is a fresh interpreter that has never run one; it preloads
+``preload`` (torch, megatron-core) once, so its workers still start in well under a second.
+
 Failure policy: after a rank error (or a dead worker, or a timeout) the peers may be stuck
 in a collective and the group state is unknown, so the caller should `LocalPools.discard`
 the pool; the next `LocalPools.get` forks a fresh one.
@@ -55,6 +62,9 @@ def _picklable_error(exc: BaseException) -> BaseException:
         return exc
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+START_METHODS = ("fork", "forkserver")
 
 
 def _live_groups() -> set:
@@ -132,8 +142,12 @@ class LocalPool:
     """
 
     def __init__(self, world: int, *, gloo_timeout_s: float, start_timeout_s: float = 60.0,
-                 error_grace_s: float = 2.0):
-        ctx = mp.get_context("fork")
+                 error_grace_s: float = 2.0, start_method: str = "fork", preload: tuple[str, ...] = ()):
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method={start_method!r} must be one of {START_METHODS}")
+        ctx = mp.get_context(start_method)
+        if start_method == "forkserver" and preload:
+            ctx.set_forkserver_preload(list(preload))  # read when the server starts (once per process)
         port = _free_port()
         self.world, self.error_grace_s = world, error_grace_s
         self.procs: list[mp.Process] = []
@@ -206,8 +220,9 @@ class LocalPools:
     the arguments are those of `LocalPool`, plus how often to try a start."""
 
     def __init__(self, *, gloo_timeout_s: float, start_timeout_s: float = 60.0, error_grace_s: float = 2.0,
-                 start_attempts: int = 3):
+                 start_attempts: int = 3, start_method: str = "fork", preload: tuple[str, ...] = ()):
         self.gloo_timeout_s, self.start_timeout_s = gloo_timeout_s, start_timeout_s
+        self.start_method, self.preload = start_method, preload
         if start_attempts < 1:
             raise ValueError(f"start_attempts must be at least 1, got {start_attempts}")
         self.error_grace_s, self.start_attempts = error_grace_s, start_attempts
@@ -224,7 +239,8 @@ class LocalPools:
         for attempt in range(self.start_attempts):
             try:
                 return LocalPool(world, gloo_timeout_s=self.gloo_timeout_s, start_timeout_s=self.start_timeout_s,
-                                 error_grace_s=self.error_grace_s)
+                                 error_grace_s=self.error_grace_s, start_method=self.start_method,
+                                 preload=self.preload)
             except RuntimeError:
                 if attempt == self.start_attempts - 1:
                     raise
