@@ -29,6 +29,7 @@ parallel = dict(
     cp=2,
     tp=1,  # tensor-parallel size; world = dp * cp * tp, and model.hyena.num_heads % (tp * cp) == 0
     megatron=True,  # the megatron-core model reads its TP and CP groups from parallel_state
+    dp_mode="fsdp",  # FSDP2 over the dp x cp ranks of each TP shard, per TransformerLayer; "ddp" replicates
 )
 train = dict(
     steps=500,  # ~2 min on 2 CPU cores; 2.149 bits/byte (packed) on Python 3.11's standard library

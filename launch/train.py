@@ -5,7 +5,9 @@
 The command line is a config path and ``key=value`` overrides, nothing else (e.g.
 ``train.steps=50 parallel.cp=1 train.output_dir=/tmp/run``). The data-parallel size is
 ``world / (parallel.cp * parallel.tp)``; ``parallel.tp > 1`` needs a megatron-core model and
-``parallel.megatron=true`` (`hyena_cp.train.config.ParallelConfig`). Runs resume from the newest
+``parallel.megatron=true``; ``parallel.dp_mode`` ("fsdp", the default, or "ddp") decides whether
+FSDP2 shards parameters, gradients and optimizer state over the dp x cp ranks or replicates them
+(`hyena_cp.train.config.ParallelConfig`). Runs resume from the newest
 checkpoint in ``train.output_dir`` by default (``train.resume=false`` to refuse that), so
 ``torchrun --max-restarts=N`` and re-running the same command both carry on.
 """

@@ -4,7 +4,8 @@
 rank of an initialized gloo group of ``world_size`` forked processes and returns the
 per-rank return values in rank order. Inside ``fn`` use ``torch.distributed.group.WORLD``
 and ``dist.get_rank()``. Pass ``expect_error=ValueError`` to require that every rank
-raises that error before any hyena_cp communication (the exceptions are returned).
+raises that error before any hyena_cp data communication (the cross-rank agreement check,
+control traffic, may run first); the exceptions are returned.
 Worker pools are created on first use per world size and reused for the whole session;
 see tests/dist_harness.py.
 """

@@ -4,7 +4,9 @@ Workers are forked from the pytest process, which has already imported everythin
 collection, once per world size, and reused by every test; see `hyena_cp.parallel.local_pool`
 for the mechanics. A rank error (or a dead worker, or a timeout) tears the pool down and
 the next call forks a fresh one. The exception is ``expect_error`` runs in which every
-rank raised before communicating: the group is untouched, so the pool is kept.
+rank raised before communicating data: the group is untouched, so the pool is kept. (The
+cross-rank agreement check, `hyena_cp.parallel.agreement`, may have run: it is control
+traffic, counted apart, and every rank took part in it.)
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ class DistRunner:
 
         ``fn`` must be a module-level function; it gets the group from
         ``torch.distributed.group.WORLD``. With ``expect_error=E`` every rank must raise an
-        ``E`` without any `hyena_cp.parallel` communication first; the exceptions are returned.
+        ``E`` without any `hyena_cp.parallel` data communication first (the agreement check,
+        control traffic, may run); the exceptions are returned.
         """
         return self.run(fn, world_size, args, kwargs, expect_error=expect_error)
 

@@ -1,5 +1,5 @@
 """launch/bench.py: the --quick smoke run of every section (byte counts asserted exactly
-against the floor, timings never asserted), the GPU section's code on CPU, and the
+against the floor and, for generation caches, against 1/P; timings never asserted), the GPU section's code on CPU, and the
 measurement helpers on cases small enough to count by hand."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_quick_run_writes_every_section(quick_run):
     out, sections = quick_run
     text = (out / "bench.md").read_text()
     for title in ("Communication per rank", "Activation memory per rank", "Hyena vs attention (one process)",
-                  "CP efficiency (CPU)"):
+                  "CP efficiency (CPU)", "Generation: cached decoding and cache memory"):
         assert f"## {title}" in text
     for plot in ("comm_bytes.png", "memory_per_rank.png", "scaling_1d.png", "scaling_2d.png"):
         assert (out / plot).stat().st_size > 0
@@ -87,6 +87,30 @@ def test_quick_run_memory_per_rank_meets_the_target(quick_run):
                 assert r["saved"] - r["parts"].get("hyena.filter", 0) <= 1.15 * base_rest / world, (label, world)
                 if "stored" not in label:  # the default recomputes the filter MLP in backward
                     assert r["parts"].get("hyena.filter", 0) == 0 and r["saved"] <= 1.15 * base["saved"] / world
+
+
+def test_quick_run_fsdp_shards_params_grads_and_adamw(quick_run):
+    """Byte counts are deterministic: FSDP2 holds <= 1.1/P of one process's parameters, gradients
+    and AdamW state per rank; the replicated layout (ddp) holds all of it on every rank."""
+    results = quick_run[1]["Parameter, gradient and optimizer memory per rank"].data["results"]
+    assert any("LM" in label for label in results) and any("ViT" in label for label in results)
+    for label, per_mode in results.items():
+        base = per_mode["fsdp"][1]["local"]
+        assert base == per_mode["fsdp"][1]["replicated"]  # one process: nothing sharded
+        for world, r in per_mode["fsdp"].items():
+            for key in ("params", "grads", "optimizer", "total"):
+                assert r["local"][key] <= 1.1 * base[key] / world, (label, world, key)
+            assert per_mode["ddp"][world]["local"] == base and r["replicated"] == base, (label, world)
+
+
+def test_quick_run_generation_cache_bytes_are_one_over_p(quick_run):
+    """Exactly 1/P per rank (deterministic byte counts; timings only need to exist)."""
+    data = quick_run[1]["Generation: cached decoding and cache memory"].data
+    base = sum(data["bytes"]["1"][0].values())
+    assert set(data["bytes"]) == {"1", "2", "4"} and base > 0
+    for world, ranks in data["bytes"].items():
+        assert len(ranks) == int(world) and all(sum(r.values()) * int(world) == base for r in ranks), (world, ranks)
+    assert all(r["cached_s"] > 0 and r["naive_s"] > 0 for r in data["rates"])
 
 
 def test_quick_run_packing_section_times_every_document_count(quick_run):

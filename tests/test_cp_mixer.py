@@ -190,6 +190,28 @@ def test_bad_input_raises_on_every_rank_before_communicating(dist_run, case, loc
         assert re.search(match, str(e)), str(e)
 
 
+def worker_bad_kwargs(case: Case, local_shape: tuple, kwargs: dict) -> None:
+    mixer, _ = build(case)
+    x = torch.randn(local_shape, dtype=case.dtype)
+    mixer(x, cp_group=dist.group.WORLD, **kwargs)
+
+
+@pytest.mark.parametrize("case,kwargs,match", [
+    # the mixer is built with cond_dim=5: a [B, 3] conditioning used to fail in a matmul after the AllToAlls
+    (Case(1, (2, 16, 8), cond="film"), dict(conditioning=torch.randn(2, 3, dtype=torch.float64)),
+     "conditioning must be \\[B, cond_dim\\] = \\[2, 5\\]"),
+    (Case(2, (2, 4, 4, 8), cond="adaln"), dict(conditioning=torch.randn(1, 5, dtype=torch.float64)), "B from x"),
+    (Case(1, (2, 16, 8)), dict(num_valid_tokens=-1), "num_valid_tokens=-1 must be None"),  # used to mask everything
+    (Case(2, (2, 4, 4, 8)), dict(num_valid_tokens=17), "an int in \\[0, 16\\]"),
+    (Case(1, (2, 16, 8)), dict(cu_seqlens=torch.tensor([0, 3, 40])), "end at the global token count B\\*L=32"),
+])
+def test_bad_kwargs_raise_on_every_rank_before_communicating(dist_run, case, kwargs, match):
+    world = 2
+    local = (case.shape[0], case.shape[1] // world, *case.shape[2:])
+    errors = dist_run(worker_bad_kwargs, world, case, local, kwargs, expect_error=ValueError)
+    assert len({str(e) for e in errors}) == 1 and re.search(match, str(errors[0])), errors
+
+
 def test_hidden_dim_not_divisible_by_world(dist_run):
     case = Case(2, (1, 6, 4, 6), heads=3)
     errors = dist_run(worker_bad, 2, case, (1, 3, 4, 6), expect_error=ValueError)

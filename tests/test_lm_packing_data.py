@@ -4,6 +4,8 @@ by the counted tokens of the replica's batch: with a counting stub one CP rank a
 and with the megatron Hyena LM on a packed batch under CP=2 against one process."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,7 +19,7 @@ from references import rel_err
 
 from hyena_cp.data.stdlib_text import EOS, IGNORE_INDEX, TokenSplits, load_stdlib_text
 from hyena_cp.ops.packing import check_cu_seqlens, document_ids
-from hyena_cp.parallel.dims import ParallelDims, ParallelGroups
+from hyena_cp.parallel.dims import ParallelDims, destroy_parallel, init_parallel
 from hyena_cp.train.tasks import LanguageModeling
 
 
@@ -56,9 +58,11 @@ def test_val_split_starts_a_document(text):
     assert (text.val_starts.diff() > 0).all() and (text.train_starts.diff() > 0).all()
 
 
-def groups(cp: int, cp_rank: int) -> ParallelGroups:
-    return ParallelGroups(dims=ParallelDims(world=cp, cp=cp), rank=cp_rank, dp_rank=0, cp_rank=cp_rank,
-                          cp_group=None, dp_group=None, grad_group=None, device=torch.device("cpu"))
+def groups(cp: int, cp_rank: int) -> SimpleNamespace:
+    """What the task reads of `ParallelGroups`, for CP rank ``cp_rank`` of a dp=1 run, in one process
+    (no mesh: the task's data layout needs none)."""
+    return SimpleNamespace(dims=ParallelDims(world=cp, cp=cp), rank=cp_rank, dp_rank=0, cp_rank=cp_rank,
+                           cp_group=None, dp_group=None, grad_group=None, device=torch.device("cpu"))
 
 
 class CountingModel(nn.Module):
@@ -122,13 +126,9 @@ def test_document_ids_follow_the_files(text):
 
 def worker_task_with_lm(pack: bool) -> dict:
     """The task's packed batch of a step with document boundaries through the real LM (HAH)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=world)
+    g = init_parallel(dist.get_world_size(), megatron=True)  # the run's mesh and parallel_state, cp = world
+    cp_group = g.cp_group
     try:
-        cp_group = parallel_state.get_context_parallel_group() if world > 1 else None
-        g = ParallelGroups(dims=ParallelDims(world=world, cp=world), rank=rank, dp_rank=0, cp_rank=rank,
-                           cp_group=cp_group, dp_group=None, grad_group=cp_group, device=torch.device("cpu"),
-                           megatron=True)
         text = load_stdlib_text(seq_len=32, val_fraction=0.4, max_bytes=60_000)
         task = LanguageModeling(data=text, global_batch_size=4, pack=pack, groups=g, seed=0)
         step = next(s for s in range(task.sampler.steps_per_epoch)
@@ -143,7 +143,7 @@ def worker_task_with_lm(pack: bool) -> dict:
         return {"loss": float(group_sum(share.detach(), cp_group)),
                 "grads": {n: group_sum(p.grad, cp_group) for n, p in model.named_parameters()}}
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_parallel(g)
 
 
 def test_packed_task_under_cp2_trains_like_one_process(dist_run):

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 
 from hyena_cp.megatron import HyenaMixerConfig, build_hyena_lm
 from hyena_cp.megatron.compat import ProcessGroupCollection
-from hyena_cp.parallel import group_rank, group_size, group_sum, shard, unshard
+from hyena_cp.parallel import count_comm, group_rank, group_size, group_sum, shard, unshard
 from lm_parity import ParityCase, assert_parity, assert_parity_fails, parity_worker
 from references import rel_err
 
@@ -182,6 +182,27 @@ def worker_bad_batch(case: LMCase, local_len: int) -> None:
         model(torch.zeros(1, local_len, dtype=torch.long))
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def worker_disagreeing_batch(case: LMCase) -> None:
+    """Local lengths 8 and 6 (each valid alone): the attention layer's K/V all-gather comes first."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=dist.get_world_size())
+    try:
+        model, _, _ = build(case, None)
+        with count_comm() as stats:
+            try:
+                model(torch.zeros(1, 6 if dist.get_rank() == dist.get_world_size() - 1 else 8, dtype=torch.long))
+            finally:
+                assert stats.control_calls == {"agreement": 1}, stats.control_calls  # once, not once per layer
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_disagreeing_ranks_all_raise_the_same_error(dist_run, cp):
+    errors = dist_run.run(worker_disagreeing_batch, cp, (LMCase(pattern="AH"),), expect_error=ValueError, timeout=30)
+    assert len({str(e) for e in errors}) == 1, errors
+    assert "input_ids.shape: (1, 8) on rank" in str(errors[0]) and f"(1, 6) on rank {cp - 1}" in str(errors[0])
 
 
 @pytest.mark.parametrize("local_len,match", [(3, "must be even"), (20, "exceeds max_sequence_length")])

@@ -1,8 +1,9 @@
-"""Three AdamW steps of the hybrid Hyena/attention LM under dp2, cp2, tp2 and tp2 x cp2 give
-the parameters of one process (fp64, < 1e-10), through the training loop's own pieces:
-`init_parallel` (megatron rank order), the loss share, `sync_gradients` over the dp x cp
-ranks of a TP shard (sum over CP, mean over DP) and the TP-aware `clip_grad_norm` (active:
-the max norm is below every step's norm)."""
+"""Three AdamW steps of the hybrid Hyena/attention LM under dp2, cp2, tp2, tp2 x cp2 and
+dp2 x cp2 give the parameters of one process (fp64, < 1e-10), through the training loop's own
+pieces: `init_parallel` (megatron rank order), FSDP2 over the dp x cp ranks of a TP shard
+(`apply_data_parallel`, ``fsdp`` and ``ddp``; the loss share times `loss_scale`: sum over CP,
+mean over DP) and the TP-aware `clip_grad_norm` on FSDP's DTensor gradients (active: the max
+norm is below every step's norm)."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,11 @@ import torch.nn.functional as F
 from megatron.core import parallel_state  # noqa: F401
 
 from hyena_cp.megatron.compat import ProcessGroupCollection
-from hyena_cp.parallel import clip_grad_norm, shard, sync_gradients, tp_partition, unshard_tp
+from torch.distributed.tensor import DTensor
+
+from hyena_cp.parallel import apply_data_parallel, clip_grad_norm, shard, tp_partition, unshard_tp
 from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.parallel.fsdp import loss_scale
 from lm_parity import ParityCase, build_model, load_full_weights, perturb
 from references import rel_err
 
@@ -41,15 +45,17 @@ def train(model, batches, groups, dp: int, dp_rank: int, cp: int, cp_rank: int) 
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)  # b, s_local, vocab: gathered over TP, float64
         share = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / (rows * labels.shape[1])
-        share.backward()
-        if groups is not None:
-            sync_gradients(params, groups.grad_group, divide_by=dp)
+        (share * loss_scale(cp)).backward()  # FSDP averages over dp x cp
         norms.append(float(clip_grad_norm(params, MAX_NORM, None if groups is None else groups.tp_group)))
         optimizer.step()
     return norms
 
 
-def worker(dp: int, tp: int, cp: int, pattern: str) -> dict:
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.detach().full_tensor() if isinstance(p, DTensor) else p.detach().clone()
+
+
+def worker(dp: int, tp: int, cp: int, pattern: str, mode: str = "fsdp") -> dict:
     rank = dist.get_rank()
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]  # collective: every rank makes all
     groups = init_parallel(cp, tp=tp, megatron=True)
@@ -60,9 +66,11 @@ def worker(dp: int, tp: int, cp: int, pattern: str) -> dict:
         perturb(reference)
         model = build_model(case, None, tp_size=tp)
         load_full_weights(model, reference, tp, groups.tp_rank)
+        if dp * cp > 1:
+            apply_data_parallel(model, groups.dp_cp_mesh, mode=mode)
         norms = train(model, batches, groups, dp, groups.dp_rank, cp, groups.cp_rank)
         out = {"tp_rank": groups.tp_rank, "norms": norms,
-               "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+               "params": {n: _full(p) for n, p in model.named_parameters()},
                "partitions": {n: tp_partition(p) for n, p in model.named_parameters()}}
         if rank == 0:
             out["ref_norms"] = train(reference, batches, None, 1, 0, 1, 0)
@@ -91,10 +99,11 @@ def check(results: list[dict], tp: int) -> float:
     return worst
 
 
-@pytest.mark.parametrize("dp,tp,cp", [(2, 1, 1), (1, 1, 2), (1, 2, 1), (1, 2, 2)])
-def test_three_adamw_steps_equal_one_process(dist_run, dp, tp, cp):
-    results = dist_run(worker, dp * tp * cp, dp, tp, cp, "HHA")
-    check(results, tp)
+@pytest.mark.parametrize("dp,tp,cp,mode", [(2, 1, 1, "fsdp"), (1, 1, 2, "fsdp"), (1, 2, 1, "fsdp"),
+                                           (1, 2, 2, "fsdp"), (2, 1, 2, "fsdp"), (1, 1, 2, "ddp"), (1, 2, 2, "ddp")])
+def test_three_adamw_steps_equal_one_process(dist_run, dp, tp, cp, mode):
+    results = dist_run(worker, dp * tp * cp, dp, tp, cp, "HHA", mode)
+    print(f"worst parameter error: {check(results, tp):.1e}")
 
 
 def test_check_catches_a_wrong_update(dist_run):

@@ -108,6 +108,69 @@ def test_bad_inputs_raise_clear_errors():
         make_mixer(2, kernel=4)
 
 
+X1 = (2, 6, 8)  # a valid [B, L, C] for make_mixer(1)
+
+
+def _x(shape=X1, dtype=torch.float64, **kw):
+    return torch.randn(shape, **kw).to(dtype)
+
+
+@pytest.mark.parametrize("build,call,match", [
+    # x: type, dtype, device
+    ({}, dict(x=[[0.0] * 8] * 6), "x must be \\[B, L, C\\]"),
+    ({}, dict(x=_x(dtype=torch.int64)), "x must be a floating-point tensor"),
+    ({}, dict(x=_x(dtype=torch.float32)), "x is torch.float32 but the mixer's parameters are torch.float64"),
+    ({}, dict(x=torch.empty(X1, dtype=torch.float64, device="meta")), "x is on meta but the mixer's parameters"),
+    # conditioning width vs cond_dim (used to fail inside a matmul, after the collectives under CP)
+    (dict(conditioning="film", cond_dim=3), dict(conditioning=_x((2, 5))),
+     "conditioning must be \\[B, cond_dim\\] = \\[2, 3\\]"),
+    (dict(conditioning="adaln", cond_dim=5), dict(conditioning=_x((3, 5))), "= \\[2, 5\\] \\(B from x"),  # batch
+    (dict(conditioning="film", cond_dim=5), dict(conditioning=_x((2, 5, 1))), "got \\(2, 5, 1\\)"),
+    (dict(conditioning="film", cond_dim=5), dict(conditioning=_x((2, 5), dtype=torch.float32)),
+     "conditioning is a torch.float32"),
+    (dict(conditioning="film", cond_dim=5), dict(conditioning=_x((2, 5), dtype=torch.int64)),
+     "floating-point tensor on x's device"),
+    ({}, dict(conditioning=_x((2, 5))), "built without conditioning"),
+    # num_valid_tokens: negative, too large, not an int (global tokens per sample here: L = 6)
+    ({}, dict(num_valid_tokens=-1), "num_valid_tokens=-1 must be None \\(no padding\\) or an int in \\[0, 6\\]"),
+    ({}, dict(num_valid_tokens=7), "num_valid_tokens=7 must be"),
+    ({}, dict(num_valid_tokens=3.0), "num_valid_tokens=3.0 must be"),
+    ({}, dict(num_valid_tokens=True), "num_valid_tokens=True must be"),
+    # cp_group: a process group or None
+    ({}, dict(cp_group=2), "cp_group must be a torch.distributed ProcessGroup"),
+    ({}, dict(cp_group=[0, 1]), "cp_group must be"),
+])
+def test_every_input_is_checked_with_an_error_naming_it(build, call, match):
+    m = make_mixer(1, **build)
+    call = dict(call)
+    x = call.pop("x", _x())
+    with pytest.raises(ValueError, match=match):
+        m(x, **call)
+
+
+def test_valid_edge_inputs_still_run():
+    m = make_mixer(1)
+    x = _x()
+    assert m(x, num_valid_tokens=0).shape == X1 and m(x, num_valid_tokens=6).shape == X1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast x's dtype may differ from the weights'
+        assert make_mixer(1).float()(_x(dtype=torch.bfloat16)).shape == X1
+
+
+@pytest.mark.parametrize("shapes,kw,match", [
+    (((1, 8, 6),) * 2 + ((1, 8, 5),), {}, "q, k, v must be tensors of one shape \\[B, C, L\\]"),
+    (((1, 8, 6, 1),) * 3, {}, "q, k, v must be tensors of one shape"),
+    (((1, 4, 6),) * 3, {}, "q, k, v have 4 channels; with sharded='sequence' they must have 8"),
+    (((1, 8, 6),) * 3, dict(sharded="rows"), "sharded='rows' must be 'sequence'"),
+    (((1, 8, 6),) * 3, dict(mask=torch.ones(5)), "mask must be a tensor broadcastable to q's shape \\(1, 8, 6\\)"),
+    (((1, 8, 6),) * 3, dict(cp_group="world"), "cp_group must be"),
+])
+def test_hyena_operator_inputs_are_checked(shapes, kw, match):
+    hyena = Hyena(hidden_dim=8, num_heads=2, filter_width=8).double()
+    q, k, v = (torch.randn(s, dtype=torch.float64) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        hyena(q, k, v, **kw)
+
+
 def test_autocast_bf16_runs_and_stays_close():
     m = make_mixer(1).float()
     x = torch.randn(2, 64, 8)

@@ -1,6 +1,7 @@
 """Checkpoints (`hyena_cp.train.checkpoint`): exact round trip of model, optimizer, RNG and
 progress; atomicity (a crash mid-save leaves the last good checkpoint); the ``latest``
-pointer and its fallback; pruning; refusal of pickled items and of a changed dp size."""
+pointer and its fallback; pruning; refusal of pickled items; loading at another dp size (the
+model and optimizer load, the per-replica RNG streams are left alone)."""
 from __future__ import annotations
 
 import os
@@ -150,22 +151,41 @@ def test_pruning_pointer_and_fallback(dist_run, tmp_path):
     assert dist_run(_latest, 2, root) == [3, 3]
 
 
-def _load_with_other_dp(root: str) -> str:
+def _load_with_other_dp(root: str) -> dict:
     groups = init_parallel(1)
     try:
-        model, optimizer = _model_and_optimizer(0)
+        model, optimizer = _model_and_optimizer(7)
+        torch.manual_seed(123 + groups.dp_rank)
+        before = torch.get_rng_state()
         ckpt = Checkpointer(root, groups)
-        with pytest.raises(ValueError, match="same data-parallel size") as info:
-            ckpt.load(ckpt.latest_step(), model, optimizer)
-        return str(info.value)
+        ckpt.load(ckpt.latest_step(), model, optimizer)
+        return {"params": [p.detach() for p in model.parameters()], "saved_dp": ckpt.meta(ckpt.latest_step())["dp"],
+                "rng_kept": torch.equal(torch.get_rng_state(), before),
+                "optim": [{k: v for k, v in optimizer.state[p].items()} for p in model.parameters()]}
     finally:
         destroy_parallel(groups)
 
 
-def test_resuming_with_another_dp_size_is_refused_on_every_rank(dist_run, tmp_path):
-    dist_run(_save_steps, 1, str(tmp_path), [5], 1)
-    messages = dist_run(_load_with_other_dp, 2, str(tmp_path))
-    assert all("dp=1" in m and "dp=2" in m for m in messages)
+def _save_trained(root: str) -> dict:
+    groups = init_parallel(1)
+    try:
+        model, optimizer = _model_and_optimizer(0)
+        _steps(model, optimizer, 2)
+        Checkpointer(root, groups).save(2, model, optimizer, PROGRESS)
+        return {"params": [p.detach() for p in model.parameters()],
+                "optim": [{k: v for k, v in optimizer.state[p].items()} for p in model.parameters()]}
+    finally:
+        destroy_parallel(groups)
+
+
+def test_a_checkpoint_loads_at_another_dp_size_keeping_the_rng(dist_run, tmp_path):
+    (saved,) = dist_run(_save_trained, 1, str(tmp_path))
+    for r in dist_run(_load_with_other_dp, 2, str(tmp_path)):
+        assert r["saved_dp"] == 1 and r["rng_kept"]  # replica 1 has no saved stream: nothing is restored
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], saved["params"]))
+        for got, expected in zip(r["optim"], saved["optim"]):
+            assert got.keys() == expected.keys() == {"step", "exp_avg", "exp_avg_sq"}
+            assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

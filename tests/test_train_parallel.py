@@ -1,6 +1,8 @@
-"""dp x cp x tp process groups (`hyena_cp.parallel.dims`) and the gradient all-reduce
-(`hyena_cp.parallel.grad_sync`): group membership in megatron's rank order (tp innermost,
-then cp, then dp) with both builders, and "sum over CP, average over DP" per TP shard."""
+"""The run's dp x cp x tp DeviceMesh (`hyena_cp.parallel.dims`) and the gradient reduction of
+FSDP2 (`hyena_cp.parallel.fsdp`): group membership in megatron's rank order (tp innermost, then
+cp, then dp) for the mesh and for megatron-core's ``parallel_state`` (the same ranks), and
+"sum over CP, average over DP" per TP shard for both ``dp_mode`` s, with the negative twin of
+FSDP's default reduction (an average over dp x cp)."""
 from __future__ import annotations
 
 import megatron.core.parallel_state  # noqa: F401  (imported before the dist_run workers fork: they inherit it)
@@ -9,9 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hyena_cp.parallel import count_comm
+from megatron.core import parallel_state
+from torch.distributed.tensor import DTensor
+
 from hyena_cp.parallel.dims import ParallelDims, broadcast_int, destroy_parallel, init_parallel
-from hyena_cp.parallel.grad_sync import sync_gradients
+from hyena_cp.parallel.fsdp import apply_data_parallel, loss_scale
 
 
 def _ranks(group) -> list[int] | None:
@@ -50,24 +54,35 @@ def _group_layout(cp: int, tp: int, megatron: bool) -> dict:
     groups = init_parallel(cp, tp=tp, megatron=megatron)
     try:
         mesh = groups.tp_mesh
-        return {"coords": (groups.dp_rank, groups.cp_rank, groups.tp_rank), "tp": _ranks(groups.tp_group),
-                "cp": _ranks(groups.cp_group), "dp": _ranks(groups.dp_group), "grad": _ranks(groups.grad_group),
-                "mesh": None if mesh is None else mesh.mesh.tolist(), "owns": groups.owns_default_group,
-                "agreed": broadcast_int(10 + dist.get_rank(), groups)}
+        out = {"coords": (groups.dp_rank, groups.cp_rank, groups.tp_rank), "tp": _ranks(groups.tp_group),
+               "cp": _ranks(groups.cp_group), "dp": _ranks(groups.dp_group), "grad": _ranks(groups.grad_group),
+               "mesh": None if mesh is None else mesh.mesh.tolist(), "owns": groups.owns_default_group,
+               "world_mesh": groups.mesh.mesh.tolist(), "agreed": broadcast_int(10 + dist.get_rank(), groups)}
+        if megatron:  # what megatron-core modules read (size-1 groups as None, like ours)
+            theirs = {"tp": parallel_state.get_tensor_model_parallel_group(),
+                      "cp": parallel_state.get_context_parallel_group(),
+                      "dp": parallel_state.get_data_parallel_group(with_context_parallel=False),
+                      "grad": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+            out["megatron"] = {k: _ranks(g) if g.size() > 1 else None for k, g in theirs.items()}
+        return out
     finally:
         destroy_parallel(groups)
 
 
 @pytest.mark.parametrize("dp,tp,cp", [(1, 1, 2), (2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1), (2, 1, 2)])
-def test_both_builders_give_megatrons_rank_order(dist_run, dp, tp, cp):
+def test_mesh_and_megatron_groups_hold_megatrons_rank_order(dist_run, dp, tp, cp):
     world = dp * tp * cp
-    layouts = {megatron: dist_run(_group_layout, world, cp, tp, megatron) for megatron in (False, True)}
-    assert layouts[False] == layouts[True]  # new_group and parallel_state: identical groups
-    for rank, got in enumerate(layouts[False]):
+    layouts = dist_run(_group_layout, world, cp, tp, True)
+    for rank, got in enumerate(layouts):
         expected = _expected_layout(world, cp, tp, rank)
-        assert {k: got[k] for k in expected} == expected, rank
+        assert {k: got[k] for k in expected} == expected, rank  # the mesh's groups
+        assert got["megatron"] == {k: expected[k] for k in ("tp", "cp", "dp", "grad")}, rank  # parallel_state's
         assert got["mesh"] == expected["tp"]  # the TP DeviceMesh spans the TP group
+        assert got["world_mesh"] == torch.arange(world).view(dp, cp, tp).tolist()
         assert not got["owns"] and got["agreed"] == 10  # the harness owns WORLD; rank 0's value everywhere
+    if world == 4:  # without megatron the mesh is the same
+        assert [{k: r[k] for k in expected} for r in dist_run(_group_layout, world, cp, tp, False)] == \
+            [{k: r[k] for k in expected} for r in layouts]
 
 
 def _bad_mesh(cp: int, tp: int) -> None:
@@ -81,36 +96,69 @@ def test_mesh_not_dividing_world_raises_on_every_rank(dist_run, cp, tp):
                for e in errors)
 
 
-def _sync(cp: int, tp: int, bucket_bytes: int) -> tuple[list[torch.Tensor], int]:
+class _Scale(nn.Module):
+    """``loss = <weight, x>``: the gradient of ``weight`` is ``x`` (the rank's own, below)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(*shape, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight * x.view_as(self.weight)).sum()
+
+
+class _Blocks(nn.Module):
+    """Two FSDP units (uneven shards at dp x cp = 4: 5 and 3 rows) and a root parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Scale(5), _Scale(3, 2)])
+        self.root = _Scale(2)
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.blocks[0](xs[0]) + self.blocks[1](xs[1]) + self.root(xs[2])
+
+
+def _reduced(cp: int, tp: int, mode: str, scaled: bool) -> list[torch.Tensor]:
+    """Each rank's loss share has the gradient ``base * (rank + 1) + i``; backward of the share
+    times `loss_scale` (``scaled``, as the loop does) or of the share itself (FSDP's default
+    alone); returns the reduced full gradients."""
     groups = init_parallel(cp, tp=tp)
-    rank = dist.get_rank()
-    params = [nn.Parameter(torch.zeros(5)), nn.Parameter(torch.zeros(3, 2)),
-              nn.Parameter(torch.zeros(4, dtype=torch.float64)), nn.Parameter(torch.zeros(2)),
-              nn.Parameter(torch.zeros(2), requires_grad=False)]
-    for i, p in enumerate(params[:3]):
-        p.grad = torch.arange(p.numel(), dtype=p.dtype).view_as(p) * (rank + 1) + i  # differs per rank
     try:
-        with count_comm() as stats:
-            sync_gradients(params, groups.grad_group, divide_by=groups.dims.dp, bucket_bytes=bucket_bytes)
-        return [p.grad for p in params[:4]] + [params[4].grad], stats.calls["all_reduce"]
+        model = apply_data_parallel(_Blocks(), groups.dp_cp_mesh, mode=mode)
+        rank, shapes = dist.get_rank(), [(5,), (3, 2), (2,)]
+        xs = [torch.arange(torch.Size(s).numel(), dtype=torch.float64) * (rank + 1) + i for i, s in enumerate(shapes)]
+        (model(xs) * (loss_scale(cp) if scaled else 1)).backward()
+        grads = [p.grad for p in (model.blocks[0].weight, model.blocks[1].weight, model.root.weight)]
+        assert all(isinstance(g, DTensor) for g in grads)
+        return [g.full_tensor() for g in grads]
     finally:
         destroy_parallel(groups)
 
 
-@pytest.mark.parametrize("world,cp,tp", [(2, 2, 1), (2, 1, 1), (4, 2, 1), (1, 1, 1), (4, 1, 2), (4, 2, 2)])
-@pytest.mark.parametrize("bucket_bytes", [16, 2**20])
-def test_gradients_are_summed_over_cp_and_averaged_over_dp(dist_run, world, cp, tp, bucket_bytes):
-    results = dist_run(_sync, world, cp, tp, bucket_bytes)
+def _expected(world: int, tp: int, dp: int, rank: int) -> list[torch.Tensor]:
+    same_shard = [r for r in range(world) if r % tp == rank % tp]  # the dp x cp ranks of this TP rank
+    out = []
+    for i, shape in enumerate([(5,), (3, 2), (2,)]):
+        base = torch.arange(torch.Size(shape).numel(), dtype=torch.float64).view(shape)
+        # sum over the ranks of this TP shard of base * (r + 1) + i, divided by dp; never over TP
+        out.append((base * sum(r + 1 for r in same_shard) + i * len(same_shard)) / dp)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+@pytest.mark.parametrize("world,cp,tp", [(2, 2, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 1, 2)])
+def test_gradients_are_summed_over_cp_and_averaged_over_dp(dist_run, world, cp, tp, mode):
     dp = world // (cp * tp)
-    shapes = [(5,), (3, 2), (4,)]
-    for rank, (grads, calls) in enumerate(results):
-        same_shard = [r for r in range(world) if r % tp == rank % tp]  # the dp x cp ranks of this TP rank
-        for i, shape in enumerate(shapes):
-            base = torch.arange(torch.Size(shape).numel(), dtype=grads[i].dtype).view(shape)
-            # sum over the ranks of this TP shard of base * (r + 1) + i, divided by dp; never over TP
-            expected = (base * sum(r + 1 for r in same_shard) + i * len(same_shard)) / dp
-            torch.testing.assert_close(grads[i], expected, rtol=0, atol=1e-12)
-        assert torch.equal(grads[3], torch.zeros(2))  # no gradient on any rank: zeros
-        assert grads[4] is None  # frozen parameters are left alone
-        # buckets hold consecutive grads of one dtype (f32 f32 | f64 | f32); tiny ones one each
-        assert calls == (0 if len(same_shard) == 1 else 3 if bucket_bytes > 64 else 4)
+    for rank, grads in enumerate(dist_run(_reduced, world, cp, tp, mode, True)):
+        for got, want in zip(grads, _expected(world, tp, dp, rank)):
+            torch.testing.assert_close(got, want.view_as(got), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_fsdp_default_average_over_cp_breaks_the_invariant(dist_run, mode):
+    """Negative twin: without the loss scale, FSDP's mean over dp x cp averages over CP instead of summing."""
+    for rank, grads in enumerate(dist_run(_reduced, 4, 2, 1, mode, False)):
+        for got, want in zip(grads, _expected(4, 1, 2, rank)):
+            torch.testing.assert_close(got * 2, want.view_as(got), rtol=0, atol=1e-12)  # off by exactly cp
+            assert not torch.allclose(got, want.view_as(got))

@@ -191,6 +191,14 @@ def test_bad_images_raise():
         net(torch.randn(2, 3, 16, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\[B, 3, 20, 20\]"):
         net(torch.randn(3, 20, 20, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[B, 3, 20, 20\].*got \[\[0.0\]\]"):
+        net([[0.0]])
+    with pytest.raises(ValueError, match=r"floating-point tensor \(normalised pixels\), got torch.uint8"):
+        net(torch.zeros(2, 3, 20, 20, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="images are on meta but the network's parameters are on cpu"):
+        net(torch.empty(2, 3, 20, 20, dtype=torch.float64, device="meta"))
+    with pytest.raises(ValueError, match="cp_group must be a torch.distributed ProcessGroup"):
+        net(torch.randn(2, 3, 20, 20, dtype=torch.float64), cp_group=4)
 
 
 def worker_bad(kwargs: dict) -> None:

@@ -22,8 +22,34 @@ LM = QUIET + ["model.num_layers=1", "model.layer_pattern=H", "model.hidden_size=
 RTOL = 1e-5  # fp32, different reduction orders across ranks
 
 
+def load_config(name: str, overrides: list[str], output_dir: str):
+    """A shipped config with its defaults, the overrides and the output folder."""
+    cfg = with_defaults(LazyConfig.load(CONFIGS / name))
+    return LazyConfig.apply_overrides(cfg, overrides + [f"train.output_dir={output_dir}"])
+
+
 def run_config(name: str, overrides: list[str], output_dir: str) -> dict:
     """`train` on one rank of a pool (module level, so `dist_run` can send it)."""
-    cfg = with_defaults(LazyConfig.load(CONFIGS / name))
-    cfg = LazyConfig.apply_overrides(cfg, overrides + [f"train.output_dir={output_dir}"])
-    return train(cfg, name=Path(name).stem)
+    return train(load_config(name, overrides, output_dir), name=Path(name).stem)
+
+
+def as_float64(module):
+    """``module.double()`` (a LazyCall target: the fp64 parity runs wrap the config's model in it)."""
+    return module.double()
+
+
+def float64_config(name: str, overrides: list[str], output_dir: str):
+    """A shipped config with its model in float64 (the tasks' losses follow the logits' dtype)."""
+    from omegaconf import OmegaConf
+
+    from hyena_cp.lazy import LazyCall
+
+    cfg = load_config(name, overrides, output_dir)
+    OmegaConf.resolve(cfg)  # "${model.img_size}" and the like, before the model moves under "module"
+    cfg.model = LazyCall(as_float64)(module=cfg.model)
+    return cfg
+
+
+def run_config_fp64(name: str, overrides: list[str], output_dir: str) -> dict:
+    """`run_config` with the model in float64."""
+    return train(float64_config(name, overrides, output_dir), name=Path(name).stem)

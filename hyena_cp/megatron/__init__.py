@@ -1,7 +1,8 @@
 """megatron-core integration: Hyena as a ``TransformerLayer`` submodule, a CPU-safe
 context-parallel core attention, rotary tables for zigzag shards, layer specs for Hyena and
-hybrid Hyena/attention stacks, and a Hyena language model (CP, and TP for attention layers).
-Packed sequences (``PackedSeqParams`` / ``cu_seqlens``): `hyena_cp.megatron.packing`.
+hybrid Hyena/attention stacks, a Hyena language model (CP and TP), and its generation (CP
+prefill, exact cached decoding: `hyena_cp.megatron.generation`). Packed sequences
+(``PackedSeqParams`` / ``cu_seqlens``): `hyena_cp.megatron.packing`.
 
 The only package in hyena_cp that imports megatron-core (``import hyena_cp`` does not);
 version-specific code lives in `hyena_cp.megatron.compat`.
@@ -12,6 +13,7 @@ version-specific code lives in `hyena_cp.megatron.compat`.
 from __future__ import annotations
 
 from hyena_cp.megatron.attention import TorchCoreAttention
+from hyena_cp.megatron.generation import InferenceCache, generate
 from hyena_cp.megatron.mixer import HyenaMixerConfig, MegatronHyenaMixer
 from hyena_cp.megatron.model import IGNORE_INDEX, HyenaLanguageModel, build_hyena_lm
 from hyena_cp.megatron.specs import (LAYER_SYMBOLS, check_layer_pattern, get_attention_layer_spec,
@@ -22,10 +24,12 @@ __all__ = [
     "LAYER_SYMBOLS",
     "HyenaLanguageModel",
     "HyenaMixerConfig",
+    "InferenceCache",
     "MegatronHyenaMixer",
     "TorchCoreAttention",
     "build_hyena_lm",
     "check_layer_pattern",
+    "generate",
     "get_attention_layer_spec",
     "get_hybrid_block_spec",
     "get_hyena_layer_spec",

@@ -116,6 +116,7 @@ class TorchCoreAttention(MegatronModule):
         self.layer_number, self.attn_mask_type = layer_number, attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.kv_cache = None  # set during generation only: a `hyena_cp.megatron.kv_cache.KVCache`
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
@@ -127,6 +128,13 @@ class TorchCoreAttention(MegatronModule):
         the module docstring), the mask is then per document."""
         if attention_bias is not None:
             raise ValueError("TorchCoreAttention does not support attention_bias; pass None")
+        if self.kv_cache is not None:  # generation: a decode step, or a prefill that keeps K and V
+            if packed_seq_params is not None:
+                raise ValueError("generation does not take packed sequences (packed_seq_params): prompts are one "
+                                 "document per row; pass packed_seq_params=None")
+            if self.kv_cache.decoding:
+                return self.kv_cache.decode(query, key, value)
+            self.kv_cache.record(key, value)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         cu_seqlens = self._packed(packed_seq_params, attention_mask, mask_type, query)
         if is_parallel(self.cp_group):

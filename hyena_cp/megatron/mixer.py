@@ -75,6 +75,8 @@ class HyenaMixerConfig:
         bias: bias of in_proj, short conv and out_proj; None follows ``config.add_bias_linear``.
         cp_comm: "alltoall" (default, the communication floor) or "allgather" (baseline).
         short_conv_cp: "halo" (default) or "a2a" (comparison mode), see QKVSequenceMixer.
+        check_agreement: "always" (default) or "off": the CP ranks compare their shard shapes
+            and ``cu_seqlens`` before the mixer's first collective (see QKVSequenceMixer).
     """
 
     num_heads: int = 1
@@ -88,6 +90,7 @@ class HyenaMixerConfig:
     bias: bool | None = None
     cp_comm: Literal["alltoall", "allgather"] = "alltoall"
     short_conv_cp: Literal["halo", "a2a"] = "halo"
+    check_agreement: Literal["always", "off"] = "always"
 
 
 def _check_parallelism(config: TransformerConfig, tp_size: int, cp_size: int, hyena_config: HyenaMixerConfig) -> None:
@@ -177,10 +180,11 @@ class MegatronHyenaMixer(MegatronModule):
         in_proj, out_proj = _projections(config, self.tp_group, bias)
         self.mixer = QKVSequenceMixer(hidden_dim=h, hyena=hyena, short_kernel_size=cfg.short_kernel_size,
                                       norm=cfg.norm, bias=bias, short_conv_cp=cfg.short_conv_cp,
-                                      in_proj=in_proj, out_proj=out_proj)
+                                      in_proj=in_proj, out_proj=out_proj, check_agreement=cfg.check_agreement)
         if self.tp_group is not None:
             self._mark_tp_sharded()
         self.mixer.to(dtype=config.params_dtype)
+        self.inference_cache = None  # set during generation only: a `hyena_cp.modules.inference.HyenaCache`
 
     def _mark_tp_sharded(self) -> None:
         """megatron's TP attributes on the mixer's own per-channel parameters (the linears set theirs)."""
@@ -218,7 +222,13 @@ class MegatronHyenaMixer(MegatronModule):
         cu_seqlens = cu_seqlens_from(kwargs.get("packed_seq_params"), where="MegatronHyenaMixer",
                                      cp_size=group_size(self.cp_group), batch=hidden_states.shape[1], allow_thd=True)
         x = rearrange(hidden_states, "s b h -> b s h")
-        y = self.mixer(x, cp_group=self.cp_group, cu_seqlens=cu_seqlens)
+        if self.inference_cache is not None:  # generation: prefill of the prompt, or one decode step
+            if cu_seqlens is not None:
+                raise ValueError("generation does not take packed sequences (packed_seq_params): prompts are one "
+                                 "document per row; pass packed_seq_params=None")
+            y = self.inference_cache(x)
+        else:
+            y = self.mixer(x, cp_group=self.cp_group, cu_seqlens=cu_seqlens)
         return rearrange(y, "b s h -> s b h").contiguous(), None
 
     def flop_count(self, num_tokens: int, inference: bool = False) -> int:

@@ -25,6 +25,9 @@ the usual transformer baseline; table from GLOBAL positions of the zigzag shard,
 `hyena_cp.megatron.rope`); ``"none"`` gives NoPE attention. Hyena layers ignore it: their
 causal, position-indexed filters carry position. There is no learned absolute embedding.
 
+Generation: `HyenaLanguageModel.generate` (CP prefill of the prompt, then exact cached decoding
+under the same CP/TP groups; `hyena_cp.megatron.generation`, tested in tests/test_generation.py).
+
 Packed sequences: ``forward(..., cu_seqlens=...)`` (or megatron's ``packed_seq_params=``) with
 GLOBAL document boundaries ``[N+1]`` over the b rows laid end to end (every row end among
 them; b = 1 is megatron's THD convention), identical on every rank. The whole packed
@@ -33,6 +36,12 @@ layer then keeps documents apart: Hyena's short and long convs restart at each d
 attention masks per document and RoPE positions restart at 0 in each document, so a packed
 document's logits and losses equal that document run alone. Labels that would cross into
 the next document should be ``IGNORE_INDEX`` (the data's job: `hyena_cp.data.stdlib_text`).
+
+Cross-rank agreement: before its first collective the model compares the CP ranks' shard
+shapes (``input_ids``, ``labels``) and ``cu_seqlens`` once per forward (one small all-gather,
+`hyena_cp.parallel.agreement`; policy ``hyena_config.check_agreement``) and runs its layers
+inside `hyena_cp.parallel.agreed`: the Hyena layers skip their own checks, and an attention
+layer ahead of them never meets mismatched shards in its K/V all-gather.
 
 Tested in tests/test_megatron_lm.py (CP, Hyena and hybrids) and tests/test_megatron_lm_tp.py
 (TP and TP x CP), against single-process models built from the same full weights.
@@ -49,16 +58,18 @@ from torch.distributed import ProcessGroup
 
 from hyena_cp.data.stdlib_text import IGNORE_INDEX
 from hyena_cp.megatron.attention import TorchCoreAttention, check_attention_parallelism
+from hyena_cp.megatron.generation import generate
 from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule, PackedSeqParams,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
                                       check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
                                       resolve_pg_collection, vocab_parallel_cross_entropy)
 from hyena_cp.megatron.mixer import HyenaMixerConfig
 from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
-from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_pos_emb
+from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
 from hyena_cp.ops.packing import check_cu_seqlens, is_one_document_per_row
-from hyena_cp.parallel import gather_from_group, group_size
+from hyena_cp.parallel import (agreed, check_agreement_policy, check_ranks_agree, gather_from_group, group_size,
+                               shape_of)
 
 __all__ = ["IGNORE_INDEX", "HyenaLanguageModel", "build_hyena_lm"]
 
@@ -73,7 +84,8 @@ class HyenaLanguageModel(MegatronModule):
         vocab_size: output classes (256 for bytes); divisible by the TP size.
         max_sequence_length: longest GLOBAL sequence accepted by `forward`.
         layer_pattern: e.g. ``"HHA"`` ("H" Hyena, "A" attention); default all Hyena.
-        hyena_config: settings of every Hyena layer.
+        hyena_config: settings of every Hyena layer; its ``check_agreement`` is also the
+            model's (see the module docstring).
         position_embedding: ``"rope"`` (default) or ``"none"``, for the attention layers.
         rotary_base: RoPE base (megatron's ``rotary_base``).
         core_attention: the attention layers' core attention (``TEDotProductAttention`` on GPUs).
@@ -96,6 +108,7 @@ class HyenaLanguageModel(MegatronModule):
         self.cp_group, self.tp_group = resolve_cp_group(pg_collection), pg_collection.tp
         _check_parallelism(config, pattern, vocab_size, position_embedding, self.tp_group, group_size(self.cp_group))
         self.vocab_size, self.max_sequence_length, self.layer_pattern = vocab_size, max_sequence_length, pattern
+        self.check_agreement = check_agreement_policy((hyena_config or HyenaMixerConfig()).check_agreement)
         self.position_embedding, self.rotary_base, self.core_attention = position_embedding, rotary_base, core_attention
         self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
                                                 max_sequence_length=max_sequence_length,
@@ -146,6 +159,14 @@ class HyenaLanguageModel(MegatronModule):
             return document_rotary_pos_emb(cu_seqlens, batch, local_len, self.config.kv_channels, **common)
         return rotary_pos_emb(local_len, self.config.kv_channels, **common)
 
+    def rotary_pos_emb_at(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The rotary table of tokens at GLOBAL ``positions [s]`` (``[s, 1, 1, kv_channels]``), or None
+        (generation: one decode step's position)."""
+        if self.position_embedding == "none" or "A" not in self.layer_pattern:
+            return None
+        dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
+        return rotary_angles(positions, self.config.kv_channels, self.rotary_base).to(dtype)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
@@ -172,7 +193,15 @@ class HyenaLanguageModel(MegatronModule):
                 raise ValueError("pass the document boundaries once: cu_seqlens or packed_seq_params, not both")
             cu_seqlens = cu_seqlens_from(packed_seq_params, where="HyenaLanguageModel", batch=input_ids.shape[0],
                                          cp_size=group_size(self.cp_group), allow_thd=True)
+        signature = {"input_ids.shape": shape_of(input_ids), "labels.shape": shape_of(labels), "cu_seqlens": cu_seqlens}
+        check_ranks_agree(self.cp_group, "HyenaLanguageModel.forward", signature, policy=self.check_agreement,
+                          hint="Give every CP rank its zigzag shard of the SAME global batch and the same cu_seqlens")
         self._check(input_ids, labels, cu_seqlens)
+        with agreed(self.cp_group):  # every layer's shapes follow from the input: no per-layer check
+            return self._forward(input_ids, labels, cu_seqlens)
+
+    def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         batch, length = input_ids.shape[0], input_ids.shape[1] * group_size(self.cp_group)
         if cu_seqlens is not None and is_one_document_per_row(cu_seqlens, batch * length, length):
             cu_seqlens = None  # the documents are the rows: nothing to mask
@@ -186,6 +215,13 @@ class HyenaLanguageModel(MegatronModule):
         if labels is None:
             return rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v")
         return rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s")
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue the GLOBAL prompts ``input_ids [b, s]`` (equal lengths, the same on every rank)
+        by ``max_new_tokens`` tokens under this model's CP and TP groups -> ``[b, s + max_new_tokens]``
+        on every rank. ``temperature=0`` is greedy. See `hyena_cp.megatron.generation.generate`."""
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
 
     def _token_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits [s, b, vocab/tp]``, ``target [s, b]`` -> float32 loss ``[s, b]``."""

@@ -23,6 +23,11 @@ the rank that holds it; mean by an autograd all-reduce of per-rank patch sums. L
 identical on every rank; with ``loss / P`` on each rank, parameter gradients summed over
 the group equal single-process gradients. Seed all ranks of a CP group identically so that
 stochastic depth draws the same masks everywhere.
+
+Cross-rank agreement (``check_agreement="always"``): the network compares the ranks' image
+batch shapes ONCE per forward, before its first collective (one all-gather of a few int64,
+`hyena_cp.parallel.agreement`); every stage's shapes follow from it, so the blocks run inside
+`hyena_cp.parallel.agreed` and their mixers skip their own checks.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ from hyena_cp import flops
 from hyena_cp.models.adapter import ViT5HyenaAdapter
 from hyena_cp.models.blocks import MIXERS, NORM_EPS, ViT5Block, build_mixer, init_weights_vit5
 from hyena_cp.models.layout import StageGrid, StageLayout, merge_source
-from hyena_cp.parallel import all_reduce_sum, broadcast_from, group_rank, group_size, redistribute
+from hyena_cp.parallel import (agreed, all_reduce_sum, broadcast_from, check_agreement_policy, check_group,
+                               check_ranks_agree, group_rank, group_size, redistribute, shape_of)
 
 __all__ = ["ViT5HierarchicalClassificationNet", "ViT5ClassificationNet", "PatchMerge"]
 
@@ -119,6 +125,8 @@ class ViT5HierarchicalClassificationNet(nn.Module):
             positional reference (``max_grid`` height = real rows + max_cp_size - 1), so the
             model is the same function for every P <= max_cp_size. Changing it changes the
             filters: keep it fixed for a checkpoint.
+        check_agreement: "always" (default): compare the CP ranks' image shapes once per
+            forward, before any collective; "off": trust them (see module docstring).
     """
 
     def __init__(self, *, img_size: int | Sequence[int] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -126,8 +134,10 @@ class ViT5HierarchicalClassificationNet(nn.Module):
                  num_heads: Sequence[int] = (3, 6, 12, 24), mixers: str | Sequence[str | Sequence[str]] = "hyena",
                  mlp_ratio: float = 4.0, class_token: bool = True, num_registers: int = 4, pool: str = "cls",
                  drop_path_rate: float = 0.0, layer_scale_init: float = 1e-4, hyena: dict[str, Any] | None = None,
-                 mixer: dict[str, Any] | None = None, rope_theta: float = 100.0, max_cp_size: int = 8):
+                 mixer: dict[str, Any] | None = None, rope_theta: float = 100.0, max_cp_size: int = 8,
+                 check_agreement: str = "always"):
         super().__init__()
+        self.check_agreement = check_agreement_policy(check_agreement)
         self.img_size, self.patch_size, self.in_chans = _pair(img_size), int(patch_size), in_chans
         if patch_size < 1 or any(s % patch_size for s in self.img_size):
             raise ValueError(f"img_size={self.img_size} must be divisible by patch_size={patch_size}; resize the "
@@ -184,9 +194,15 @@ class ViT5HierarchicalClassificationNet(nn.Module):
     def check_input(self, images: torch.Tensor, world: int) -> None:
         """Raise ``ValueError`` for bad input on every rank before any collective."""
         want = (self.in_chans, *self.img_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != want:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != want:
             raise ValueError(f"images must be the full batch [B, C_in, H, W] = [B, {', '.join(map(str, want))}] "
-                             f"(same on every CP rank), got {tuple(images.shape)}")
+                             f"(same on every CP rank), got {shape_of(images)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a floating-point tensor (normalised pixels), got {images.dtype}; "
+                             f"convert and normalise them first (e.g. images.float() / 255)")
+        if images.device != self.pos_embed.device:
+            raise ValueError(f"images are on {images.device} but the network's parameters are on "
+                             f"{self.pos_embed.device}; move the images or the network (.to(device))")
         if world > self.max_cp_size:
             raise ValueError(f"cp_group size {world} exceeds max_cp_size={self.max_cp_size}; raise max_cp_size in "
                              f"the model config (it changes the Hyena filters' positional reference)")
@@ -217,8 +233,16 @@ class ViT5HierarchicalClassificationNet(nn.Module):
 
     def forward_pooled(self, images: torch.Tensor, *, cp_group=None) -> torch.Tensor:
         """Pooled features ``[B, C_last]`` (before the final norm), identical on every CP rank."""
+        check_group(cp_group)
+        check_ranks_agree(cp_group, f"{type(self).__name__}.forward", {"images.shape": shape_of(images)},
+                          policy=self.check_agreement,
+                          hint="Give every rank of the cp_group the same FULL image batch (each embeds its own rows)")
+        self.check_input(images, group_size(cp_group))
+        with agreed(cp_group):  # every block's shapes follow from the images: no per-mixer check
+            return self._forward_pooled(images, cp_group)
+
+    def _forward_pooled(self, images: torch.Tensor, cp_group) -> torch.Tensor:
         world, rank = group_size(cp_group), group_rank(cp_group)
-        self.check_input(images, world)
         layouts = self.layouts(world)
         x = self.embed(images, layouts[0], rank)
         for s, (layout, blocks) in enumerate(zip(layouts, self.stages)):
@@ -290,9 +314,10 @@ class ViT5ClassificationNet(ViT5HierarchicalClassificationNet):
                  mixers: str | Sequence[str] = "hyena", mlp_ratio: float = 4.0, class_token: bool = True,
                  num_registers: int = 4, pool: str = "cls", drop_path_rate: float = 0.0,
                  layer_scale_init: float = 1e-4, hyena: dict[str, Any] | None = None,
-                 mixer: dict[str, Any] | None = None, rope_theta: float = 100.0, max_cp_size: int = 8):
+                 mixer: dict[str, Any] | None = None, rope_theta: float = 100.0, max_cp_size: int = 8,
+                 check_agreement: str = "always"):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depths=(depth,), num_heads=(num_heads,), mixers=[mixers],
                          mlp_ratio=mlp_ratio, class_token=class_token, num_registers=num_registers, pool=pool,
                          drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init, hyena=hyena, mixer=mixer,
-                         rope_theta=rope_theta, max_cp_size=max_cp_size)
+                         rope_theta=rope_theta, max_cp_size=max_cp_size, check_agreement=check_agreement)

@@ -36,8 +36,9 @@ from hyena_cp import flops
 from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv2d, fft_size
 from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d
 from hyena_cp.ops.packing import check_cu_seqlens
-from hyena_cp.parallel import (all_gather_seq, channel_to_seq, copy_to_group, from_rank_major, group_rank,
-                               group_size, seq_to_channel, shard)
+from hyena_cp.parallel import (agreed, all_gather_seq, channel_to_seq, check_agreement_policy, check_group,
+                               check_ranks_agree, copy_to_group, from_rank_major, group_rank, group_size,
+                               seq_to_channel, shape_of, shard)
 
 __all__ = ["Hyena"]
 
@@ -64,14 +65,18 @@ class Hyena(nn.Module):
             activations (see ``build_filter``).
         tp_group: tensor-parallel group (None: one process). This rank then takes q, k, v
             of its ``local_dim = C/T`` channels, starting at global channel ``channel_offset``.
+        check_agreement: "always" (default): when called directly, compare the CP ranks'
+            shapes before the first collective (`hyena_cp.parallel.agreement`); inside a
+            `QKVSequenceMixer` the mixer has checked already. "off": trust them.
     """
 
     def __init__(self, *, hidden_dim: int, num_heads: int = 1, spatial_dims: int = 1, filter_bands: int = 8,
                  filter_width: int = 64, filter_depth: int = 2, filter_sin_freq: float = 1.0,
                  max_len: int | None = None, max_grid: tuple[int, int] | None = None,
                  cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True,
-                 tp_group: ProcessGroup | None = None):
+                 tp_group: ProcessGroup | None = None, check_agreement: Literal["always", "off"] = "always"):
         super().__init__()
+        self.check_agreement = check_agreement_policy(check_agreement)
         tp_size = group_size(tp_group)
         if cp_comm not in ("alltoall", "allgather"):
             raise ValueError(f"cp_comm={cp_comm!r} must be 'alltoall' or 'allgather'")
@@ -125,6 +130,30 @@ class Hyena(nn.Module):
                              "pass cu_seqlens=None")
         check_cu_seqlens(cu_seqlens, batch * global_len, global_len)
 
+    def check_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sharded: str,
+                  mask: torch.Tensor | None, world: int) -> None:
+        """Raise ``ValueError`` unless q, k, v (and ``mask``) fit `forward`'s contract."""
+        if sharded not in ("sequence", "channel"):
+            raise ValueError(f"sharded={sharded!r} must be 'sequence' (q, k, v are sequence shards) or 'channel' (they "
+                             f"hold the full sequence of this rank's channel block)")
+        shapes = [shape_of(t) for t in (q, k, v)]
+        layout = "[B, C, L]" if self.spatial_dims == 1 else "[B, C, H, W]"
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or len(set(shapes)) != 1 \
+                or q.dim() != 2 + self.spatial_dims:
+            raise ValueError(f"q, k, v must be tensors of one shape {layout} (channels first), got {shapes}")
+        channels = self.local_dim if sharded == "sequence" else self.local_dim // world
+        if q.shape[1] != channels:
+            raise ValueError(f"q, k, v have {q.shape[1]} channels; with sharded={sharded!r} they must have {channels} "
+                             f"(local_dim={self.local_dim}" + (f" / cp_size={world})" if sharded == "channel" else ")"))
+        if mask is not None:
+            try:
+                fits = isinstance(mask, torch.Tensor) and torch.broadcast_shapes(mask.shape, q.shape) == q.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"mask must be a tensor broadcastable to q's shape {tuple(q.shape)} (1 = real token, "
+                                 f"0 = padding), got {shape_of(mask)}")
+
     def long_conv(self, z: torch.Tensor, channels: slice, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """FFT long conv of the FULL sequence/grid of a channel block.
 
@@ -134,13 +163,16 @@ class Hyena(nn.Module):
                 block aligned to filter groups); only their filters are built.
             cu_seqlens: 1-D packed documents (GLOBAL, validated), each convolved alone.
         """
-        per_group = self.hidden_dim // self.num_heads
-        first, last = self.channel_offset + channels.start, self.channel_offset + channels.stop  # global channels
-        groups = slice(first // per_group, last // per_group)
-        k = self.build_filter(tuple(z.shape[2:]), groups)  # G_blk, L  or  G_blk, 2H-1, 2W-1
+        k = self.build_filter(tuple(z.shape[2:]), self.filter_groups(channels))  # G_blk, L  or  G_blk, 2H-1, 2W-1
         if self.spatial_dims == 2:
             return fft_conv2d(z, k, self.skip[channels])
         return fft_causal_conv1d(z, k, self.skip[channels], cu_seqlens=cu_seqlens)
+
+    def filter_groups(self, channels: slice) -> slice:
+        """The filter groups of a block of this TP rank's local channels (aligned to groups)."""
+        per_group = self.hidden_dim // self.num_heads
+        first, last = self.channel_offset + channels.start, self.channel_offset + channels.stop  # global channels
+        return slice(first // per_group, last // per_group)
 
     def build_filter(self, spatial: tuple[int, ...], groups: slice) -> torch.Tensor:
         """The long filters of ``groups`` for a global size ``(L,)`` or ``(H, W)``.
@@ -178,10 +210,22 @@ class Hyena(nn.Module):
         ``cu_seqlens`` (1-D): packed documents ``[N+1]``, GLOBAL boundaries over the B rows laid
         end to end, the same on every rank; the long conv restarts at each document.
         Returns ``q * (h * z + D z)`` in the same layout as ``q``."""
-        world, rank = group_size(cp_group), group_rank(cp_group)
+        check_group(cp_group)
+        signature = {"q.shape": shape_of(q), "k.shape": shape_of(k), "v.shape": shape_of(v),
+                     "q.dtype": getattr(q, "dtype", None), "mask.shape": shape_of(mask), "cu_seqlens": cu_seqlens}
+        check_ranks_agree(cp_group, "Hyena.forward", signature, policy=self.check_agreement,
+                          hint="Give every rank of the cp_group its shard of the same global q, k, v")
+        world = group_size(cp_group)
+        self.check_qkv(q, k, v, sharded, mask, world)
         global_spatial = tuple(q.shape[2:]) if sharded == "channel" else (q.shape[2] * world, *q.shape[3:])
         self.check_input(global_spatial, world)
         self.check_packing(cu_seqlens, q.shape[0], global_spatial[0])
+        with agreed(cp_group):
+            return self._forward(q, k, v, cp_group, sharded, mask, cu_seqlens)
+
+    def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group, sharded: Sharding,
+                 mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        world, rank = group_size(cp_group), group_rank(cp_group)
         block = self.local_dim // world
         channels = slice(rank * block, (rank + 1) * block)  # of this TP rank's local channels
         z = k * v if mask is None else k * v * mask

@@ -26,6 +26,13 @@ Neither the halos nor the AllToAlls depend on the boundaries, so packing adds no
 communication. A document sees the filter from tap 0 exactly as if run alone when the filter
 has absolute positions (``Hyena(max_len=...)``); with length-relative filters it sees the
 prefix of the filter of the packed length.
+
+Cross-rank agreement (``check_agreement="always"``, the default): before its first collective
+the mixer all-gathers a small signature of the call over ``cp_group`` — x's local shape and
+dtype, ``num_valid_tokens``, the conditioning shape, ``cu_seqlens`` — and every rank raises the
+same ``ValueError`` if the ranks disagree, instead of gloo aborting or NCCL hanging on shards
+that are each valid alone (`hyena_cp.parallel.agreement`: cost, and why there is no cache).
+Inside a network that checked its own input (`hyena_cp.parallel.agreed`) the mixer skips it.
 """
 from __future__ import annotations
 
@@ -42,10 +49,20 @@ from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.norm import build_norm
 from hyena_cp.ops.packing import document_positions, is_one_document_per_row
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
-from hyena_cp.parallel import (causal_halo_1d, channel_to_seq, group_rank, group_size, row_halo_2d,
-                               seq_to_channel, shard, shard_tp)
+from hyena_cp.parallel import (agreed, causal_halo_1d, channel_to_seq, check_agreement_policy, check_group,
+                               check_ranks_agree, group_rank, group_size, row_halo_2d, seq_to_channel, shape_of, shard,
+                               shard_tp)
 
 __all__ = ["QKVSequenceMixer"]
+
+_AGREE_HINT = ("Give every rank of the cp_group its shard of the SAME global batch (hyena_cp.parallel.shard), the "
+               "same num_valid_tokens, conditioning and cu_seqlens")
+
+
+def _autocast(t: torch.Tensor) -> bool:
+    """True when autocast is on for ``t``'s device (then its dtype may differ from the weights')."""
+    kind = t.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 def _project(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +74,15 @@ def _project(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
             raise ValueError("a projection returned a separate bias (skip_bias_add=True); build it with "
                              "skip_bias_add=False so the mixer output includes it")
     return out
+
+
+def _check_num_valid(num_valid: int | None, tokens: int) -> None:
+    """``num_valid_tokens`` is None or an int in ``[0, tokens]`` (``tokens``: global tokens per sample)."""
+    if num_valid is None:
+        return
+    if isinstance(num_valid, bool) or not isinstance(num_valid, int) or not 0 <= num_valid <= tokens:
+        raise ValueError(f"num_valid_tokens={num_valid!r} must be None (no padding) or an int in [0, {tokens}] (the "
+                         f"global tokens per sample: real tokens first, padding after); pass the count of real tokens")
 
 
 class QKVSequenceMixer(nn.Module):
@@ -74,13 +100,16 @@ class QKVSequenceMixer(nn.Module):
         short_conv_cp: "halo" (default) or "a2a", see module docstring.
         in_proj, out_proj: projection modules (C -> 3 * local, local -> C, ``local =
             hyena.local_dim``); default ``nn.Linear``; required under TP (see module docstring).
+        check_agreement: "always" (default) compares the CP ranks' call signatures before
+            the first collective of every call; "off" trusts them (see module docstring).
     """
 
     def __init__(self, *, hidden_dim: int, hyena: Hyena, short_kernel_size: int = 3, norm: str | None = "layernorm",
                  conditioning: str | None = None, cond_dim: int | None = None, bias: bool = True,
                  short_conv_cp: Literal["halo", "a2a"] = "halo", in_proj: nn.Module | None = None,
-                 out_proj: nn.Module | None = None):
+                 out_proj: nn.Module | None = None, check_agreement: Literal["always", "off"] = "always"):
         super().__init__()
+        self.check_agreement = check_agreement_policy(check_agreement)
         if hyena.hidden_dim != hidden_dim:
             raise ValueError(f"hyena.hidden_dim={hyena.hidden_dim} must equal the mixer's hidden_dim={hidden_dim}")
         if short_conv_cp not in ("halo", "a2a"):
@@ -121,20 +150,13 @@ class QKVSequenceMixer(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check(self, x: torch.Tensor, conditioning: torch.Tensor | None, world: int,
-               cu_seqlens: torch.Tensor | None) -> None:
+               cu_seqlens: torch.Tensor | None, num_valid_tokens: int | None = None) -> None:
         """Every rank runs this before any collective, so bad input raises everywhere."""
-        shape = "[B, L, C]" if self.spatial_dims == 1 else "[B, H, W, C]"
-        if x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.hidden_dim:
-            raise ValueError(f"x must be {shape} with C=hidden_dim={self.hidden_dim} (channels last); "
-                             f"got shape {tuple(x.shape)}")
-        if (conditioning is None) != (self.cond is None):
-            need = "needs" if self.cond is not None else "was built without conditioning and takes no"
-            raise ValueError(f"this mixer {need} `conditioning=` tensor [B, cond_dim]")
-        if conditioning is not None and (conditioning.dim() != 2 or conditioning.shape[0] != x.shape[0]):
-            raise ValueError(f"conditioning must be [B, cond_dim] with B={x.shape[0]}, got {tuple(conditioning.shape)}")
+        self._check_tensors(x, conditioning)
         local = x.shape[1]
         self.hyena.check_input((local * world, *x.shape[2:-1]), world)
         self.hyena.check_packing(cu_seqlens, x.shape[0], local * world)
+        _check_num_valid(num_valid_tokens, local * world * math.prod(x.shape[2:-1]))
         if world == 1:
             return
         k = self.short_kernel_size
@@ -148,6 +170,36 @@ class QKVSequenceMixer(nn.Module):
         elif self.short_conv_cp == "halo" and local < k // 2:
             raise ValueError(f"rows per rank H/cp_size={local} is fewer than the short-conv halo K//2={k // 2}; "
                              f"use a taller grid, a smaller cp_group or short_kernel_size")
+
+    def _check_tensors(self, x: torch.Tensor, conditioning: torch.Tensor | None) -> None:
+        """Layout, dtype and device of ``x`` and ``conditioning`` against the mixer's weights."""
+        shape = "[B, L, C]" if self.spatial_dims == 1 else "[B, H, W, C]"
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.hidden_dim:
+            raise ValueError(f"x must be {shape} with C=hidden_dim={self.hidden_dim} (channels last); "
+                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        weight = self.hyena.skip
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}; convert it (x.to({weight.dtype}))")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the mixer's parameters are on {weight.device}; move x or the "
+                             f"mixer (.to(device)) so they match")
+        if x.dtype != weight.dtype and not _autocast(x):
+            raise ValueError(f"x is {x.dtype} but the mixer's parameters are {weight.dtype}; cast x or the mixer "
+                             f"(.to(dtype)), or run under torch.autocast")
+        if (conditioning is None) != (self.cond is None):
+            need = "needs" if self.cond is not None else "was built without conditioning and takes no"
+            raise ValueError(f"this mixer {need} `conditioning=` tensor [B, cond_dim]")
+        if conditioning is None:
+            return
+        want = (x.shape[0], self.cond.proj.in_features)
+        if not isinstance(conditioning, torch.Tensor) or tuple(conditioning.shape) != want:
+            raise ValueError(f"conditioning must be [B, cond_dim] = {list(want)} (B from x, cond_dim from the mixer's "
+                             f"constructor), got {shape_of(conditioning)}")
+        if conditioning.device != x.device or not conditioning.is_floating_point() or (
+                conditioning.dtype != weight.dtype and not _autocast(x)):
+            raise ValueError(f"conditioning is a {conditioning.dtype} tensor on {conditioning.device}; it must be a "
+                             f"floating-point tensor on x's device {x.device} with the parameters' dtype "
+                             f"{weight.dtype} (or run under torch.autocast)")
 
     # ------------------------------------------------------------ short conv
     def _short_conv_weights(self, channels: slice | None):
@@ -228,8 +280,18 @@ class QKVSequenceMixer(nn.Module):
         Returns:
             Same shape as ``x``.
         """
+        check_group(cp_group)
+        signature = {"x.shape": shape_of(x), "x.dtype": getattr(x, "dtype", None), "num_valid_tokens": num_valid_tokens,
+                     "conditioning.shape": shape_of(conditioning), "cu_seqlens": cu_seqlens}
+        check_ranks_agree(cp_group, "QKVSequenceMixer.forward", signature, policy=self.check_agreement,
+                          hint=_AGREE_HINT)
+        self._check(x, conditioning, group_size(cp_group), cu_seqlens, num_valid_tokens)
+        with agreed(cp_group):  # the Hyena operator inside need not check again
+            return self._forward(x, conditioning, cp_group, num_valid_tokens, cu_seqlens)
+
+    def _forward(self, x: torch.Tensor, conditioning: torch.Tensor | None, cp_group, num_valid_tokens: int | None,
+                 cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         world = group_size(cp_group)
-        self._check(x, conditioning, world, cu_seqlens)
         spatial = tuple(x.shape[1:-1])
         if cu_seqlens is not None:
             cu_seqlens = cu_seqlens.to(x.device)

@@ -20,6 +20,11 @@ Conventions (P = group size, ``nbytes`` = bytes of the tensor named):
 - ``"reduce"``: flat tree; every rank but the destination records ``nbytes``.
 
 A rank that records 0 bytes still counts a call, so ``calls`` is the same on every rank.
+
+Control traffic (``record(..., control=True)``: the cross-rank agreement check of
+`hyena_cp.parallel.agreement`, a few hundred bytes per call) is counted apart, in
+``control_bytes`` / ``control_calls``, so ``bytes_sent``, ``by_op`` and ``calls`` stay the data
+traffic of the operators, which the tests hold to the communication floor.
 """
 from __future__ import annotations
 
@@ -33,13 +38,20 @@ from torch import Tensor
 
 @dataclass(eq=False)  # identity semantics: count_comm removes exactly its own counter
 class CommStats:
-    """Bytes this rank sent to other ranks, in total and per op, plus call counts per op."""
+    """Bytes this rank sent to other ranks, in total and per op, plus call counts per op;
+    control traffic apart (see the module docstring)."""
 
     bytes_sent: int = 0
     by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    control_bytes: int = 0
+    control_calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, op: str, nbytes: int) -> None:
+    def add(self, op: str, nbytes: int, control: bool = False) -> None:
+        if control:
+            self.control_bytes += nbytes
+            self.control_calls[op] += 1
+            return
         self.bytes_sent += nbytes
         self.by_op[op] += nbytes
         self.calls[op] += 1
@@ -61,10 +73,11 @@ def count_comm() -> Iterator[CommStats]:
         _ACTIVE.remove(stats)
 
 
-def record(op: str, nbytes: int) -> None:
-    """Add one ``op`` call sending ``nbytes`` from this rank to every active counter."""
+def record(op: str, nbytes: int, *, control: bool = False) -> None:
+    """Add one ``op`` call sending ``nbytes`` from this rank to every active counter
+    (``control``: to its control counts)."""
     for stats in _ACTIVE:
-        stats.add(op, int(nbytes))
+        stats.add(op, int(nbytes), control)
 
 
 def nbytes(x: Tensor) -> int:

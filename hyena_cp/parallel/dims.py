@@ -1,14 +1,27 @@
-"""Data x context x tensor parallel process groups for training (torchtitan's `ParallelDims`).
+"""The run's ``dp x cp x tp`` DeviceMesh (torchtitan's `ParallelDims`), and who owns which group.
 
 Rank order is megatron-core's (order ``tp-cp-ep-dp-pp``): tp innermost, then cp, then dp::
 
     global_rank = dp_rank * (cp * tp) + cp_rank * tp + tp_rank
 
 so a TP group (the chattiest dimension: an all-reduce per layer) is consecutive ranks and,
-with ``cp * tp`` dividing the GPUs per node, a whole CP x TP block sits inside one node.
-Both group builders below (`new_group`, or megatron-core's ``parallel_state``, which
-megatron-core models read their groups from) produce the same groups; a test holds them to
-this formula.
+with ``cp * tp`` dividing the GPUs per node, a whole CP x TP block sits inside one node. The
+mesh is ``init_device_mesh(device, (dp, cp, tp), mesh_dim_names=("dp", "cp", "tp"))`` plus
+the flattened ``dp_cp`` dimension (torchtitan's ``dp_shard_cp``): row-major over the names,
+which is exactly the formula above.
+
+Group ownership (one object per job, no group is built by hand):
+
+- **The mesh** (`ParallelGroups.mesh`) owns every group this package uses: ``dp_cp`` (FSDP2 /
+  replicate shard and reduce over it, `hyena_cp.parallel.fsdp`; loss and metric sums), ``cp``
+  (the ViT-5 nets' ``cp_group``, the data path's zigzag/row shards), ``dp`` (metrics summed
+  over replicas) and ``tp`` (the TP-aware grad norm; checkpoints place TP shards on it).
+- **megatron-core's ``parallel_state``** (``parallel.megatron=true``) keeps its own TP, CP and
+  DP groups for megatron-core modules, which read them there (megatron 0.16's
+  ``vocab_parallel_cross_entropy`` only accepts ``parallel_state``'s TP group).
+  `init_parallel` initialises it with the same sizes and checks, on every rank, that each of
+  its groups holds the same ranks as the mesh's (a ``RuntimeError`` if a megatron version
+  ever orders ranks differently); tests hold both to the formula above.
 
 The dp x tp x cp invariant, and how the groups meet it:
 
@@ -17,36 +30,32 @@ The dp x tp x cp invariant, and how the groups meet it:
   and identical copies of the others, and compute the same loss;
 - gradients are SUMMED over CP and AVERAGED over DP for each TP shard, never reduced over
   TP (a replicated parameter already gets the whole gradient on every TP rank from the TP
-  layers' own backward all-reduces). ``grad_group`` is therefore the ``dp * cp`` ranks that
-  share this rank's ``tp_rank`` (megatron's ``get_data_parallel_group(with_context_parallel=
-  True)``): a SUM over it divided by ``dp`` is "sum over CP, average over DP";
-- the loss and evaluation sums run over the same ``grad_group`` (summing over TP as well
-  would count every token ``tp`` times).
+  layers' own backward all-reduces): FSDP averages over ``dp_cp`` (this rank's ``tp_rank``'s
+  ``dp * cp`` ranks) the gradients of ``cp x`` each rank's loss share (`fsdp.loss_scale`);
+- the loss and evaluation sums run over ``dp_cp`` too (summing over TP as well would count
+  every token ``tp`` times).
 
 Groups handed to the rest of the code follow the package convention: a dimension of size 1
-gets ``None`` (one process, no communication). Issue #11 (FSDP2) will build these groups as
-one ``DeviceMesh``; for now only the TP group gets a 1-D mesh (``tp_mesh``), which the
-checkpoints use to store TP shards as DTensors.
+gets ``None`` (one process, no communication).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NamedTuple
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .comm_stats import record
 
-__all__ = ["ParallelDims", "ParallelGroups", "init_parallel", "destroy_parallel", "barrier", "broadcast_int",
-           "pick_backend"]
+__all__ = ["DIMS", "ParallelDims", "ParallelGroups", "init_parallel", "destroy_parallel", "barrier",
+           "broadcast_int", "pick_backend"]
 
-DIMS = ("dp", "cp", "tp")  # outermost first: the order of `ParallelDims.coords`
+DIMS = ("dp", "cp", "tp")  # outermost first: the mesh's dimension order and `ParallelDims.coords`'
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,11 @@ class ParallelDims:
     def dp(self) -> int:
         return self.world // (self.cp * self.tp)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Mesh shape in `DIMS` order."""
+        return self.dp, self.cp, self.tp
+
     def coords(self, rank: int) -> tuple[int, int, int]:
         """``(dp_rank, cp_rank, tp_rank)`` of a global rank."""
         dp_rank, rest = divmod(rank, self.cp * self.tp)
@@ -83,40 +97,83 @@ class ParallelDims:
         """Global rank of mesh coordinates (inverse of `coords`)."""
         return dp_rank * (self.cp * self.tp) + cp_rank * self.tp + tp_rank
 
-    def rank_groups(self, dims: Sequence[str]) -> list[list[int]]:
-        """Every group of ranks that differ only along ``dims`` (names from ``("dp", "cp", "tp")``),
-        each in ascending rank order, listed in ascending order of their first rank."""
-        if not set(dims) <= set(DIMS):
-            raise ValueError(f"mesh dimensions {list(dims)} must be among {list(DIMS)}")
-        fixed = [i for i, name in enumerate(DIMS) if name not in dims]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for rank in range(self.world):
-            coords = self.coords(rank)
-            groups.setdefault(tuple(coords[i] for i in fixed), []).append(rank)
-        return sorted(groups.values())
-
 
 @dataclass
 class ParallelGroups:
-    """This rank's place in the mesh and its groups (``None`` where the dimension has size 1).
+    """This rank's place in the run's mesh and the groups of its dimensions.
 
-    ``grad_group``: the ``dp * cp`` ranks sharing this ``tp_rank`` (gradient, loss and metric
-    sums). ``tp_mesh``: a 1-D ``DeviceMesh`` over ``tp_group`` (None when tp == 1)."""
+    ``mesh``: the 3-D ``("dp", "cp", "tp")`` DeviceMesh; ``dp_cp_mesh``: its flattened ``dp x cp``
+    dimension (kept here: torch deprecates slicing flattened dimensions from the root mesh).
+    Group properties are ``None`` where the dimension has size 1; ``grad_group`` is the
+    ``dp_cp`` group (the ``dp * cp`` ranks sharing this ``tp_rank``: gradient, loss and
+    metric sums)."""
 
     dims: ParallelDims
     rank: int
-    dp_rank: int
-    cp_rank: int
-    cp_group: ProcessGroup | None
-    dp_group: ProcessGroup | None
-    grad_group: ProcessGroup | None
+    mesh: DeviceMesh
+    dp_cp_mesh: DeviceMesh  # the 1-D mesh FSDP shards over (size dp * cp, this rank's TP shard)
     device: torch.device
     owns_default_group: bool = False  # created the default group here, so destroy it at the end
-    megatron: bool = False
-    created: tuple[ProcessGroup, ...] = ()  # subgroups built by `init_parallel`, destroyed with it
-    tp_rank: int = 0
-    tp_group: ProcessGroup | None = None
-    tp_mesh: DeviceMesh | None = None
+    megatron: bool = False  # megatron-core's parallel_state was initialised (and is destroyed) here
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.coords(self.rank)[0]
+
+    @property
+    def cp_rank(self) -> int:
+        return self.dims.coords(self.rank)[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.dims.coords(self.rank)[2]
+
+    def submesh(self, dim: str) -> DeviceMesh:
+        """The 1-D mesh of dimension ``dim`` (``"dp"``, ``"cp"``, ``"tp"`` or ``"dp_cp"``) through this rank."""
+        return self.dp_cp_mesh if dim == "dp_cp" else self.mesh[dim]
+
+    def group(self, dim: str) -> ProcessGroup | None:
+        """The group of mesh dimension ``dim`` (see `submesh`), None for size 1."""
+        sub = self.submesh(dim)
+        return sub.get_group() if sub.size() > 1 else None
+
+    @cached_property
+    def cp_group(self) -> ProcessGroup | None:
+        return self.group("cp")
+
+    @cached_property
+    def dp_group(self) -> ProcessGroup | None:
+        return self.group("dp")
+
+    @cached_property
+    def tp_group(self) -> ProcessGroup | None:
+        return self.group("tp")
+
+    @cached_property
+    def world_group(self) -> ProcessGroup | None:
+        """Every rank of the job (None for one process)."""
+        return dist.group.WORLD if self.dims.world > 1 else None
+
+    @cached_property
+    def grad_group(self) -> ProcessGroup | None:
+        return self.group("dp_cp")
+
+    @cached_property
+    def tp_mesh(self) -> DeviceMesh | None:
+        """The 1-D TP mesh (None when tp == 1), on which checkpoints place TP shards."""
+        return self.mesh["tp"] if self.dims.tp > 1 else None
+
+    @cached_property
+    def tp_dp_cp_mesh(self) -> DeviceMesh | None:
+        """The ``(tp, dp_cp)`` mesh, TP first (None when tp == 1): checkpoints place an FSDP shard
+        of a TP shard on it, TP's cut before FSDP's. The mesh's own groups, no new ones (a
+        DeviceMesh slice must keep the parent's dimension order, so this one is assembled)."""
+        if self.dims.tp == 1:
+            return None
+        tp, dp_cp = self.mesh["tp"], self.dp_cp_mesh
+        ranks = torch.arange(self.dims.world).view(self.dims.dp * self.dims.cp, self.dims.tp).T  # [tp, dp_cp]
+        return DeviceMesh.from_group([tp.get_group(), dp_cp.get_group()], self.device.type, mesh=ranks,
+                                     mesh_dim_names=("tp", "dp_cp"))
 
 
 def pick_backend(backend: str) -> str:
@@ -161,53 +218,54 @@ def _default_group(backend: str, timeout_s: float) -> bool:
     return True
 
 
-class _Built(NamedTuple):
-    """This rank's groups, ``None`` for size 1; ``created``: what `destroy_parallel` destroys."""
-
-    tp: ProcessGroup | None
-    cp: ProcessGroup | None
-    dp: ProcessGroup | None
-    grad: ProcessGroup | None
-    created: tuple[ProcessGroup, ...] = ()
+# One mesh per (default group, device, shape), reused by every `init_parallel` of the process
+# and destroyed with the default group. DTensor caches its sharding decisions keyed by mesh
+# EQUALITY (layout and names, not groups), so a later mesh of the same layout can be handed an
+# earlier one's groups: those must stay alive. (Test pools call `init_parallel` hundreds of
+# times; without the cache each call would also leak its groups.)
+_MESHES: dict[tuple[int, str, tuple[int, int, int]], tuple[DeviceMesh, DeviceMesh]] = {}
 
 
-def _torch_groups(dims: ParallelDims) -> _Built:
-    """The groups with `new_group`: every rank creates every group, in the same order."""
-    rank, created, mine = dist.get_rank(), [], {}
-    for name, along in (("tp", ("tp",)), ("cp", ("cp",)), ("dp", ("dp",)), ("grad", ("dp", "cp"))):
-        if name == "grad" and dims.tp == 1:
-            mine[name] = dist.group.WORLD if dims.world > 1 else None  # dp x cp is everyone
-            continue
-        mine[name] = None
-        for ranks in dims.rank_groups(along):
-            if len(ranks) == 1:
-                break  # all groups along this dimension have size 1
-            group = dist.new_group(ranks)
-            created.append(group)
-            if rank in ranks:
-                mine[name] = group
-    return _Built(**mine, created=tuple(created))
+def cached_mesh_groups() -> set[ProcessGroup]:
+    """The process groups of the cached run meshes (see `_MESHES`): they outlive any one
+    `init_parallel`, so whoever cleans up groups a task left behind (the test pools) keeps them."""
+    kept: set[ProcessGroup] = set()
+    for mesh, dp_cp in _MESHES.values():
+        kept.update(mesh.get_all_groups())
+        kept.add(dp_cp.get_group())
+    return kept
 
 
-def _megatron_groups(dims: ParallelDims) -> _Built:
-    """The groups from megatron-core's ``parallel_state`` (megatron-core models read their TP
-    and CP groups there). Imported here, not at module level, so `hyena_cp` imports without
-    megatron-core and runs that do not need it skip its ~6 s import."""
+def _run_mesh(device: torch.device, dims: ParallelDims) -> tuple[DeviceMesh, DeviceMesh]:
+    """The ``("dp", "cp", "tp")`` mesh and its flattened ``dp_cp`` dimension (collective on first use)."""
+    key = (id(dist.group.WORLD), device.type, dims.shape)
+    if key not in _MESHES:
+        mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=DIMS)
+        _MESHES[key] = mesh, mesh["dp", "cp"]._flatten("dp_cp")  # torchtitan's name for the FSDP dimension
+    return _MESHES[key]
+
+
+def _init_megatron(dims: ParallelDims, groups: ParallelGroups) -> None:
+    """Initialise megatron-core's ``parallel_state`` (its modules read their groups there) and
+    check that its groups hold the mesh's ranks. Imported here, not at module level, so
+    `hyena_cp` imports without megatron-core and runs that do not need it skip its ~6 s import."""
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=dims.tp, context_parallel_size=dims.cp)
-
-    def sized(group: ProcessGroup) -> ProcessGroup | None:
-        return group if group.size() > 1 else None
-
-    return _Built(tp=sized(ps.get_tensor_model_parallel_group()), cp=sized(ps.get_context_parallel_group()),
-                  dp=sized(ps.get_data_parallel_group(with_context_parallel=False)),
-                  grad=sized(ps.get_data_parallel_group(with_context_parallel=True)))
+    theirs = {"tp": ps.get_tensor_model_parallel_group(), "cp": ps.get_context_parallel_group(),
+              "dp": ps.get_data_parallel_group(with_context_parallel=False),
+              "dp_cp": ps.get_data_parallel_group(with_context_parallel=True)}
+    for dim, group in theirs.items():
+        ours = dist.get_process_group_ranks(groups.submesh(dim).get_group())
+        if dist.get_process_group_ranks(group) != ours:  # the same on every rank: all raise alike
+            ps.destroy_model_parallel()
+            raise RuntimeError(f"megatron-core's {dim} group {dist.get_process_group_ranks(group)} differs from the "
+                               f"DeviceMesh's {ours}: megatron's rank order is not tp-cp-dp")
 
 
 def init_parallel(cp: int, *, tp: int = 1, backend: str = "auto", timeout_s: float = 300.0,
                   megatron: bool = False) -> ParallelGroups:
-    """Create (or join) the default group and the ``dp x cp x tp`` groups; every rank calls this.
+    """Create (or join) the default group and the run's ``dp x cp x tp`` mesh; every rank calls this.
 
     Args:
         cp: context-parallel size.
@@ -215,7 +273,8 @@ def init_parallel(cp: int, *, tp: int = 1, backend: str = "auto", timeout_s: flo
         backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl"; used only when the
             default group does not exist yet (under torchrun it does not; in tests it may).
         timeout_s: collective timeout of the default group.
-        megatron: build the groups with megatron-core's ``parallel_state`` instead of `new_group`.
+        megatron: also initialise megatron-core's ``parallel_state`` (same sizes; its groups
+            are checked against the mesh's).
     """
     for name, size in (("cp", cp), ("tp", tp)):
         if size < 1:
@@ -228,22 +287,24 @@ def init_parallel(cp: int, *, tp: int = 1, backend: str = "auto", timeout_s: flo
         if owns:
             dist.destroy_process_group()
         raise
-    rank = dist.get_rank()
-    dp_rank, cp_rank, tp_rank = dims.coords(rank)
-    built = _megatron_groups(dims) if megatron else _torch_groups(dims)
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    tp_mesh = None if built.tp is None else DeviceMesh.from_group(built.tp, device.type, mesh_dim_names=("tp",))
-    return ParallelGroups(dims=dims, rank=rank, dp_rank=dp_rank, cp_rank=cp_rank, cp_group=built.cp,
-                          dp_group=built.dp, grad_group=built.grad, device=device, owns_default_group=owns,
-                          megatron=megatron, created=built.created, tp_rank=tp_rank, tp_group=built.tp,
-                          tp_mesh=tp_mesh)
+    if owns:
+        _MESHES.clear()  # meshes of an earlier default group
+    mesh, dp_cp = _run_mesh(device, dims)
+    groups = ParallelGroups(dims=dims, rank=dist.get_rank(), mesh=mesh, dp_cp_mesh=dp_cp, device=device,
+                            owns_default_group=owns)
+    if megatron:
+        _init_megatron(dims, groups)
+        groups.megatron = True
+    return groups
 
 
 def destroy_parallel(groups: ParallelGroups, clean: bool = True) -> None:
-    """Tear down what `init_parallel` created; the default group only if it created it.
+    """Tear down what `init_parallel` created: megatron's ``parallel_state``, and the default group
+    (with the mesh's groups) only if it created it; otherwise the mesh stays for the next call.
 
     ``clean``: all ranks got here together, so end with a barrier before destroying the
     default group (exiting without ``destroy_process_group`` aborts gloo processes in a good
@@ -252,12 +313,11 @@ def destroy_parallel(groups: ParallelGroups, clean: bool = True) -> None:
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
-    for group in groups.created:
-        dist.destroy_process_group(group)
     if groups.owns_default_group:
         if clean:
             dist.barrier()
-        dist.destroy_process_group()
+        _MESHES.clear()
+        dist.destroy_process_group()  # every group, the mesh's too
 
 
 def barrier(groups: ParallelGroups) -> None:

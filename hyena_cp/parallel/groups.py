@@ -22,3 +22,12 @@ def group_rank(group: ProcessGroup | None) -> int:
 def is_parallel(group: ProcessGroup | None) -> bool:
     """True when ``group`` spans more than one rank, i.e. communication is needed."""
     return group_size(group) > 1
+
+
+def check_group(group, name: str = "cp_group") -> None:
+    """Raise ``ValueError`` unless ``group`` is None (one process) or a ``ProcessGroup`` this
+    process belongs to (``new_group`` hands non-members a sentinel, not a group)."""
+    if group is not None and not isinstance(group, ProcessGroup):
+        raise ValueError(f"{name} must be a torch.distributed ProcessGroup this process belongs to, or None for one "
+                         f"process; got {group!r} ({type(group).__name__}). Pass the group object returned by "
+                         f"torch.distributed.new_group / DeviceMesh.get_group on every rank of the group")

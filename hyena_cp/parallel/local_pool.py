@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .comm_stats import count_comm
+from .dims import cached_mesh_groups
 
 __all__ = ["LocalPool", "LocalPools", "Reply", "format_failures"]
 
@@ -67,8 +68,9 @@ def _destroy_new_groups(before: set) -> None:
     """Destroy the groups a task created and left behind (``new_group``, megatron's
     ``parallel_state``, whose ``destroy_model_parallel`` only drops its references): each gloo
     group keeps its threads, and a worker that serves hundreds of tasks would otherwise
-    gather thousands of them."""
-    for group in _live_groups() - before:
+    gather thousands of them. The run meshes `init_parallel` caches are kept: they are reused by
+    the next task's `init_parallel` (and DTensor's caches may hold them)."""
+    for group in _live_groups() - before - cached_mesh_groups():
         if group is not dist.group.WORLD:
             dist.destroy_process_group(group)
 

@@ -2,8 +2,8 @@
 
 Entry point: ``launch/train.py`` (``torchrun ... launch/train.py configs/<name>.py key=value``),
 which calls `train`. Collectives come from `hyena_cp.parallel` (`parallel.dims` builds the
-groups, `parallel.grad_sync` reduces gradients, `parallel.grad_norm` clips them); this package
-only composes them.
+DeviceMesh, `parallel.fsdp` shards the model and reduces gradients with FSDP2,
+`parallel.grad_norm` clips them); this package only composes them.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ from dataclasses import MISSING, dataclass, fields
 
 from omegaconf import DictConfig
 
+from hyena_cp.parallel.fsdp import DP_MODES, MIXED_PRECISION
+
 __all__ = ["ParallelConfig", "TrainConfig", "lr_factor", "with_defaults"]
 
 
@@ -28,9 +30,18 @@ class ParallelConfig:
     backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl".
     timeout_s: collective timeout; a dead peer fails the job after this long instead of
         hanging it (torchrun can then restart it from the last checkpoint).
-    megatron: build the groups with megatron-core's ``parallel_state`` (models built on
-        megatron-core read their TP and CP groups there); False uses plain ``new_group`` and
+    megatron: also initialise megatron-core's ``parallel_state`` (models built on megatron-core
+        read their TP and CP groups there; checked to hold the DeviceMesh's ranks); False
         skips megatron-core's import.
+    dp_mode: how parameters, gradients and optimizer state live over the ``dp * cp`` ranks of
+        a TP shard (`hyena_cp.parallel.fsdp`): "fsdp" (FSDP2 ``fully_shard`` per block and at
+        the root: each rank holds ~1/(dp*cp) of them) or "ddp" (FSDP2's ``replicate``: every
+        rank holds all of them, one all-reduce per block). Either way gradients are summed over
+        CP and averaged over DP. Ignored when dp * cp == 1 (nothing to shard) unless
+        ``mixed_precision`` is set.
+    mixed_precision: null (compute in the parameters' dtype) or "bf16": FSDP2's
+        ``MixedPrecisionPolicy`` with bf16 parameters for forward/backward and all-gathers,
+        fp32 gradient reduction, fp32 sharded parameters and optimizer state.
     """
 
     cp: int = 1
@@ -38,6 +49,8 @@ class ParallelConfig:
     backend: str = "auto"
     timeout_s: float = 300.0
     megatron: bool = False
+    dp_mode: str = "fsdp"
+    mixed_precision: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("cp", "tp"):
@@ -47,6 +60,15 @@ class ParallelConfig:
             raise ValueError(f"parallel.tp={self.tp} needs parallel.megatron=true: only megatron-core models are "
                              "tensor parallel, and they read their TP group from megatron's parallel_state; "
                              "set parallel.megatron=true (with a megatron-core model) or parallel.tp=1")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"parallel.dp_mode={self.dp_mode!r} must be one of {list(DP_MODES)}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"parallel.mixed_precision={self.mixed_precision!r} must be null or one of "
+                             f"{sorted(MIXED_PRECISION)}")
+
+    def wraps(self, dp_cp: int) -> bool:
+        """Whether the model is wrapped for data parallelism over ``dp_cp`` ranks."""
+        return dp_cp > 1 or self.mixed_precision is not None
 
 
 @dataclass(frozen=True)

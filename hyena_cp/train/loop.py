@@ -1,19 +1,26 @@
 """The training loop: data x tensor x context parallel training of a config's model on its task.
 
-One step on every rank: this (dp, cp) position's batch (full images, or this rank's zigzag
-token shard; the TP ranks of the position get the identical batch) -> forward -> this
-rank's loss SHARE -> backward -> gradients summed over CP and averaged over DP for each TP
-shard (one bucketed all-reduce over `ParallelGroups.grad_group`, the dp x cp ranks of this
-TP rank, `hyena_cp.parallel.grad_sync`) -> clip by the norm of the FULL gradient
-(`hyena_cp.parallel.grad_norm`: TP shards summed over the TP group, replicas counted once)
--> optimizer step.
+Set-up: the model (same seed on every rank) is wrapped by FSDP2 over the ``dp x cp`` ranks of
+its TP shard (`hyena_cp.parallel.fsdp`, ``parallel.dp_mode``: "fsdp" shards parameters,
+gradients and optimizer state, "ddp" replicates them); the optimizer is built on the wrapped
+(sharded) parameters.
 
-The dp x tp x cp invariant this keeps: the ranks of one TP shard hold the same gradients,
-and so the same parameters, without any broadcast; the TP ranks of a (dp, cp) position see
-the same data, compute the same loss and clip by the same factor, so the sharded model
-takes the single-process step. The logged loss sums the shares over dp x cp only (every TP
-rank holds the whole loss). Rank 0 logs, plots and drives the progress bar; checkpoints
-are collective.
+One step on every rank: this (dp, cp) position's batch (full images, or this rank's zigzag
+token shard; the TP ranks of the position get the identical batch) -> forward (FSDP
+all-gathers each block's parameters) -> this rank's loss SHARE -> backward of ``cp x share``
+(FSDP reduce-scatters each block's gradients with a MEAN over dp x cp: with the factor
+cp, summed over CP and averaged over DP for each TP shard, `hyena_cp.parallel.fsdp`) ->
+clip by the norm of the FULL gradient (`hyena_cp.parallel.grad_norm`: FSDP shards and TP
+shards summed, replicas counted once) -> optimizer step on this rank's shards.
+
+The dp x tp x cp invariant this keeps: the ranks of one TP shard hold the same (reduced)
+gradients, so the sharded model takes the single-process step; the TP ranks of a (dp, cp)
+position see the same data, compute the same loss and clip by the same factor. The logged
+loss sums the shares over dp x cp only (every TP rank holds the whole loss). Evaluation runs
+with the parameters unsharded (`hyena_cp.parallel.fsdp.full_parameters`), so replicas may
+run different numbers of batches. Rank 0 logs, plots and drives the progress bar;
+checkpoints are collective. After the first step the log records the parameter, gradient
+and optimizer bytes per rank (the fullest rank), also written to ``final.json``.
 
 This module never calls ``torch.distributed`` itself: groups, barriers and reductions come
 from `hyena_cp.parallel`, and checkpoint I/O from `hyena_cp.train.checkpoint` (DCP).
@@ -34,13 +41,14 @@ from torch import nn
 
 from hyena_cp.lazy import LazyConfig, instantiate
 from hyena_cp.parallel.dims import ParallelGroups, destroy_parallel, init_parallel
+from hyena_cp.parallel.fsdp import apply_data_parallel, full_parameters, loss_scale
 from hyena_cp.parallel.grad_norm import clip_grad_norm
-from hyena_cp.parallel.grad_sync import sync_gradients
 from hyena_cp.parallel.reductions import group_sum
+from hyena_cp.parallel.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
 from hyena_cp.train.checkpoint import Checkpointer
 from hyena_cp.train.config import ParallelConfig, TrainConfig, lr_factor
-from hyena_cp.train.metrics import MetricsLog, plot_curves, progress_bar
+from hyena_cp.train.metrics import MetricsLog, memory_line, plot_curves, progress_bar
 from hyena_cp.train.tasks import Task
 
 __all__ = ["Trainer", "train"]
@@ -56,6 +64,7 @@ class Trainer:
     """Everything one rank needs for a run; build it with `Trainer.build`."""
 
     cfg: TrainConfig
+    parallel: ParallelConfig
     groups: ParallelGroups
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -68,20 +77,27 @@ class Trainer:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     evals: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, cfg: DictConfig, groups: ParallelGroups, output_dir: Path, name: str) -> Trainer:
         settings = TrainConfig(**instantiate(cfg.train))
+        parallel = ParallelConfig(**instantiate(cfg.parallel))
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         model = instantiate(cfg.model).to(groups.device)
         _check_tensor_parallel(model, groups.dims.tp)
-        optimizer = instantiate(cfg.optimizer, params=model.parameters())
+        dims = groups.dims
+        if parallel.wraps(dims.dp * dims.cp):
+            apply_data_parallel(model, groups.dp_cp_mesh, mode=parallel.dp_mode,
+                                mixed_precision=parallel.mixed_precision)
+        optimizer = instantiate(cfg.optimizer, params=model.parameters())  # the sharded parameters
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule scales this base rate
         task = instantiate(cfg.task, groups=groups, seed=settings.seed)
         torch.manual_seed(settings.seed + 1000 * (groups.dp_rank + 1))  # per replica, see TrainConfig
-        checkpointer = Checkpointer(output_dir / "checkpoints", groups, keep=settings.keep_checkpoints)
-        return cls(settings, groups, model, optimizer, task, checkpointer, output_dir, name)
+        checkpointer = Checkpointer(output_dir / "checkpoints", groups, keep=settings.keep_checkpoints,
+                                    dp_mode=parallel.dp_mode)
+        return cls(settings, parallel, groups, model, optimizer, task, checkpointer, output_dir, name)
 
     # ----------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -97,6 +113,8 @@ class Trainer:
             raise ValueError(f"checkpoint step {latest} was trained with global_batch_size="
                              f"{progress['global_batch_size']}; the data position needs the same value")
         self.step = self.resumed_from = progress["step"]
+        if self.checkpointer.meta(latest)["dp"] != self.groups.dims.dp:  # the per-replica streams do not map
+            torch.manual_seed(hash((self.cfg.seed, self.groups.dp_rank, self.step)) % 2**63)
 
     def _maybe_fail(self) -> None:
         """Fault injection for the recovery test (first attempt only, see TrainConfig)."""
@@ -110,11 +128,11 @@ class Trainer:
         """One optimizer step; returns (global mean loss, global grad norm)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        share = self.task.loss_share(self.model, self.task.batch(self.step))
-        share.backward()
         g = self.groups
+        share = self.task.loss_share(self.model, self.task.batch(self.step))
+        # FSDP averages the gradients over dp x cp in backward; x cp makes that "sum over CP, mean over DP"
+        (share * loss_scale(g.dims.cp)).backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        sync_gradients(params, g.grad_group, divide_by=g.dims.dp)
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")
         grad_norm = clip_grad_norm(params, max_norm, g.tp_group)  # the same norm on every rank
         factor = lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
@@ -128,8 +146,17 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        self.evals = self.task.evaluate(self.model)
+        with full_parameters(self.model):  # no collectives per forward: replicas may run unequal batches
+            self.evals = self.task.evaluate(self.model)
         return self.evals
+
+    def measure_memory(self) -> dict[str, dict[str, int]]:
+        """Parameter, gradient and optimizer bytes of the fullest rank, and of the replicated
+        layout (collective: every rank calls it)."""
+        local, replicated = state_bytes(self.model, self.optimizer)
+        fullest = max_over_ranks(local, self.groups.world_group, self.groups.device)
+        self.memory = {"per_rank": fullest.as_dict(), "replicated": replicated.as_dict()}
+        return self.memory
 
     def save(self) -> None:
         progress = {"step": self.step, "epoch": self.task.sampler.epoch(self.step),
@@ -152,6 +179,8 @@ class Trainer:
             tic = time.perf_counter()
             loss, grad_norm = self.train_step()
             rate = self.task.items_per_step / (time.perf_counter() - tic)
+            if not self.memory:  # after the first step: gradients and optimizer state exist
+                self._log_memory(log, bar)
             self.losses.append(loss)
             self.grad_norms.append(grad_norm)
             window.append(loss)
@@ -169,10 +198,12 @@ class Trainer:
         bar.close()
         if not self.evals:  # resumed at the end: report the checkpoint's metrics
             self.evaluate()
+        if not self.memory:
+            self._log_memory(log, bar)
         if log:
             self._finish(log)
         return {"step": self.step, "losses": self.losses, "grad_norms": self.grad_norms, "final": self.evals,
-                "resumed_from": self.resumed_from, "output_dir": str(self.output_dir),
+                "memory": self.memory, "resumed_from": self.resumed_from, "output_dir": str(self.output_dir),
                 "time_s": time.perf_counter() - start}
 
     def _banner(self) -> str:
@@ -183,6 +214,13 @@ class Trainer:
                 f"(dp={dims.dp} x cp={dims.cp} x tp={dims.tp}) on {self.groups.device.type}, {self.cfg.steps} steps "
                 f"{where}; outputs in {self.output_dir}/")
 
+    def _log_memory(self, log: MetricsLog | None, bar) -> None:
+        memory = self.measure_memory()
+        if log:
+            log.write({"event": "memory", "step": self.step, **memory})
+            bar.write(memory_line(memory, self.parallel.dp_mode if self.groups.dims.dp * self.groups.dims.cp > 1
+                                  else "one process"))
+
     def _evaluate_and_log(self, log: MetricsLog | None, bar) -> None:
         evals = self.evaluate()
         if log:
@@ -191,7 +229,7 @@ class Trainer:
 
     def _finish(self, log: MetricsLog) -> None:
         plot_curves(MetricsLog.read(log.path), self.output_dir / "curves.png", self.name)
-        summary = {"step": self.step, **self.evals}
+        summary = {"step": self.step, **self.evals, "memory": self.memory}
         (self.output_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 

@@ -2,7 +2,9 @@
 
 ``metrics.jsonl`` holds one JSON object per line: training records
 ``{"step", "loss" (mean since the previous record), "lr", "grad_norm", "<unit>_per_s", "time_s"}``, evaluation records
-``{"step", "val_loss", "val_acc"?}`` and events ``{"event": "resume", "step", "attempt"}``.
+``{"step", "val_loss", "val_acc"?}`` and events ``{"event": "resume", "step", "attempt"}`` and
+``{"event": "memory", "step", "per_rank": {...}, "replicated": {...}}`` (parameter, gradient and
+optimizer bytes of the fullest rank and of the replicated layout, `hyena_cp.parallel.state_bytes`).
 A resumed run first drops the records of steps after its checkpoint (a crashed attempt
 may have logged them), so the file always describes one consistent run.
 """
@@ -16,7 +18,9 @@ from typing import Any
 import matplotlib
 from tqdm import tqdm
 
-__all__ = ["MetricsLog", "plot_curves", "progress_bar"]
+from hyena_cp.bench.common import fmt_bytes
+
+__all__ = ["MetricsLog", "memory_line", "plot_curves", "progress_bar"]
 
 
 class MetricsLog:
@@ -39,6 +43,15 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def memory_line(memory: dict[str, dict[str, int]], layout: str) -> str:
+    """The log line of a memory record: per-rank bytes next to the replicated layout's."""
+    mine, full = memory["per_rank"], memory["replicated"]
+    parts = ", ".join(f"{key} {fmt_bytes(mine[key])}" for key in ("params", "grads", "optimizer"))
+    ratio = mine["total"] / full["total"] if full["total"] else 1.0
+    return (f"memory per rank ({layout}): {parts}; total {fmt_bytes(mine['total'])} = {ratio:.3f} x the replicated "
+            f"{fmt_bytes(full['total'])}")
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
