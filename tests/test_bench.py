@@ -14,7 +14,7 @@ from torch import nn
 
 from hyena_cp.bench import gpu
 from hyena_cp.bench.layer import comm_floor_bytes
-from hyena_cp.bench.measure import TrafficCounter, peak_memory, saved_for_backward
+from hyena_cp.bench.measure import TrafficCounter, peak_memory, saved_for_backward, timed_rounds
 from hyena_cp.bench.ranks import RankFailure, RankPools
 from hyena_cp.bench.scaling import crossover
 
@@ -120,9 +120,18 @@ def test_quick_run_packing_section_times_every_document_count(quick_run):
     section = quick_run[1]["Packed sequences (one process)"]
     rows = section.data["rows"]
     assert [r["documents"] for r in rows] == [1, 4]
-    assert all(r["ratio"] > 0 and r["seconds"] > 0 for r in rows)
+    assert all(r["ratio"] > 0 and r["seconds"] > 0 and r["median_ratio"] > 0 for r in rows)
+    assert all(len(r["times"]) == 2 and r["seconds"] == min(r["times"]) for r in rows)  # every round ran
     cu = packing.random_cu_seqlens(256, 4, seed=4)
     assert cu[0] == 0 and cu[-1] == 256 and len(cu) == 5 and (cu.diff() > 0).all()
+
+
+def test_timed_rounds_caps_slow_warmups_only_when_asked():
+    fns = {"a": lambda: None, "b": lambda: None}
+    times, peaks = timed_rounds(fns, repeats=5, slow_s=-1.0)  # every warm-up counts as slow
+    assert [len(t) for t in times.values()] == [3, 3] and set(peaks) == {"a", "b"}
+    times, _ = timed_rounds(fns, repeats=5, slow_s=float("inf"))  # the packing section's choice
+    assert [len(t) for t in times.values()] == [5, 5]
 
 
 def test_gpu_section_code_paths_on_cpu():

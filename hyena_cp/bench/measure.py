@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_leaves
 
 from hyena_cp.bench.common import sync
 
-__all__ = ["saved_for_backward", "module_prefix", "peak_memory", "time_and_peak", "top_ops", "TrafficCounter"]
+__all__ = ["saved_for_backward", "module_prefix", "peak_memory", "time_and_peak", "timed_rounds", "top_ops",
+           "TrafficCounter"]
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -124,14 +125,16 @@ def _timed(fn: Callable[[], Any], device: torch.device | str) -> float:
     return time.perf_counter() - start
 
 
-def time_and_peak(fns: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device | str = "cpu",
-                  slow_s: float = 2.0) -> dict[str, tuple[float, int | None]]:
-    """``{name: (median seconds, peak bytes)}`` for callables compared with each other.
+def timed_rounds(fns: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device | str = "cpu",
+                 slow_s: float = 2.0) -> tuple[dict[str, list[float]], dict[str, int | None]]:
+    """``({name: seconds of every timed call}, {name: peak bytes})`` for callables compared
+    with each other.
 
     Each gets one untimed warm-up call, which also measures its peak memory (`peak_memory`);
     then the timed calls alternate between the callables, so a load change on a shared
     machine hits all of them alike and their ratios stay meaningful. A warm-up slower than
-    ``slow_s`` caps the timed rounds at 3 (the quadratic attention points of a CPU run).
+    ``slow_s`` caps the timed rounds at 3 (the quadratic attention points of a CPU run; the
+    warm-up runs under the memory profiler, several times slower than a timed call).
     """
     peaks, slow = {}, False
     for name, fn in fns.items():
@@ -142,6 +145,13 @@ def time_and_peak(fns: dict[str, Callable[[], Any]], *, repeats: int, device: to
     for _ in range(min(repeats, 3) if slow else repeats):
         for name, fn in fns.items():
             times[name].append(_timed(fn, device))
+    return times, peaks
+
+
+def time_and_peak(fns: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device | str = "cpu",
+                  slow_s: float = 2.0) -> dict[str, tuple[float, int | None]]:
+    """``{name: (median seconds, peak bytes)}`` of `timed_rounds` (same arguments)."""
+    times, peaks = timed_rounds(fns, repeats=repeats, device=device, slow_s=slow_s)
     return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
 
 
