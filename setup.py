@@ -21,6 +21,7 @@ setup(
         "scikit-learn",
         "numpy",
         "pyyaml",
+        "safetensors>=0.4",  # weights-only model export (hyena_cp/train/export.py): no pickle on load
     ],
     extras_require={"test": ["pytest>=8"]},
 )

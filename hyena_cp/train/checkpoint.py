@@ -1,4 +1,4 @@
-"""Atomic, pickle-free training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+"""Atomic training checkpoints of tensors only, with ``torch.distributed.checkpoint`` (DCP).
 
 Layout under ``root`` (a folder every rank can reach, e.g. ``<output_dir>/checkpoints``)::
 
@@ -14,8 +14,8 @@ complete checkpoint and ``latest`` untouched.
 What is stored comes from ``torch.distributed.checkpoint.state_dict.get_state_dict`` (and goes
 back through ``set_state_dict``): under FSDP (`hyena_cp.parallel.fsdp`) the model and optimizer
 state are DTensor shards over the ``dp_cp`` mesh, and every rank writes only its shard; FSDP's
-replicate and one process give whole tensors, which DCP writes once. Contents, all tensors (so
-loading unpickles nothing but DCP's own metadata file; tensors are read with ``weights_only=True``):
+replicate and one process give whole tensors, which DCP writes once. Contents, all tensors (no
+pickled Python objects of ours; see "Trust model" below):
 
 - ``model/<name>``: the tensors of the model state dict (canonical names, as
   ``named_parameters()`` of the unwrapped model), each stored ONCE as its FULL
@@ -32,6 +32,16 @@ loading unpickles nothing but DCP's own metadata file; tensors are read with ``w
 ``meta.json`` (plain JSON, written last) holds the step, the mesh (``world``, ``dp``, ``cp``,
 ``tp``, ``dp_mode``), the progress, and ``tp_partitions``: ``{key: [dim, stride]}`` of every
 TP-sharded item, so the folded layout below can be undone without the model (`load_model_state`).
+
+Trust model: a checkpoint folder is as trusted as code. DCP writes its ``.metadata`` (the index
+of items, shards and files) with ``pickle.dump`` and reads it with a plain ``pickle.load`` (torch's
+``FileSystemReader.read_metadata``) before anything here can look at it, so a crafted
+``.metadata`` runs code on load: resume, generate from and export only checkpoints you (or
+someone you trust) wrote. What this module adds on top is narrower: every item it saves is a
+tensor, `read_tensor_metadata` refuses a checkpoint holding any non-tensor (byte-pickled) item
+before reading it, and DCP reads each tensor with ``torch.load(weights_only=True)`` (a restricted
+unpickler that builds only tensors and plain containers). To share a model, export its weights
+(`hyena_cp.train.export`, ``launch/export.py``): ``model.safetensors`` loads without any pickle.
 
 Resharding: the stored tensors are the full ones, so a checkpoint loads at any ``dp``, ``cp``,
 ``tp`` and ``dp_mode`` (DCP reads the overlapping chunks into each rank's shard), bitwise;
@@ -101,7 +111,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def read_tensor_metadata(path: str | os.PathLike[str]) -> dict[str, TensorStorageMetadata]:
-    """Key -> size/dtype of every item of a DCP checkpoint; refuses non-tensor (pickled) items."""
+    """Key -> size/dtype of every item of a DCP checkpoint; refuses non-tensor (pickled) items.
+    Reading the metadata itself unpickles DCP's ``.metadata`` file (see "Trust model" above)."""
     metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
     out = {}
     for key, item in metadata.state_dict_metadata.items():
