@@ -1,5 +1,7 @@
 """Context-parallel QKVSequenceMixer == single process: outputs, input grads, every
-parameter grad (summed over the CP group), for 1-D zigzag and 2-D row blocks."""
+parameter grad (summed over the CP group), for 1-D zigzag and 2-D row blocks; and the
+communication of one layer: per-op calls and bytes, both as `count_comm` books them and as
+measured at the dispatcher (`CollectiveCounter`), against the floor formula."""
 from __future__ import annotations
 
 import re
@@ -11,6 +13,7 @@ import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
 from hyena_cp.bench.layer import comm_floor_bytes
+from hyena_cp.bench.measure import CollectiveCounter
 from hyena_cp.parallel import count_comm, shard, unshard
 from references import rel_err
 
@@ -81,12 +84,13 @@ def run_mixer(case: Case, group=None) -> dict:
     x = shard(data["x"], 1, layout(case), world, rank).requires_grad_(True)
     grad = shard(data["grad"], 1, layout(case), world, rank)
     cond = None if data["cond"] is None else data["cond"].requires_grad_(True)
-    with count_comm() as stats:
+    with count_comm() as stats, CollectiveCounter() as wire:
         y = mixer(x, conditioning=cond, cp_group=group, num_valid_tokens=case.num_valid)
         y.backward(grad)
     return {"y": y.detach(), "dx": x.grad, "dcond": None if cond is None else cond.grad,
             "params": {n: p.grad for n, p in mixer.named_parameters()}, "bytes": stats.bytes_sent,
-            "by_op": dict(stats.by_op), "calls": dict(stats.calls)}
+            "by_op": dict(stats.by_op), "calls": dict(stats.calls),
+            "wire_calls": dict(wire.calls), "wire_sent": dict(wire.sent)}
 
 
 def worker_run(case: Case) -> dict:
@@ -139,6 +143,16 @@ def predicted_calls(world: int, rank: int) -> dict[str, int]:
     return {"all_to_all": 4, **({"p2p": 2 * sends} if sends else {})}
 
 
+def predicted_wire_calls(world: int, rank: int) -> dict[str, int]:
+    """The c10d ops behind `predicted_calls`: each halo send has its matching receive (a rank
+    receives from the neighbours it sends to), plus the one all-gather of the cross-rank
+    agreement check (control traffic, `hyena_cp.parallel.agreement`) in forward."""
+    calls = predicted_calls(world, rank)
+    p2p = calls.pop("p2p", 0)
+    return {"alltoall_base_": calls.pop("all_to_all"), **({"send": p2p, "recv_": p2p} if p2p else {}),
+            "_allgather_base_": 1, **calls}
+
+
 @pytest.mark.parametrize("name", ["1d_k3", "1d_k7_adaln", "2d_k3", "2d_k5_fp32_film"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_equal_the_floor(dist_run, name, world):
@@ -147,6 +161,11 @@ def test_bytes_sent_equal_the_floor(dist_run, name, world):
     for rank, r in enumerate(results):
         assert r["bytes"] == predicted_bytes(case, world, rank), (rank, r["by_op"])
         assert r["calls"] == predicted_calls(world, rank), (rank, r["calls"])
+        # measured at the dispatcher: the same ops and bytes reach torch.distributed, nothing else
+        assert r["wire_calls"] == predicted_wire_calls(world, rank), (rank, r["wire_calls"])
+        data = r["wire_sent"]["alltoall_base_"] + r["wire_sent"].get("send", 0)
+        assert data == predicted_bytes(case, world, rank), (rank, r["wire_sent"])
+        assert r["wire_sent"]["alltoall_base_"] == r["by_op"]["all_to_all"]
 
 
 def test_a2a_mode_sends_twice_the_alltoall_bytes(dist_run):

@@ -10,6 +10,9 @@
   CPU (process RSS is no use here: glibc keeps freed pages, so it misses reused memory).
 - `TrafficCounter`: bytes read and written by every eager aten kernel (inputs + outputs,
   views free), a no-fusion model of DRAM traffic for achieved-bandwidth figures.
+- `CollectiveCounter`: every ``c10d`` op that reaches a process group, with the bytes it sends
+  to other ranks, seen at the dispatcher: a measurement of what the code hands to
+  torch.distributed, independent of `hyena_cp.parallel.count_comm`'s own bookkeeping.
 """
 from __future__ import annotations
 
@@ -20,13 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hyena_cp.bench.common import sync
 
-__all__ = ["saved_for_backward", "module_prefix", "peak_memory", "time_and_peak", "timed_rounds", "top_ops",
+__all__ = ["CollectiveCounter", "saved_for_backward", "module_prefix", "peak_memory", "time_and_peak", "timed_rounds", "top_ops",
            "TrafficCounter"]
 
 
@@ -195,3 +199,46 @@ class TrafficCounter(TorchDispatchMode):
         self.bytes += moved
         self.by_op[name] += moved
         return out
+
+
+def _group(args: tuple) -> dist.ProcessGroup:
+    return dist.ProcessGroup.unbox(next(a for a in args if isinstance(a, torch.ScriptObject)))
+
+
+def _alltoall_sent(args: tuple) -> int:
+    """``alltoall_base_(out, in, group, out_splits, in_splits, ...)``: the input's blocks for
+    other ranks (equal blocks when ``in_splits`` is empty)."""
+    x, group, splits = args[1], _group(args), args[4]
+    if not splits:
+        return _nbytes(x) * (group.size() - 1) // group.size()
+    return sum(n for i, n in enumerate(splits) if i != group.rank()) * _nbytes(x) // max(1, x.shape[0])
+
+
+# op name -> bytes this rank sends to other ranks (comm_stats' conventions); other ops count calls only
+_SENT: dict[str, Callable[[tuple], int]] = {
+    "alltoall_base_": _alltoall_sent,
+    "send": lambda args: sum(_nbytes(t) for t in args[0]),
+    "_allgather_base_": lambda args: _nbytes(args[1]) * (_group(args).size() - 1),
+    "_reduce_scatter_base_": lambda args: _nbytes(args[0]) * (_group(args).size() - 1),
+    "allreduce_": lambda args: sum(2 * (_group(args).size() - 1) * _nbytes(t) // _group(args).size()
+                                   for t in args[0]),
+}
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Calls (``calls[op]``) and bytes sent to other ranks (``sent[op]``) of every ``c10d`` op
+    dispatched inside the block (forward and backward), by c10d op name (``alltoall_base_``,
+    ``send``, ``recv_``, ``_allgather_base_``, ...). Bytes are computed from the tensors the op
+    receives, for the ops in ``_SENT``; any other op is still counted in ``calls``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = defaultdict(int)
+        self.sent: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            name = func.overloadpacket.__name__
+            self.calls[name] += 1
+            self.sent[name] += _SENT[name](args) if name in _SENT else 0
+        return func(*args, **(kwargs or {}))
