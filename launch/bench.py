@@ -1,7 +1,7 @@
 """Benchmarks: communication floor, activation memory per rank, Hyena vs attention, CP
 efficiency on CPU, LM quality, cached decoding, and one GPU where CUDA is present.
 
-    python launch/bench.py --out DIR [--quick] [--sections comm,memory,scaling,cp,lm,gen,gpu] [--threads N]
+    python launch/bench.py --out DIR [--quick] [--sections comm,memory,scaling,cp,lm,packing,gen,sharding,gpu] [--threads N]
 
 One command, no torchrun: the multi-rank sections (comm, memory, cp) fork their own gloo
 groups of P = 1, 2, 4 local processes. Writes DIR/bench.md (tables), DIR/bench.json (raw

@@ -84,3 +84,16 @@ def test_an_export_config_naming_other_callables_is_refused(trained, tmp_path):
     with pytest.raises(ValueError, match="os.system"):
         load_exported(folder)
     load_exported(folder, _config(trained).model)  # the caller's own config is trusted
+
+
+def test_checkpoint_tensors_are_read_weights_only(trained, monkeypatch):
+    """The README's claim on the DCP path: every tensor goes through torch.load(weights_only=True)."""
+    seen, real = [], torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_model_state(latest_checkpoint(trained / "checkpoints"))
+    assert seen and all(w is True for w in seen), seen
