@@ -25,7 +25,7 @@ TIMEOUT_S = 600.0
 START_TIMEOUT_S = 120.0
 ERROR_GRACE_S = 5.0
 # imported once by the fork server, inherited by every worker (megatron-core: ~5 s to import)
-PRELOAD = ("torch", "hyena_cp.bench", "megatron.core")
+PRELOAD = ("hyena_cp.bench.preload",)
 
 
 class RankFailure(RuntimeError):
