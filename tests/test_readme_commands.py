@@ -31,7 +31,7 @@ README = ROOT / "README.md"
 TEMPLATE = ("CONFIG.py", "...", "…", "[key=value")  # placeholders: only the script is checked
 PROGRAMS = ("torchrun ", "python ", "pip ", "sbatch ", "bash ", "launch/", ". ", "DRY_RUN=")
 SMOKE = ["train.steps=2", "train.warmup_steps=0", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false"]
-SMOKE_TEXT = ["task.data.max_bytes=200000", "task.eval_samples=4", "task.eval_batch_size=4"]
+SMOKE_TEXT = ["task.data.max_bytes=200000", "task.eval_samples=4", "task.eval_batch_size=4"]  # byte-level LMs
 RUN_TIMEOUT_S = 600
 
 
@@ -107,7 +107,7 @@ class Checker:
         self.tmp, self.run = tmp, run
 
     def __call__(self, command: str) -> None:
-        tokens = shlex.split(command)
+        tokens = shlex.split(command, comments=True)
         env = {}
         while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):
             key, _, value = tokens.pop(0).partition("=")
@@ -183,6 +183,14 @@ class Checker:
             check_layout(cfg, world if name != "export.py" else cfg.parallel.cp * cfg.parallel.tp)
             if self.run and world <= 2 and name == "train.py" and len(args) == 1:
                 smoke_train(args[0], world, str(self.tmp / Path(args[0]).stem))
+            elif self.run and name == "generate.py" and world <= 2:  # generates from the smoke run
+                run = smoke_train(args[0], world, str(self.tmp / Path(args[0]).stem))
+                printed = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={world}", script, *args, f"train.output_dir={run}",
+                                "generate.max_new_tokens=8"])
+                prompt = next((a.removeprefix("generate.prompt=") for a in args if a.startswith("generate.prompt=")),
+                              "")
+                assert printed.startswith(prompt), printed
             elif self.run and name == "export.py" and len(args) == 1:
                 cp = LazyConfig.load(ROOT / args[0]).parallel.get("cp", 1)
                 run = smoke_train(args[0], cp, str(self.tmp / Path(args[0]).stem))
