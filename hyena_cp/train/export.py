@@ -77,9 +77,9 @@ def export_model(cfg: DictConfig, *, name: str) -> Path:
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(state, os.fspath(tmp), metadata={"format": "pt", "config": name, "step": str(step)})
     os.replace(tmp, out / WEIGHTS)
-    model_cfg = OmegaConf.create({"model": cfg.model}, flags={"allow_objects": True})
-    OmegaConf.resolve(model_cfg)  # "${model.img_size}"-style links; ${locate:...} objects stay objects
-    LazyConfig.save(model_cfg, out / CONFIG)
+    # resolved in the whole config (links into other sections too); objects are saved as ${locate:...}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    LazyConfig.save(OmegaConf.create({"model": model}, flags={"allow_objects": True}), out / CONFIG)
     return out
 
 
