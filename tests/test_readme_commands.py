@@ -9,6 +9,7 @@ Inline ``key=value`` spans must name keys of a shipped config."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import shlex
@@ -202,8 +203,6 @@ class Checker:
 
 @functools.cache
 def _bench_parse_args():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("bench_launcher", ROOT / "launch" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

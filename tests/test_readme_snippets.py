@@ -8,7 +8,6 @@ import contextlib
 import io
 import re
 
-import pytest
 import torch
 import torch.distributed as dist
 # Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
