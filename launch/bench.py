@@ -1,10 +1,11 @@
 """Benchmarks: communication floor, activation memory per rank, Hyena vs attention, CP
-efficiency on CPU, LM quality, cached decoding, and one GPU where CUDA is present.
+efficiency on CPU, LM quality, packed sequences, cached decoding, parameter/gradient/AdamW
+bytes per rank (FSDP2), and one GPU where CUDA is present.
 
-    python launch/bench.py --out DIR [--quick] [--sections comm,memory,scaling,cp,lm,gen,gpu] [--threads N]
+    python launch/bench.py --out DIR [--quick] [--sections comm,memory,scaling,cp,lm,packing,gen,sharding,gpu] [--threads N]
 
-One command, no torchrun: the multi-rank sections (comm, memory, cp) fork their own gloo
-groups of P = 1, 2, 4 local processes. Writes DIR/bench.md (tables), DIR/bench.json (raw
+One command, no torchrun: the multi-rank sections start their own gloo groups of P = 1, 2, 4
+local processes (from a fork server, `hyena_cp.bench.ranks`). Writes DIR/bench.md (tables), DIR/bench.json (raw
 numbers) and DIR/*.png (plots), and prints the Markdown. ``--quick`` is the CI smoke run
 (tiny sizes, about a minute on 2 cores).
 """
@@ -15,6 +16,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+# before torch is imported: c10 reads its log level once (the memory profiler's per-call warning)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from hyena_cp.bench import SECTIONS, BenchContext
 from hyena_cp.bench.common import machine_line

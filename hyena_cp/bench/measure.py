@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import statistics
 import time
 from collections import defaultdict
@@ -85,11 +87,20 @@ def saved_for_backward(module: nn.Module, fn: Callable[[], Any],
     return sum(by_part.values()), dict(by_part), result
 
 
+def _quiet_profiler() -> None:
+    """Keep the profiler's C++ logs (kineto's ``USDT ... profiler_start`` lines and c10's
+    "Memory block of unknown size" warning, one per call and rank) out of the bench output:
+    both are read when a profile starts, so setting them here is enough. A user's own values win."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's ERROR and STAGE levels
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
 def _cpu_peak(fn: Callable[[], Any]) -> int | None:
     """Peak bytes held by torch's CPU allocator above the start of ``fn()``: the running sum
     of the profiler's allocation (+) and free (-) records, in time order."""
     from torch.profiler import ProfilerActivity, profile
 
+    _quiet_profiler()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:
@@ -160,6 +171,7 @@ def top_ops(fn: Callable[[], Any], k: int = 6) -> list[tuple[str, float]]:
     ``(name, share of the total self time)``: where a CPU timing goes."""
     from torch.profiler import ProfilerActivity, profile
 
+    _quiet_profiler()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]

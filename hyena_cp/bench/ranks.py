@@ -11,6 +11,7 @@ through `hyena_cp.parallel`.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ TIMEOUT_S = 600.0
 START_TIMEOUT_S = 120.0
 ERROR_GRACE_S = 5.0
 # imported once by the fork server, inherited by every worker (megatron-core: ~5 s to import)
-PRELOAD = ("torch", "hyena_cp.bench", "megatron.core")
+PRELOAD = ("hyena_cp.bench.preload",)
 
 
 class RankFailure(RuntimeError):
@@ -40,6 +41,9 @@ class RankPools:
     """One gloo rank pool per group size, created on first use; a context manager closes them."""
 
     def __init__(self) -> None:
+        # c10's warnings level is read when torch is imported: set it for the fork server's (see
+        # `measure._quiet_profiler`: the profiler warns once per call and rank otherwise)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         # forkserver: sections time ranks with several threads, which a forked worker cannot use
         # safely once the bench process itself has run multi-threaded ops (see local_pool)
         self.pools = LocalPools(gloo_timeout_s=TIMEOUT_S, start_timeout_s=START_TIMEOUT_S,
