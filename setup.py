@@ -10,9 +10,12 @@ setup(
     # torch is listed without a pin so an installed CPU/CUDA build is kept; install
     # torch first (see README) or pip may resolve a multi-GB CUDA build.
     install_requires=[
-        # 2.6: the group-relative peer arguments of send/recv/broadcast/reduce (group_peer=,
-        # group_src=, group_dst=) used in hyena_cp/parallel/; CI tests 2.13.
-        "torch>=2.6",
+        # 2.10: FSDP2's replicate (torch.distributed._composable.replicate_with_fsdp, its 1-D
+        # mesh form and ReplicateModule, late 2025), behind parallel.dp_mode="ddp"; 2.6 for the
+        # group-relative peers (group_peer=, group_src=, group_dst=) and FSDP2's public path.
+        # Every torch.distributed API used, with the release it needs: tests/test_torch_floor.py
+        # (it checks them on the installed torch; CI tests 2.13 only).
+        "torch>=2.10",
         "megatron-core>=0.16",
         "einops>=0.7",
         "omegaconf>=2.3",

@@ -1,41 +1,79 @@
-"""Fault recovery under torchrun: rank 1 dies mid-training (``os._exit(1)`` at a step, first
-attempt only); with ``--max-restarts=1`` the job restarts, resumes from the newest complete
-checkpoint and ends with bitwise the parameters of an uninterrupted run with the same seed.
+"""Fault recovery under torchrun (``--max-restarts=1``), first attempt only (``train.fault_*``):
 
-One torchrun job (two attempts of 2 processes, ~3.5 s start-up each) against a reference
-run in the reused `dist_run` pool: both use one thread per rank and the same reduction
-order, so CPU results are bitwise equal.
+- a killed rank: rank 1 exits (``os._exit(1)``) at step 3;
+- a hung peer: rank 1 stops responding at step 3 (sleeps, never exits); rank 0's next
+  collective times out after ``parallel.timeout_s`` and raises a `PeerTimeoutError` that names
+  the setting and rank 1 (it had not started step 3), within the timeout plus a few seconds;
+  torchrun then ends the sleeping rank and restarts the job.
+
+Either way the job resumes from the newest complete checkpoint (step 2) and ends with bitwise
+the parameters AND the AdamW state (``step``, ``exp_avg``, ``exp_avg_sq``) of an uninterrupted
+run with the same seed: the reference runs once in the reused `dist_run` pool; both use one
+thread per rank and the same reduction order, so CPU results are bitwise equal. Each torchrun
+job is two attempts of 2 processes (~3.5 s start-up each), plus the timeout for the hang.
 """
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from hyena_cp.train.checkpoint import load_model_state
+from hyena_cp.train.checkpoint import load_model_state, load_optimizer_state
 from train_helpers import ROOT, VISION, run_config
 
 CONFIG = "digits_hyena_tiny.py"
+TIMEOUT_S = 10  # short, but above the slowest collective of a loaded 2-core machine (checkpoint, plot)
 OVERRIDES = VISION + ["model.mixers=hyena", "train.steps=6", "train.ckpt_every=2", "parallel.cp=2",
-                      "parallel.timeout_s=60"]
+                      f"parallel.timeout_s={TIMEOUT_S}"]
 
 
-def test_killed_rank_resumes_to_the_uninterrupted_parameters(dist_run, tmp_path):
-    reference, faulty = tmp_path / "reference", tmp_path / "faulty"
-    dist_run(run_config, 2, CONFIG, OVERRIDES, str(reference))
+@pytest.fixture(scope="module")
+def reference(dist_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    dist_run(run_config, 2, CONFIG, OVERRIDES, str(out))
+    final = out / "checkpoints" / "step_00000006"
+    return load_model_state(final), load_optimizer_state(final)
+
+
+def _torchrun(out, fault: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "launch/train.py", f"configs/{CONFIG}", *OVERRIDES, "train.fault_step=3", "train.fault_rank=1",
-           f"train.output_dir={faulty}"]
+           "launch/train.py", f"configs/{CONFIG}", *OVERRIDES, "train.fault_step=3", "train.fault_rank=1", *fault,
+           f"train.output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "[fault injection] rank 1 exits at step 3" in proc.stderr
     assert "final validation accuracy" in proc.stdout
-    records = [json.loads(line) for line in (faulty / "metrics.jsonl").read_text().splitlines()]
+    return proc
+
+
+def _assert_resumed_to_reference(out, reference) -> None:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"event": "resume", "step": 2, "attempt": 1} in records  # restarted from checkpoint 2
-    expected = load_model_state(reference / "checkpoints" / "step_00000006")
-    got = load_model_state(faulty / "checkpoints" / "step_00000006")
-    assert got.keys() == expected.keys()
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+    final = out / "checkpoints" / "step_00000006"
+    for got, expected in zip((load_model_state(final), load_optimizer_state(final)), reference):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
+    optimizer = reference[1]
+    assert {k.rsplit("/", 1)[1] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+    assert all(float(v) == 6 for k, v in optimizer.items() if k.endswith("/step"))
+
+
+def test_killed_rank_resumes_to_the_uninterrupted_parameters_and_optimizer_state(reference, tmp_path):
+    proc = _torchrun(tmp_path, [])
+    assert "[fault injection] rank 1 exits at step 3" in proc.stderr
+    _assert_resumed_to_reference(tmp_path, reference)
+
+
+def test_hung_peer_times_out_with_a_clear_error_and_resumes(reference, tmp_path):
+    proc = _torchrun(tmp_path, ["train.fault_mode=hang"])
+    assert "[fault injection] rank 1 hangs at step 3" in proc.stderr
+    match = re.search(r"PeerTimeoutError: rank 0: a collective of step 3 did not complete within "
+                      rf"parallel.timeout_s={TIMEOUT_S} s \(the step had run ([\d.]+) s\); rank 1 had not started "
+                      r"step 3 \(rank 1 at step 2\): the likely hung \(or dead\) peer", proc.stderr)
+    assert match, proc.stderr[-4000:]
+    assert TIMEOUT_S <= float(match.group(1)) < TIMEOUT_S + 5  # failed within the timeout, not gloo's 30 min
+    _assert_resumed_to_reference(tmp_path, reference)

@@ -236,16 +236,25 @@ def cached_mesh_groups() -> set[ProcessGroup]:
     return kept
 
 
-def _run_mesh(device: torch.device, dims: ParallelDims) -> tuple[DeviceMesh, DeviceMesh]:
-    """The ``("dp", "cp", "tp")`` mesh and its flattened ``dp_cp`` dimension (collective on first use)."""
+def _run_mesh(device: torch.device, dims: ParallelDims, timeout: timedelta | None) -> tuple[DeviceMesh, DeviceMesh]:
+    """The ``("dp", "cp", "tp")`` mesh and its flattened ``dp_cp`` dimension (collective on first use).
+
+    ``timeout``: given to every group of the mesh on creation. DeviceMesh builds the groups
+    that do not span the whole job with ``new_group``'s default timeout (30 min on gloo, not
+    the default group's), so without it a hung peer in a CP or FSDP collective of a
+    ``dp > 1`` run would stall the job for half an hour instead of ``parallel.timeout_s``."""
     key = (id(dist.group.WORLD), device.type, dims.shape)
     if key not in _MESHES:
         mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=DIMS)
-        _MESHES[key] = mesh, mesh["dp", "cp"]._flatten("dp_cp")  # torchtitan's name for the FSDP dimension
+        dp_cp = mesh["dp", "cp"]._flatten("dp_cp")  # torchtitan's name for the FSDP dimension
+        if timeout is not None:
+            for group in {*mesh.get_all_groups(), dp_cp.get_group()} - {dist.group.WORLD}:
+                dist.distributed_c10d._set_pg_timeout(timeout, group)  # private; public from no release yet
+        _MESHES[key] = mesh, dp_cp
     return _MESHES[key]
 
 
-def _init_megatron(dims: ParallelDims, groups: ParallelGroups) -> None:
+def _init_megatron(dims: ParallelDims, groups: ParallelGroups, timeout: timedelta | None) -> None:
     """Initialise megatron-core's ``parallel_state`` (its modules read their groups there) and
     check that its groups hold the mesh's ranks. Imported here, not at module level, so
     `hyena_cp` imports without megatron-core and runs that do not need it skip its ~6 s import."""
@@ -256,6 +265,8 @@ def _init_megatron(dims: ParallelDims, groups: ParallelGroups) -> None:
               "dp": ps.get_data_parallel_group(with_context_parallel=False),
               "dp_cp": ps.get_data_parallel_group(with_context_parallel=True)}
     for dim, group in theirs.items():
+        if timeout is not None and group is not dist.group.WORLD:  # megatron's own default: 30 min (`_run_mesh`)
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
         ours = dist.get_process_group_ranks(groups.submesh(dim).get_group())
         if dist.get_process_group_ranks(group) != ours:  # the same on every rank: all raise alike
             ps.destroy_model_parallel()
@@ -272,7 +283,8 @@ def init_parallel(cp: int, *, tp: int = 1, backend: str = "auto", timeout_s: flo
         tp: tensor-parallel size; ``dp = world // (cp * tp)``.
         backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl"; used only when the
             default group does not exist yet (under torchrun it does not; in tests it may).
-        timeout_s: collective timeout of the default group.
+        timeout_s: collective timeout of the default group and (when this call creates the default
+            group) of every group of the mesh.
         megatron: also initialise megatron-core's ``parallel_state`` (same sizes; its groups
             are checked against the mesh's).
     """
@@ -293,11 +305,12 @@ def init_parallel(cp: int, *, tp: int = 1, backend: str = "auto", timeout_s: flo
         torch.cuda.set_device(device)
     if owns:
         _MESHES.clear()  # meshes of an earlier default group
-    mesh, dp_cp = _run_mesh(device, dims)
+    timeout = timedelta(seconds=timeout_s) if owns else None
+    mesh, dp_cp = _run_mesh(device, dims, timeout)
     groups = ParallelGroups(dims=dims, rank=dist.get_rank(), mesh=mesh, dp_cp_mesh=dp_cp, device=device,
                             owns_default_group=owns)
     if megatron:
-        _init_megatron(dims, groups)
+        _init_megatron(dims, groups, timeout)
         groups.megatron = True
     return groups
 

@@ -12,16 +12,18 @@ writes ``meta.json``, renames the folder to ``step_N/``, then replaces ``latest`
 complete checkpoint and ``latest`` untouched.
 
 What is stored comes from ``torch.distributed.checkpoint.state_dict.get_state_dict`` (and goes
-back through ``set_state_dict``): under FSDP (`hyena_cp.parallel.fsdp`) the model and optimizer
-state are DTensor shards over the ``dp_cp`` mesh, and every rank writes only its shard; FSDP's
-replicate and one process give whole tensors, which DCP writes once. Contents, all tensors (no
-pickled Python objects of ours; see "Trust model" below):
+back through ``set_model_state_dict`` / ``set_optimizer_state_dict``): under FSDP
+(`hyena_cp.parallel.fsdp`) the model and optimizer state are DTensor shards over the ``dp_cp``
+mesh, and every rank writes only its shard; FSDP's replicate and one process give whole
+tensors, which DCP writes once. Contents, all tensors (no pickled Python objects of ours; see
+"Trust model" below):
 
 - ``model/<name>``: the tensors of the model state dict (canonical names, as
   ``named_parameters()`` of the unwrapped model), each stored ONCE as its FULL
   (single-process) tensor, see "Tensor parallelism" below
 - ``optim/<param name>/<key>``: the optimizer's per-parameter state (AdamW: ``step``,
-  ``exp_avg``, ``exp_avg_sq``), stored like its parameter. Hyper-parameters (the state dict's
+  ``exp_avg``, ``exp_avg_sq``), stored like its parameter; none for a parameter that was
+  never stepped (no gradient yet), and loading leaves such a parameter without state. Hyper-parameters (the state dict's
   ``param_groups``) are not stored: the config is their source of truth, the learning rate
   is a function of the step, and they are not tensors (DCP would pickle them).
 - ``progress/step``, ``progress/epoch``, ``progress/global_batch_size``: the data position
@@ -81,13 +83,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from hyena_cp.parallel.dims import ParallelGroups, barrier, broadcast_int
 from hyena_cp.parallel.tp_dtensor import stored_view, tp_unfold
 from hyena_cp.parallel.tp_layout import TPPartition, tp_partition
 
-__all__ = ["Checkpointer", "load_model_state", "read_tensor_metadata", "saved_partitions"]
+__all__ = ["Checkpointer", "load_model_state", "load_optimizer_state", "read_tensor_metadata", "saved_partitions"]
 
 LATEST = "latest"
 
@@ -134,16 +141,27 @@ def saved_partitions(path: str | os.PathLike[str]) -> dict[str, TPPartition]:
     return {key: TPPartition(*value) for key, value in recorded.items()}
 
 
-def load_model_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """``model.state_dict()`` of a checkpoint folder as FULL (single-process, tp=1) tensors, in one
-    process without a process group, whatever the dp x cp x tp layout it was written at."""
+def _load_full(path: str | os.PathLike[str], prefix: str) -> dict[str, Tensor]:
+    """The items under ``prefix`` of a checkpoint folder as FULL (tp=1) tensors, in one process."""
     meta = read_tensor_metadata(path)
-    state = {k: _empty_like_meta(v) for k, v in meta.items() if k.startswith("model/")}
+    state = {k: _empty_like_meta(v) for k, v in meta.items() if k.startswith(prefix)}
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=os.fspath(path), no_dist=True)
     parts = saved_partitions(path)
-    return {k.removeprefix("model/"): tp_unfold(v, parts[k]) if k in parts else v for k, v in state.items()}
+    return {k.removeprefix(prefix): tp_unfold(v, parts[k]) if k in parts else v for k, v in state.items()}
+
+
+def load_model_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """``model.state_dict()`` of a checkpoint folder as FULL (single-process, tp=1) tensors, in one
+    process without a process group, whatever the dp x cp x tp layout it was written at."""
+    return _load_full(path, "model/")
+
+
+def load_optimizer_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The optimizer's per-parameter state of a checkpoint folder, ``"<param name>/<key>"`` (AdamW:
+    ``step``, ``exp_avg``, ``exp_avg_sq``) -> FULL tensor, like `load_model_state`."""
+    return _load_full(path, "optim/")
 
 
 def _check_partitions(path: Path, current: dict[str, TPPartition], saved: dict[str, TPPartition]) -> None:
@@ -159,7 +177,7 @@ def _check_partitions(path: Path, current: dict[str, TPPartition], saved: dict[s
 class _Items:
     """The stored form of a model and optimizer (from ``get_state_dict``): ``state`` (key ->
     tensor or view for DCP), the TP ``partitions`` by key, ``finish`` (copies loaded buffers into
-    the state dicts) and the state dicts themselves, for ``set_state_dict``.
+    the state dicts) and the state dicts themselves, for ``set_*_state_dict``.
 
     Loading (``saved``: the checkpoint's items and ``stored`` partitions): optimizer state the
     checkpoint holds but a fresh optimizer lacks (e.g. a factored statistic) is loaded too, as is."""
@@ -204,6 +222,13 @@ class _Items:
         return part
 
     def _add_saved_optimizer_state(self, saved: dict[str, TensorStorageMetadata]) -> None:
+        """Match the fresh optimizer's state (``get_state_dict`` makes one with a zero-gradient
+        step for EVERY parameter) to the checkpoint's: a parameter the checkpoint holds no state
+        for had none when it was saved (never stepped: its gradient was always None), so it
+        gets none now either; state keys the checkpoint adds are loaded as they are."""
+        with_state = {item.removeprefix("optim/").rsplit("/", 1)[0] for item in saved if item.startswith("optim/")}
+        for name in [n for n in self.optim_sd["state"] if n not in with_state]:
+            del self.optim_sd["state"][name]
         for item, meta in saved.items():
             if not item.startswith("optim/"):
                 continue
@@ -353,7 +378,10 @@ class Checkpointer:
         dcp.load({**items.state, **extras}, checkpoint_id=os.fspath(path))
         for finish in items.finish:
             finish()
-        set_state_dict(model, optimizer, model_state_dict=items.model_sd, optim_state_dict=items.optim_sd)
+        set_model_state_dict(model, items.model_sd)
+        # not strict: a parameter the checkpoint holds no optimizer state for was never stepped
+        # (`_Items._add_saved_optimizer_state`); every other item was checked present above
+        set_optimizer_state_dict(model, optimizer, items.optim_sd, options=StateDictOptions(strict=False))
         if rng_restored:
             torch.set_rng_state(extras[f"rng/dp{self.groups.dp_rank}/cpu"])
             if self.groups.device.type == "cuda":

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 from omegaconf import DictConfig
 
 from hyena_cp.parallel.fsdp import DP_MODES, MIXED_PRECISION
+from hyena_cp.train.optim import NO_WEIGHT_DECAY, WEIGHT_DECAY_POLICIES
 
 __all__ = ["ParallelConfig", "TrainConfig", "lr_factor", "with_defaults"]
 
@@ -28,8 +29,10 @@ class ParallelConfig:
         ``parallel_state``), so ``tp > 1`` needs ``megatron=true``. Rank order is megatron's
         (tp innermost, then cp, then dp; `hyena_cp.parallel.dims`).
     backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl".
-    timeout_s: collective timeout; a dead peer fails the job after this long instead of
-        hanging it (torchrun can then restart it from the last checkpoint).
+    timeout_s: collective timeout of every group of the run (the default group and the mesh's);
+        a dead or hung peer fails the job after this long instead of hanging it, with a
+        `hyena_cp.parallel.liveness.PeerTimeoutError` naming the ranks that had not started
+        the step (torchrun can then restart it from the last checkpoint).
     megatron: also initialise megatron-core's ``parallel_state`` (models built on megatron-core
         read their TP and CP groups there; checked to hold the DeviceMesh's ranks); False
         skips megatron-core's import.
@@ -71,6 +74,9 @@ class ParallelConfig:
         return dp_cp > 1 or self.mixed_precision is not None
 
 
+FAULT_MODES = ("exit", "hang")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """``train`` section (steps count optimizer steps; 0 in an ``*_every`` means "at the end only").
@@ -84,8 +90,17 @@ class TrainConfig:
         checkpoints (it never overwrites another run).
     clip_grad_norm: max global grad norm (0 disables clipping).
     warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio * lr``.
-    fault_step, fault_rank: testing only -- global rank ``fault_rank`` exits with status 1
-        when it reaches step ``fault_step`` in the first attempt of a torchrun job.
+    weight_decay_policy: "timm" (the default): parameters with ``ndim <= 1`` (norms, biases,
+        LayerScale gammas, Hyena's skip ``D``) and those matching ``no_weight_decay`` get no
+        weight decay, the others the optimizer's ``weight_decay``; "all": every parameter
+        decays (`hyena_cp.train.optim`).
+    no_weight_decay: ``fnmatch`` patterns of parameter names (``named_parameters()`` of the
+        model) exempt from decay under "timm"; default: position embedding, CLS and register
+        tokens, Hyena's implicit filter (``*.filter.*``).
+    fault_step, fault_rank, fault_mode: testing only -- global rank ``fault_rank`` fails when it
+        reaches step ``fault_step`` in the first attempt of a torchrun job: ``fault_mode``
+        "exit" exits with status 1; "hang" stops responding (sleeps, never exits), so its
+        peers' next collective times out after ``parallel.timeout_s``.
     """
 
     steps: int
@@ -99,8 +114,11 @@ class TrainConfig:
     clip_grad_norm: float = 1.0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    weight_decay_policy: str = "timm"
+    no_weight_decay: tuple[str, ...] = NO_WEIGHT_DECAY
     fault_step: int | None = None
     fault_rank: int = 0
+    fault_mode: str = "exit"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -111,6 +129,14 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.weight_decay_policy not in WEIGHT_DECAY_POLICIES:
+            raise ValueError(f"train.weight_decay_policy={self.weight_decay_policy!r} must be one of "
+                             f"{list(WEIGHT_DECAY_POLICIES)}")
+        if isinstance(self.no_weight_decay, str) or not all(isinstance(p, str) for p in self.no_weight_decay):
+            raise ValueError(f"train.no_weight_decay={self.no_weight_decay!r} must be a list of name patterns")
+        object.__setattr__(self, "no_weight_decay", tuple(self.no_weight_decay))  # a list from the config
+        if self.fault_mode not in FAULT_MODES:
+            raise ValueError(f"train.fault_mode={self.fault_mode!r} must be one of {list(FAULT_MODES)}")
 
     def due(self, every: int, step: int) -> bool:
         """Whether a periodic action runs after ``step`` completed steps (always after the last)."""

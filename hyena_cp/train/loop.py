@@ -22,6 +22,12 @@ run different numbers of batches. Rank 0 logs, plots and drives the progress bar
 checkpoints are collective. After the first step the log records the parameter, gradient
 and optimizer bytes per rank (the fullest rank), also written to ``final.json``.
 
+The optimizer gets two parameter groups, with and without weight decay
+(`hyena_cp.train.optim`, ``train.weight_decay_policy``). Each rank records the step it starts
+on the job's store (`hyena_cp.parallel.liveness.Heartbeat`), so a collective that times out
+because a peer stopped responding raises a `PeerTimeoutError` naming ``parallel.timeout_s``
+and the ranks that had not started the step.
+
 This module never calls ``torch.distributed`` itself: groups, barriers and reductions come
 from `hyena_cp.parallel`, and checkpoint I/O from `hyena_cp.train.checkpoint` (DCP).
 """
@@ -43,12 +49,14 @@ from hyena_cp.lazy import LazyConfig, instantiate
 from hyena_cp.parallel.dims import ParallelGroups, destroy_parallel, init_parallel
 from hyena_cp.parallel.fsdp import apply_data_parallel, full_parameters, loss_scale
 from hyena_cp.parallel.grad_norm import clip_grad_norm
+from hyena_cp.parallel.liveness import Heartbeat
 from hyena_cp.parallel.reductions import group_sum
 from hyena_cp.parallel.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
 from hyena_cp.train.checkpoint import Checkpointer
 from hyena_cp.train.config import ParallelConfig, TrainConfig, lr_factor
 from hyena_cp.train.metrics import MetricsLog, memory_line, plot_curves, progress_bar
+from hyena_cp.train.optim import param_groups
 from hyena_cp.train.tasks import Task
 
 __all__ = ["Trainer", "train"]
@@ -72,6 +80,7 @@ class Trainer:
     checkpointer: Checkpointer
     output_dir: Path
     name: str
+    heartbeat: Heartbeat
     step: int = 0
     resumed_from: int | None = None
     losses: list[float] = field(default_factory=list)
@@ -90,14 +99,16 @@ class Trainer:
         if parallel.wraps(dims.dp * dims.cp):
             apply_data_parallel(model, groups.dp_cp_mesh, mode=parallel.dp_mode,
                                 mixed_precision=parallel.mixed_precision)
-        optimizer = instantiate(cfg.optimizer, params=model.parameters())  # the sharded parameters
+        heartbeat = Heartbeat(groups.rank, groups.dims.world, parallel.timeout_s)  # before the first collective
+        params = param_groups(model, settings.weight_decay_policy, settings.no_weight_decay)  # the sharded ones
+        optimizer = instantiate(cfg.optimizer, params=params)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule scales this base rate
         task = instantiate(cfg.task, groups=groups, seed=settings.seed)
         torch.manual_seed(settings.seed + 1000 * (groups.dp_rank + 1))  # per replica, see TrainConfig
         checkpointer = Checkpointer(output_dir / "checkpoints", groups, keep=settings.keep_checkpoints,
                                     dp_mode=parallel.dp_mode)
-        return cls(settings, parallel, groups, model, optimizer, task, checkpointer, output_dir, name)
+        return cls(settings, parallel, groups, model, optimizer, task, checkpointer, output_dir, name, heartbeat)
 
     # ----------------------------------------------------------------- resume
     def resume(self) -> None:
@@ -117,11 +128,15 @@ class Trainer:
             torch.manual_seed(hash((self.cfg.seed, self.groups.dp_rank, self.step)) % 2**63)
 
     def _maybe_fail(self) -> None:
-        """Fault injection for the recovery test (first attempt only, see TrainConfig)."""
+        """Fault injection for the recovery tests (first attempt only, see TrainConfig)."""
         cfg = self.cfg
         if self.step == cfg.fault_step and self.groups.rank == cfg.fault_rank and restart_count() == 0:
-            print(f"[fault injection] rank {self.groups.rank} exits at step {self.step}", file=sys.stderr, flush=True)
-            os._exit(1)
+            verb = "exits" if cfg.fault_mode == "exit" else "hangs"
+            print(f"[fault injection] rank {self.groups.rank} {verb} at step {self.step}", file=sys.stderr, flush=True)
+            if cfg.fault_mode == "exit":
+                os._exit(1)
+            while True:  # "hang": alive but silent, until torchrun (or the test) ends the process
+                time.sleep(60)
 
     # ------------------------------------------------------------------- step
     def train_step(self) -> tuple[float, float]:
@@ -174,27 +189,9 @@ class Trainer:
             if self.resumed_from is not None:
                 log.write({"event": "resume", "step": self.resumed_from, "attempt": restart_count()})
         start, window = time.perf_counter(), []
-        while self.step < cfg.steps:
-            self._maybe_fail()
-            tic = time.perf_counter()
-            loss, grad_norm = self.train_step()
-            rate = self.task.items_per_step / (time.perf_counter() - tic)
-            if not self.memory:  # after the first step: gradients and optimizer state exist
-                self._log_memory(log, bar)
-            self.losses.append(loss)
-            self.grad_norms.append(grad_norm)
-            window.append(loss)
-            bar.update(1)
-            bar.set_postfix({"loss": f"{loss:.4f}", f"{self.task.unit}/s": f"{rate:.0f}"}, refresh=False)
-            if log and cfg.due(cfg.log_every, self.step):  # mean loss since the last record
-                log.write({"step": self.step, "loss": sum(window) / len(window),
-                           "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                           f"{self.task.unit}_per_s": rate, "time_s": time.perf_counter() - start})
-                window = []
-            if cfg.due(cfg.eval_every, self.step):
-                self._evaluate_and_log(log, bar)
-            if cfg.due(cfg.ckpt_every, self.step):
-                self.save()
+        with self.heartbeat.explain_timeouts():
+            while self.step < cfg.steps:
+                window = self._step_and_log(log, bar, start, window)
         bar.close()
         if not self.evals:  # resumed at the end: report the checkpoint's metrics
             self.evaluate()
@@ -205,6 +202,32 @@ class Trainer:
         return {"step": self.step, "losses": self.losses, "grad_norms": self.grad_norms, "final": self.evals,
                 "memory": self.memory, "resumed_from": self.resumed_from, "output_dir": str(self.output_dir),
                 "time_s": time.perf_counter() - start}
+
+    def _step_and_log(self, log: MetricsLog | None, bar, start: float, window: list[float]) -> list[float]:
+        """One step of `run` with its logging, evaluation and checkpoint; returns the loss window."""
+        cfg = self.cfg
+        self._maybe_fail()
+        self.heartbeat.beat(self.step)
+        tic = time.perf_counter()
+        loss, grad_norm = self.train_step()
+        rate = self.task.items_per_step / (time.perf_counter() - tic)
+        if not self.memory:  # after the first step: gradients and optimizer state exist
+            self._log_memory(log, bar)
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        window.append(loss)
+        bar.update(1)
+        bar.set_postfix({"loss": f"{loss:.4f}", f"{self.task.unit}/s": f"{rate:.0f}"}, refresh=False)
+        if log and cfg.due(cfg.log_every, self.step):  # mean loss since the last record
+            log.write({"step": self.step, "loss": sum(window) / len(window),
+                       "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                       f"{self.task.unit}_per_s": rate, "time_s": time.perf_counter() - start})
+            window = []
+        if cfg.due(cfg.eval_every, self.step):
+            self._evaluate_and_log(log, bar)
+        if cfg.due(cfg.ckpt_every, self.step):
+            self.save()
+        return window
 
     def _banner(self) -> str:
         dims = self.groups.dims  # the full model's parameters: a TP shard is 1/tp of its tensor
