@@ -10,10 +10,10 @@ and ``model.yaml``; `hyena_cp.train.export.load_exported` builds the model from 
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 from hyena_cp.lazy import LazyConfig
+from hyena_cp.train.cli import config_args
 from hyena_cp.train.config import with_defaults
 from hyena_cp.train.export import export_model, with_export_defaults
 
@@ -21,11 +21,9 @@ USAGE = "usage: python launch/export.py CONFIG.py [key=value ...]"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or not args[0].endswith((".py", ".yaml", ".yml")) or any("=" not in a for a in args[1:]):
-        print(USAGE, file=sys.stderr)
+    args = config_args(argv, USAGE)
+    if args is None:
         return 2
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     cfg = LazyConfig.apply_overrides(with_export_defaults(with_defaults(LazyConfig.load(args[0]))), args[1:])
     out = export_model(cfg, name=Path(args[0]).stem)
     print(f"wrote {out / 'model.safetensors'} and {out / 'model.yaml'}", flush=True)

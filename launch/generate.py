@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from hyena_cp.lazy import LazyConfig
+from hyena_cp.train.cli import config_args
 from hyena_cp.train.config import with_defaults
 from hyena_cp.train.generate import generate_text, with_generate_defaults
 
@@ -24,11 +24,9 @@ PROMPT = "generate.prompt="
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or not args[0].endswith((".py", ".yaml", ".yml")) or any("=" not in a for a in args[1:]):
-        print(USAGE, file=sys.stderr)
+    args = config_args(argv, USAGE)
+    if args is None:
         return 2
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     cfg = with_generate_defaults(with_defaults(LazyConfig.load(args[0])))
     # YAML would parse the prompt (and strip the space of "def "): it is set as given instead
     prompts = [a.removeprefix(PROMPT) for a in args[1:] if a.startswith(PROMPT)]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from hyena_cp.lazy import LazyConfig
+from hyena_cp.train.cli import config_args
 from hyena_cp.train.config import with_defaults
 from hyena_cp.train.loop import train
 
@@ -33,12 +33,9 @@ def describe(final: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or not args[0].endswith((".py", ".yaml", ".yml")) or any("=" not in a for a in args[1:]):
-        print(USAGE, file=sys.stderr)
+    args = config_args(argv, USAGE)
+    if args is None:
         return 2
-    # megatron-core says this once per module on every rank; on CPU it is expected and not actionable
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     cfg = LazyConfig.apply_overrides(with_defaults(LazyConfig.load(args[0])), args[1:])
     summary = train(cfg, name=Path(args[0]).stem)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -151,13 +151,20 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def fill_section_defaults(cfg: DictConfig, section: str, schema: type) -> DictConfig:
+    """Fill the keys of ``cfg[section]`` that the config leaves out with the defaults of the
+    dataclass ``schema`` (in place), so each can be overridden as ``key=value``."""
+    if section not in cfg:
+        cfg[section] = {}
+    for f in fields(schema):
+        if f.name not in cfg[section] and f.default is not MISSING:
+            cfg[section][f.name] = f.default
+    return cfg
+
+
 def with_defaults(cfg: DictConfig) -> DictConfig:
     """Fill the ``train`` and ``parallel`` keys a config file leaves out with their defaults
     (in place), so every setting can be overridden as ``key=value`` and is saved with the run."""
     for section, schema in (("train", TrainConfig), ("parallel", ParallelConfig)):
-        if section not in cfg:
-            cfg[section] = {}
-        for f in fields(schema):
-            if f.name not in cfg[section] and f.default is not MISSING:
-                cfg[section][f.name] = f.default
+        fill_section_defaults(cfg, section, schema)
     return cfg

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from hyena_cp.lazy import LazyConfig, instantiate
 from hyena_cp.train.checkpoint import load_model_state
+from hyena_cp.train.config import fill_section_defaults
 from hyena_cp.train.generate import latest_checkpoint
 
 __all__ = ["ExportConfig", "export_model", "load_exported", "with_export_defaults"]
@@ -55,12 +56,7 @@ class ExportConfig:
 
 def with_export_defaults(cfg: DictConfig) -> DictConfig:
     """Fill the ``export`` keys a config leaves out (in place), so each can be overridden."""
-    if "export" not in cfg:
-        cfg.export = {}
-    for f in fields(ExportConfig):
-        if f.name not in cfg.export and f.default is not MISSING:
-            cfg.export[f.name] = f.default
-    return cfg
+    return fill_section_defaults(cfg, "export", ExportConfig)
 
 
 def export_model(cfg: DictConfig, *, name: str) -> Path:

@@ -11,7 +11,7 @@ reads the full tensors (`load_model_state`) and keeps its TP piece (`load_full_s
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from hyena_cp.lazy import instantiate
 from hyena_cp.parallel import group_rank, group_size, shard_tp, tp_partition
 from hyena_cp.parallel.dims import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import LATEST, load_model_state
-from hyena_cp.train.config import ParallelConfig
+from hyena_cp.train.config import ParallelConfig, fill_section_defaults
 
 __all__ = ["GenerateConfig", "generate_text", "latest_checkpoint", "load_full_state", "with_generate_defaults"]
 
@@ -58,12 +58,7 @@ class GenerateConfig:
 
 def with_generate_defaults(cfg: DictConfig) -> DictConfig:
     """Fill the ``generate`` keys a config leaves out (in place), so each can be overridden."""
-    if "generate" not in cfg:
-        cfg.generate = {}
-    for f in fields(GenerateConfig):
-        if f.name not in cfg.generate and f.default is not MISSING:
-            cfg.generate[f.name] = f.default
-    return cfg
+    return fill_section_defaults(cfg, "generate", GenerateConfig)
 
 
 def latest_checkpoint(root: str | Path) -> Path:
