@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, fields
 
+import torch
 from omegaconf import DictConfig
 
 from hyena_cp.parallel.fsdp import DP_MODES, MIXED_PRECISION
 from hyena_cp.train.optim import NO_WEIGHT_DECAY, WEIGHT_DECAY_POLICIES
 
-__all__ = ["ParallelConfig", "TrainConfig", "lr_factor", "with_defaults"]
+__all__ = ["PRECISIONS", "ParallelConfig", "TrainConfig", "check_sections", "lr_factor", "with_defaults"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,10 @@ class ParallelConfig:
         ``mixed_precision`` is set.
     mixed_precision: null (compute in the parameters' dtype) or "bf16": FSDP2's
         ``MixedPrecisionPolicy`` with bf16 parameters for forward/backward and all-gathers,
-        fp32 gradient reduction, fp32 sharded parameters and optimizer state.
+        fp32 gradient reduction, fp32 sharded parameters and optimizer state. Every op then
+        sees bf16 weights (norms included; the FFT conv still upcasts to fp32) and the
+        all-gathers move half the bytes. The other bf16 route is ``train.precision=bf16``
+        (autocast, fp32 weights, any layout); the two are exclusive (`check_sections`).
     """
 
     cp: int = 1
@@ -75,6 +79,8 @@ class ParallelConfig:
 
 
 FAULT_MODES = ("exit", "hang")
+# train.precision -> the autocast dtype of forward and loss (None: no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,26 @@ class TrainConfig:
     no_weight_decay: ``fnmatch`` patterns of parameter names (``named_parameters()`` of the
         model) exempt from decay under "timm"; default: position embedding, CLS and register
         tokens, Hyena's implicit filter (``*.filter.*``).
+    precision: "fp32" (the default) or "bf16": the forward and the loss of every training step
+        and of evaluation run under ``torch.autocast(device_type, dtype=torch.bfloat16)``;
+        backward runs outside it (autograd replays each op in its forward dtype). Parameters,
+        gradients and optimizer state stay fp32; autocast casts matmuls and convolutions to
+        bf16 and keeps its fp32 ops (losses, norms on CUDA) in fp32, and the FFT long conv
+        runs in fp32 whatever autocast says (`hyena_cp.ops.fftconv`). Works at any dp x cp,
+        one process included. Exclusive with ``parallel.mixed_precision`` (`check_sections`).
+    compile: apply ``torch.compile`` to every block (`hyena_cp.parallel.fsdp.block_modules`:
+        the units FSDP2 wraps), in place with ``module.compile()`` so parameter names and
+        checkpoint keys do not change, BEFORE data parallelism is applied (torchtitan's
+        order); the root's own layers (embeddings, head) stay eager. Not ``fullgraph``: under
+        CP the point-to-point collectives of the mixer are graph breaks (dynamo does not trace
+        P2P ops), so the compiled regions are the local math between them; issue #15 item 1
+        makes the CP path trace whole. The first step pays the compilation.
+    compile_backend: the ``torch.compile`` backend: "inductor" (the default: generated
+        kernels) or, e.g., "aot_eager" (AOTAutograd traces forward and backward and runs them
+        eagerly: no codegen, what the tests use). Inductor works on CPU too (C++ through the
+        system compiler): the tiny digits config in one process compiled in ~55 s on a busy
+        2-core CPU (eager: 3 s) and gave the eager losses; it warns that complex ops (the FFT
+        product) fall back to eager. Evaluation runs eager under any backend (`Trainer.evaluate`).
     fault_step, fault_rank, fault_mode: testing only -- global rank ``fault_rank`` fails when it
         reaches step ``fault_step`` in the first attempt of a torchrun job: ``fault_mode``
         "exit" exits with status 1; "hang" stops responding (sleeps, never exits), so its
@@ -116,6 +142,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay_policy: str = "timm"
     no_weight_decay: tuple[str, ...] = NO_WEIGHT_DECAY
+    precision: str = "fp32"
+    compile: bool = False
+    compile_backend: str = "inductor"
     fault_step: int | None = None
     fault_rank: int = 0
     fault_mode: str = "exit"
@@ -135,12 +164,28 @@ class TrainConfig:
         if isinstance(self.no_weight_decay, str) or not all(isinstance(p, str) for p in self.no_weight_decay):
             raise ValueError(f"train.no_weight_decay={self.no_weight_decay!r} must be a list of name patterns")
         object.__setattr__(self, "no_weight_decay", tuple(self.no_weight_decay))  # a list from the config
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} must be one of {list(PRECISIONS)}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"train.compile={self.compile!r} must be true or false")
         if self.fault_mode not in FAULT_MODES:
             raise ValueError(f"train.fault_mode={self.fault_mode!r} must be one of {list(FAULT_MODES)}")
 
     def due(self, every: int, step: int) -> bool:
         """Whether a periodic action runs after ``step`` completed steps (always after the last)."""
         return step == self.steps or (every > 0 and step % every == 0)
+
+
+def check_sections(train: TrainConfig, parallel: ParallelConfig) -> None:
+    """Checks that span both sections. ``train.precision=bf16`` with ``parallel.mixed_precision``
+    set is refused: both ask for bf16 compute, autocast over bf16 weights would only add casts
+    (and upcast its fp32 ops again), and which one a run used would be ambiguous (torchtitan
+    also uses autocast only where FSDP's policy does not apply)."""
+    if train.precision != "fp32" and parallel.mixed_precision is not None:
+        raise ValueError(f"train.precision={train.precision!r} and parallel.mixed_precision="
+                         f"{parallel.mixed_precision!r} are two ways to compute in bf16; choose one: autocast with "
+                         f"fp32 weights (train.precision) or FSDP2's bf16 weights and all-gathers "
+                         f"(parallel.mixed_precision), and set the other to fp32 / null")
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -28,6 +28,10 @@ on the job's store (`hyena_cp.parallel.liveness.Heartbeat`), so a collective tha
 because a peer stopped responding raises a `PeerTimeoutError` naming ``parallel.timeout_s``
 and the ranks that had not started the step.
 
+Speed keys (`TrainConfig`): ``train.compile`` compiles every block in place before FSDP2
+wraps it (`compile_blocks`); ``train.precision=bf16`` runs each step's forward and loss, and
+evaluation, under bf16 autocast (`Trainer.autocast`), backward and the optimizer outside it.
+
 This module never calls ``torch.distributed`` itself: groups, barriers and reductions come
 from `hyena_cp.parallel`, and checkpoint I/O from `hyena_cp.train.checkpoint` (DCP).
 """
@@ -37,6 +41,7 @@ import json
 import os
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,19 +52,19 @@ from torch import nn
 
 from hyena_cp.lazy import LazyConfig, instantiate
 from hyena_cp.parallel.dims import ParallelGroups, destroy_parallel, init_parallel
-from hyena_cp.parallel.fsdp import apply_data_parallel, full_parameters, loss_scale
+from hyena_cp.parallel.fsdp import apply_data_parallel, block_modules, full_parameters, loss_scale
 from hyena_cp.parallel.grad_norm import clip_grad_norm
 from hyena_cp.parallel.liveness import Heartbeat
 from hyena_cp.parallel.reductions import group_sum
 from hyena_cp.parallel.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
 from hyena_cp.train.checkpoint import Checkpointer
-from hyena_cp.train.config import ParallelConfig, TrainConfig, lr_factor
+from hyena_cp.train.config import PRECISIONS, ParallelConfig, TrainConfig, check_sections, lr_factor
 from hyena_cp.train.metrics import MetricsLog, memory_line, plot_curves, progress_bar
 from hyena_cp.train.optim import param_groups
 from hyena_cp.train.tasks import Task
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer", "compile_blocks", "train"]
 
 
 def restart_count() -> int:
@@ -90,11 +95,12 @@ class Trainer:
 
     @classmethod
     def build(cls, cfg: DictConfig, groups: ParallelGroups, output_dir: Path, name: str) -> Trainer:
-        settings = TrainConfig(**instantiate(cfg.train))
-        parallel = ParallelConfig(**instantiate(cfg.parallel))
+        settings, parallel = _sections(cfg)
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         model = instantiate(cfg.model).to(groups.device)
         _check_tensor_parallel(model, groups.dims.tp)
+        if settings.compile:  # before FSDP2, as torchtitan does: its hooks stay outside the compiled blocks
+            compile_blocks(model, settings.compile_backend)
         dims = groups.dims
         if parallel.wraps(dims.dp * dims.cp):
             apply_data_parallel(model, groups.dp_cp_mesh, mode=parallel.dp_mode,
@@ -144,7 +150,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         g = self.groups
-        share = self.task.loss_share(self.model, self.task.batch(self.step))
+        with self.autocast():
+            share = self.task.loss_share(self.model, self.task.batch(self.step))
         # FSDP averages the gradients over dp x cp in backward; x cp makes that "sum over CP, mean over DP"
         (share * loss_scale(g.dims.cp)).backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -159,9 +166,16 @@ class Trainer:
         loss = group_sum(share.detach().double(), g.grad_group) / g.dims.dp
         return float(loss), float(grad_norm)
 
+    def autocast(self) -> AbstractContextManager:
+        """``torch.autocast`` in ``train.precision``'s dtype on this rank's device (a no-op for fp32)."""
+        dtype = PRECISIONS[self.cfg.precision]
+        return nullcontext() if dtype is None else torch.autocast(self.groups.device.type, dtype=dtype)
+
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        with full_parameters(self.model):  # no collectives per forward: replicas may run unequal batches
+        # full parameters: no collectives per forward, so replicas may run unequal batches; eager even
+        # under train.compile: no_grad and eval mode would recompile every compiled frame for a rare call
+        with full_parameters(self.model), self.autocast(), torch.compiler.set_stance("force_eager"):
             self.evals = self.task.evaluate(self.model)
         return self.evals
 
@@ -265,13 +279,39 @@ def _check_tensor_parallel(model: nn.Module, tp: int) -> None:
                          f"use parallel.tp=1 for this model")
 
 
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` every block of ``model`` (`block_modules`) in place (``module.compile``:
+    parameter names and state-dict keys stay those of the eager model); the rest stays eager.
+    Call it before `apply_data_parallel`. Graph breaks are allowed (not ``fullgraph``): under CP
+    the mixer's point-to-point collectives are not traceable (`TrainConfig`)."""
+    import torch._dynamo  # only compiled runs pay the import
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"train.compile_backend={backend!r} is not a torch.compile backend; known: {sorted(known)}")
+    blocks = block_modules(model)
+    if not blocks:
+        raise ValueError(f"train.compile=true but {type(model).__name__} has no blocks (nn.ModuleList elements) "
+                         f"to compile")
+    for block in blocks:
+        block.compile(backend=backend)
+    return model
+
+
+def _sections(cfg: DictConfig) -> tuple[TrainConfig, ParallelConfig]:
+    """The checked ``train`` and ``parallel`` sections of ``cfg``."""
+    settings, parallel = TrainConfig(**instantiate(cfg.train)), ParallelConfig(**instantiate(cfg.parallel))
+    check_sections(settings, parallel)
+    return settings, parallel
+
+
 def train(cfg: DictConfig, *, name: str) -> dict[str, Any]:
     """Run the experiment ``cfg`` (named ``name``, e.g. the config file's stem) on this rank.
 
     All ranks call it; torchrun or a test harness starts them. Joins an existing default
     process group, or creates one from torchrun's environment (a world of one without it).
     Outputs go to ``train.output_dir`` (default ``outputs/<name>``)."""
-    parallel = ParallelConfig(**instantiate(cfg.parallel))
+    _, parallel = _sections(cfg)  # a bad config raises here, before any process group exists
     groups = init_parallel(parallel.cp, tp=parallel.tp, backend=parallel.backend, timeout_s=parallel.timeout_s,
                            megatron=parallel.megatron)
     try:
