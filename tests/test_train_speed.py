@@ -114,3 +114,11 @@ def test_under_bf16_autocast_the_ffts_stay_float32(tmp_path):
     ffts = {k: v for k, v in record.seen.items() if "fft" in k}
     assert ffts and all(v <= {torch.float32, torch.complex64} for v in ffts.values()), record.seen
     assert record.seen["addmm"] == {torch.bfloat16}  # the projections do run in bf16
+
+
+def test_bf16_autocast_of_a_megatron_model_on_cpu_is_refused(dist_run, tmp_path):
+    from train_helpers import LM
+
+    (error,) = dist_run(run_config, 1, "lm_tiny.py", LM + ["parallel.cp=1", "train.precision=bf16"], str(tmp_path),
+                        expect_error=ValueError)
+    assert "needs CUDA" in str(error)

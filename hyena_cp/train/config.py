@@ -110,6 +110,8 @@ class TrainConfig:
         bf16 and keeps its fp32 ops (losses, norms on CUDA) in fp32, and the FFT long conv
         runs in fp32 whatever autocast says (`hyena_cp.ops.fftconv`). Works at any dp x cp,
         one process included. Exclusive with ``parallel.mixed_precision`` (`check_sections`).
+        megatron-core models need CUDA for it (their linear layers' backward supports CUDA
+        autocast only); on CPU the trainer refuses it before the first step.
     compile: apply ``torch.compile`` to every block (`hyena_cp.parallel.fsdp.block_modules`:
         the units FSDP2 wraps), in place with ``module.compile()`` so parameter names and
         checkpoint keys do not change, BEFORE data parallelism is applied (torchtitan's

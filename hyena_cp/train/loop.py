@@ -99,6 +99,7 @@ class Trainer:
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         model = instantiate(cfg.model).to(groups.device)
         _check_tensor_parallel(model, groups.dims.tp)
+        _check_autocast(settings.precision, parallel.megatron, groups.device)
         if settings.compile:  # before FSDP2, as torchtitan does: its hooks stay outside the compiled blocks
             compile_blocks(model, settings.compile_backend)
         dims = groups.dims
@@ -277,6 +278,16 @@ def _check_tensor_parallel(model: nn.Module, tp: int) -> None:
         raise ValueError(f"parallel.tp={tp} but the model has no tensor-parallel parameters (megatron-core's "
                          f"tensor_model_parallel attribute); only megatron-core models are tensor parallel: "
                          f"use parallel.tp=1 for this model")
+
+
+def _check_autocast(precision: str, megatron: bool, device: torch.device) -> None:
+    """megatron-core's linear layers register their autograd functions' autocast state for CUDA
+    only (``custom_fwd(device_type="cuda")``), so under CPU autocast their backward multiplies a
+    bf16 gradient by an fp32 weight and fails; refuse that before the first step."""
+    if precision != "fp32" and megatron and device.type != "cuda":
+        raise ValueError(f"train.precision={precision!r} with a megatron-core model (parallel.megatron=true) needs "
+                         f"CUDA: megatron-core's linear layers support autocast on CUDA only; on {device.type} use "
+                         f"train.precision=fp32")
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
