@@ -24,7 +24,7 @@ from hyena_cp.parallel import shard, unshard
 from lm_parity import ParityCase, assert_parity, assert_parity_fails, batch, build_model, load_full_weights, \
     parity_worker, perturb
 from references import rel_err
-from test_megatron_attention_cp import make_config
+from test_megatron_attention_cp import core_attention_errors, make_config
 
 TOL = 1e-10  # float64
 
@@ -75,14 +75,6 @@ def worker_core_attention(groups: int, ignore_boundaries: bool) -> dict:
     out.backward(shard(grad_out, 0, "zigzag", world, rank))
     return {"out": out.detach(), "grads": [t.grad for t in local], "ref": ref.detach(),
             "ref_grads": [t.grad for t in (q, k, v)]}
-
-
-def core_attention_errors(results: list[dict]) -> dict[str, float]:
-    ref = results[0]
-    errors = {"out": rel_err(unshard([r["out"] for r in results], 0, "zigzag"), ref["ref"])}
-    for i, name in enumerate("qkv"):
-        errors[f"grad {name}"] = rel_err(unshard([r["grads"][i] for r in results], 0, "zigzag"), ref["ref_grads"][i])
-    return errors
 
 
 @pytest.mark.parametrize("groups", [4, 2])  # multi-head and grouped-query
