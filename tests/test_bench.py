@@ -214,3 +214,56 @@ def test_rank_pool_reports_a_failing_rank_and_recovers():
         with pytest.raises(RankFailure, match="planted failure"):
             pools.run(2, _fail_on_rank_one)
         assert pools.run(2, _rank_of) == [0, 1]
+
+
+def test_reference_hyena_long_conv_equals_a_direct_causal_conv():
+    from hyena_cp.bench.reference_hyena import fft_long_conv
+
+    gen = torch.Generator().manual_seed(0)
+    u, h, bias = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((2, 3, 17), (3, 17), (3,)))
+    # y[t] = sum_{s <= t} h[s] u[t - s] + bias u[t], summed tap by tap
+    direct = bias[:, None] * u
+    for s in range(u.shape[-1]):
+        direct[..., s:] += h[:, s, None] * u[..., :u.shape[-1] - s]
+    torch.testing.assert_close(fft_long_conv(u, h, bias), direct, rtol=0, atol=1e-12)
+    assert fft_long_conv(u.bfloat16(), h, bias).dtype == torch.bfloat16  # computed in fp32, returned in u's dtype
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_reference_hyena_layer_is_causal(order):
+    """Changing the inputs after t leaves every output up to t unchanged (float64: exactly, up to
+    FFT rounding), and does change the later outputs."""
+    from hyena_cp.bench.reference_hyena import ReferenceHyenaLayer
+
+    torch.manual_seed(0)
+    layer = ReferenceHyenaLayer(8, 32, order=order, filter_order=16).double()
+    x = torch.randn(2, 32, 8, dtype=torch.float64)
+    t = 12
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randn(2, 32 - t - 1, 8, dtype=torch.float64)
+    y, y2 = layer(x), layer(x2)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y2[:, :t + 1], y[:, :t + 1], rtol=0, atol=1e-12)
+    assert (y2[:, t + 1:] - y[:, t + 1:]).abs().amin(dim=-1).gt(1e-6).all()
+    with pytest.raises(ValueError, match="l_max"):
+        layer(torch.randn(1, 33, 8, dtype=torch.float64))
+
+
+def test_speed_section_quick(tmp_path):
+    """The speed section at quick sizes (compiled with aot_eager): every peer timed at every
+    length, every ratio computed; timings are never asserted."""
+    from hyena_cp.bench import BenchContext, speed
+
+    section = speed.run(BenchContext(out=tmp_path, quick=True, threads=1, pools=None))
+    ratios, times = section.tables
+    assert [row[0] for row in ratios.rows] == [label for label, *_ in speed.RATIOS]
+    assert [row[0] for row in times.rows] == list(speed.PEERS)
+    lengths = section.data["lengths"]
+    assert len(lengths) == 1 and len(ratios.columns) == len(lengths) + 2
+    for r in section.data["results"]:
+        assert set(r["times"]) == set(speed.PEERS)  # quick lengths are below SDPA_BF16_MAX_LEN
+        assert all(len(t) == 2 and min(t) > 0 for t in r["times"].values())
+        assert set(r["compile_s"]) == {"fp32", "bf16"} and r["compiled_rel_diff"] < 1e-5
+    assert all(v > 0 for values in section.data["ratios"].values() for v in values)
+    assert any(n.startswith(f"Targets at L={lengths[-1]}") for n in section.notes)
+    assert any("ours compiled fp32:" in n for n in section.notes)
