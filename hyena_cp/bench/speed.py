@@ -116,10 +116,13 @@ def measure(layers: dict[str, nn.Module], x: torch.Tensor, *, repeats: int) -> d
 
 
 def _ratio(res: dict, num: str, den: str) -> float | None:
+    """Median over the rounds of ``time(num) / time(den)`` within a round: the calls of a round
+    ran back to back, so a load change between rounds cancels (a ratio of the two medians
+    would compare calls from different rounds)."""
     times = res["times"]
     if num not in times or den not in times:
         return None
-    return statistics.median(times[num]) / statistics.median(times[den])
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def _round_spread(res: dict, num: str, den: str) -> tuple[float, float]:
@@ -148,7 +151,7 @@ def _verdict(value: float | None, target: float | None, seq_len: int) -> str:
 
 
 def _ratio_table(lengths: list[int], results: list[dict]) -> Table:
-    table = Table("Speed ratios (time of the first / time of the second; > 1: the second is faster)",
+    table = Table("Speed ratios, median over rounds (time of the first / time of the second; > 1: the second is faster)",
                   ["ratio", *[f"L={n}" for n in lengths], f"target at L={TARGET_LEN}"])
     for label, num, den, target in RATIOS:
         values = [_ratio(r, num, den) for r in results]
