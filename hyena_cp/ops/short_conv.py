@@ -2,12 +2,15 @@
 
 Context parallelism hands these ops the neighbouring tokens that a shard needs (its halo)
 as explicit tensors; without a halo they see zeros, exactly where the single-process conv
-sees its zero padding.
+sees its zero padding. On CUDA the 1-D conv may run the causal-conv1d kernel instead
+(`hyena_cp.ops.kernels`: when, and how to turn it off); the code below is the reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from hyena_cp.ops import kernels
 
 __all__ = ["causal_depthwise_conv1d", "depthwise_conv2d_same"]
 
@@ -39,6 +42,9 @@ def causal_depthwise_conv1d(
     Returns:
         ``[N, C, L]`` (contiguous), in ``x``'s dtype.
     """
+    fast = kernels.fast_causal_depthwise_conv1d(x, weight, bias, left_context, positions)
+    if fast is not None:  # CUDA, causal-conv1d installed, K in 2..4, no packing (hyena_cp.ops.kernels)
+        return fast
     dtype = x.dtype
     bias = None if bias is None else bias.to(dtype)
     left_context = None if left_context is None else left_context.to(dtype)
