@@ -58,8 +58,7 @@ from torch.distributed import ProcessGroup
 
 from .comm_stats import record
 from .groups import group_size
-from .reductions import _all_gather_tensor
-from .traceable import agreement_token, group_name
+from .traceable import _all_gather_tensor, agreement_token, group_name
 
 __all__ = ["AGREEMENT_POLICIES", "agreed", "check_agreement_policy", "check_ranks_agree", "shape_of"]
 
@@ -192,7 +191,8 @@ def check_ranks_agree(group: ProcessGroup | None, what: str, fields: Mapping[str
         before: the tensor the call's collectives depend on. Returned as is eagerly; under
             ``torch.compile`` the check is a custom op (`traceable.agreement_token`) and a zero
             it returns is added to ``before``, so the compiled graph runs the check before
-            those collectives. Use the returned tensor in its place.
+            those collectives. Use the returned tensor in its place. Without it a compiled
+            graph may drop the check as dead code: every caller in hyena_cp passes it.
 
     Returns ``before``.
     """

@@ -16,9 +16,13 @@ cross the op boundary by name (``ProcessGroup.group_name``), the way
 Ops (namespace ``hyena_cp``):
 
 - ``all_to_all(x, group_name)``: equal-split AllToAll along dim 0 (`swap`).
+- ``all_to_all_uneven(x, send_counts, recv_counts, group_name)``: forward only, under
+  `redistribute`'s autograd.Function.
 - ``p2p_exchange(sends, send_peers, recv_peers, recv_shapes, recv_ndims, group_name)``: the
   halo exchange's sends and receives in one ``batch_isend_irecv`` (`p2p`); received shapes
   travel flattened (``recv_ndims`` splits them) because a schema has no nested int lists.
+- ``all_reduce_sum``, ``all_gather``, ``reduce_scatter`` (dim 0), ``broadcast``, ``reduce_sum``:
+  forward-only, inside the autograd.Functions of `reductions` (dynamo traces those).
 - ``agreement_token(values, group_name, what, names, hint, like)``: the cross-rank agreement
   check of a compiled call (`agreement`): all-gathers the signature ``values`` and raises the
   same ``ValueError`` on every rank on a mismatch; returns a zero that the caller adds to its
@@ -36,7 +40,12 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .comm_stats import nbytes, record
 
-__all__ = ["all_to_all", "p2p_exchange_op", "agreement_token", "group_name", "run_body"]
+__all__ = ["all_to_all", "all_to_all_uneven_op", "p2p_exchange_op", "agreement_token", "all_reduce_sum_op", "all_gather_op",
+           "reduce_scatter_op", "broadcast_op", "reduce_sum_op", "group_name", "run_body"]
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn); keep both.
+_all_gather_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def group_name(group: ProcessGroup) -> str:
@@ -76,6 +85,27 @@ def _all_to_all_backward(ctx, grad: Tensor):
 
 
 all_to_all.register_autograd(_all_to_all_backward, setup_context=_all_to_all_setup)
+
+
+@torch.library.custom_op("hyena_cp::all_to_all_uneven", mutates_args=())
+def all_to_all_uneven_op(x: Tensor, send_counts: list[int], recv_counts: list[int], group_name: str) -> Tensor:
+    """``x: [sum(send_counts), ...]``; rows ``send_counts[q]`` go to rank q (in rank order), and
+    ``recv_counts[q]`` rows come from it (`redistribute`, which registers the adjoint)."""
+    return _all_to_all_uneven_body(x, send_counts, recv_counts, group_name)
+
+
+def _all_to_all_uneven_body(x: Tensor, send_counts, recv_counts, group_name: str) -> Tensor:
+    group = _resolve_process_group(group_name)
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), list(recv_counts), list(send_counts), group=group)
+    row = nbytes(x) // max(x.shape[0], 1)
+    record("all_to_all", row * (sum(send_counts) - send_counts[group.rank()]))
+    return out
+
+
+@all_to_all_uneven_op.register_fake
+def _(x, send_counts, recv_counts, group_name):
+    return x.new_empty((sum(recv_counts), *x.shape[1:]))
 
 
 # ---------------------------------------------------------------- point-to-point exchange
@@ -135,6 +165,106 @@ def _p2p_backward(ctx, grads):
 p2p_exchange_op.register_autograd(_p2p_backward, setup_context=_p2p_setup)
 
 
+# ---------------------------------------------------------------- reductions (`reductions`)
+# Forward-only ops: `reductions` wraps them in autograd.Functions (dynamo traces those, forward
+# and backward), whose adjoints are other collectives of this list.
+
+@torch.library.custom_op("hyena_cp::all_reduce_sum", mutates_args=())
+def all_reduce_sum_op(x: Tensor, group_name: str) -> Tensor:
+    """Sum of ``x`` over the group, on every rank (a new tensor)."""
+    return _all_reduce_sum_body(x, group_name)
+
+
+def _all_reduce_sum_body(x: Tensor, group_name: str) -> Tensor:
+    group = _resolve_process_group(group_name)
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    world = group.size()
+    record("all_reduce", 2 * (world - 1) * nbytes(out) // world)
+    return out
+
+
+@torch.library.custom_op("hyena_cp::all_gather", mutates_args=())
+def all_gather_op(x: Tensor, group_name: str) -> Tensor:
+    """Every rank's ``x`` concatenated along dim 0 in rank order."""
+    return _all_gather_body(x, group_name)
+
+
+def _all_gather_body(x: Tensor, group_name: str) -> Tensor:
+    group = _resolve_process_group(group_name)
+    world = group.size()
+    piece = x.contiguous()
+    out = piece.new_empty((world * piece.shape[0], *piece.shape[1:]))
+    _all_gather_tensor(out, piece, group=group)
+    record("all_gather", (world - 1) * nbytes(piece))
+    return out
+
+
+@torch.library.custom_op("hyena_cp::reduce_scatter", mutates_args=())
+def reduce_scatter_op(x: Tensor, group_name: str) -> Tensor:
+    """This rank's block (along dim 0) of the sum over ranks of ``x``."""
+    return _reduce_scatter_body(x, group_name)
+
+
+def _reduce_scatter_body(x: Tensor, group_name: str) -> Tensor:
+    group = _resolve_process_group(group_name)
+    world = group.size()
+    full = x.contiguous()
+    out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
+    _reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=group)
+    record("reduce_scatter", (world - 1) * nbytes(out))
+    return out
+
+
+@torch.library.custom_op("hyena_cp::broadcast", mutates_args=())
+def broadcast_op(x: Tensor, src: int, group_name: str) -> Tensor:
+    """``x`` of group rank ``src``, on every rank (a new tensor)."""
+    return _broadcast_body(x, src, group_name)
+
+
+def _broadcast_body(x: Tensor, src: int, group_name: str) -> Tensor:
+    group = _resolve_process_group(group_name)
+    out = x.contiguous().clone()
+    dist.broadcast(out, group=group, group_src=src)
+    record("broadcast", (group.size() - 1) * nbytes(out) if group.rank() == src else 0)
+    return out
+
+
+@torch.library.custom_op("hyena_cp::reduce_sum", mutates_args=())
+def reduce_sum_op(x: Tensor, dst: int, group_name: str) -> Tensor:
+    """The sum over ranks of ``x`` on group rank ``dst``; zeros elsewhere."""
+    return _reduce_sum_body(x, dst, group_name)
+
+
+def _reduce_sum_body(x: Tensor, dst: int, group_name: str) -> Tensor:
+    group = _resolve_process_group(group_name)
+    out = x.contiguous().clone()
+    dist.reduce(out, group=group, group_dst=dst, op=dist.ReduceOp.SUM)
+    is_dst = group.rank() == dst
+    record("reduce", 0 if is_dst else nbytes(out))
+    return out if is_dst else torch.zeros_like(out)
+
+
+def _like_fake(x: Tensor, *_) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _gather_fake(x: Tensor, group_name: str) -> Tensor:
+    world = _resolve_process_group(group_name).size()
+    return x.new_empty((world * x.shape[0], *x.shape[1:]))
+
+
+def _scatter_fake(x: Tensor, group_name: str) -> Tensor:
+    world = _resolve_process_group(group_name).size()
+    return x.new_empty((x.shape[0] // world, *x.shape[1:]))
+
+
+for _op in (all_reduce_sum_op, broadcast_op, reduce_sum_op):
+    _op.register_fake(_like_fake)
+all_gather_op.register_fake(_gather_fake)
+reduce_scatter_op.register_fake(_scatter_fake)
+
+
 # ---------------------------------------------------------------- agreement check (compiled calls)
 
 @torch.library.custom_op("hyena_cp::agreement_token", mutates_args=())
@@ -159,8 +289,10 @@ def _(values, group_name, what, names, hint, like):
     return like.new_empty(())
 
 
-_BODIES = {"all_to_all": _all_to_all_body, "p2p_exchange": _p2p_exchange_body,
-           "agreement_token": _agreement_token_body}
+_BODIES = {"all_to_all": _all_to_all_body, "all_to_all_uneven": _all_to_all_uneven_body, "p2p_exchange": _p2p_exchange_body,
+           "agreement_token": _agreement_token_body, "all_reduce_sum": _all_reduce_sum_body,
+           "all_gather": _all_gather_body, "reduce_scatter": _reduce_scatter_body, "broadcast": _broadcast_body,
+           "reduce_sum": _reduce_sum_body}
 
 
 def run_body(func, args: tuple, kwargs: dict | None = None):
