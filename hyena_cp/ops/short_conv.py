@@ -79,6 +79,12 @@ class _CrossTaps:
         self.halo = (n[~inside], t[~inside], j[~inside], src[~inside] + kernel - 1)
 
 
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum((0, 2))`` for ``[N, C, L]`` operands, as a batched matmul: no ``[N, C, L]``
+    temporary (on CPU a fresh buffer of that size costs more than the arithmetic)."""
+    return torch.einsum("ncl,ncl->c", a, b)
+
+
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """``[N, C, L] -> [N, L, C]`` view: one (n, t) index pair picks a token's C channels."""
     return x.transpose(1, 2)
@@ -146,13 +152,13 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
                 grad_halo[..., j:j + n].addcmul_(grad[..., :n], weight[:, j, None])
         if need_w:
             grad_w = torch.empty_like(weight)
-            grad_w[:, -1] = (grad * x).sum((0, 2))
+            grad_w[:, -1] = _channel_dot(grad, x)
             for shift, j, n in _shifted_taps(kernel, length):
                 tap = grad.new_zeros(weight.shape[0])
                 if shift < length:  # a sequence shorter than the tap reads it only from the halo
-                    tap += (grad[..., shift:] * x[..., :length - shift]).sum((0, 2))
+                    tap += _channel_dot(grad[..., shift:], x[..., :length - shift])
                 if left_context is not None:
-                    tap += (grad[..., :n] * left_context[..., j:j + n]).sum((0, 2))
+                    tap += _channel_dot(grad[..., :n], left_context[..., j:j + n])
                 grad_w[:, j] = tap
         if cross is not None:  # the adjoints of the subtracted cross-document terms
             n, t, j, src = cross.seq
