@@ -30,7 +30,8 @@ Ops (namespace ``hyena_cp``):
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,18 @@ _all_gather_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_ten
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
+_BODIES: dict[str, Callable] = {}  # op name -> its Python body (see `run_body`)
+
+
+def _collective(name: str) -> Callable[[Callable], Any]:
+    """Register ``body`` as the custom op ``hyena_cp::<name>`` (schema from its annotations) and
+    keep the plain function for `run_body`."""
+    def register(body: Callable):
+        _BODIES[name] = body
+        return torch.library.custom_op(f"hyena_cp::{name}", mutates_args=())(body)
+    return register
+
+
 def group_name(group: ProcessGroup) -> str:
     """The name a custom op takes for ``group`` (resolved back inside the op's body)."""
     return group.group_name
@@ -55,13 +68,9 @@ def group_name(group: ProcessGroup) -> str:
 
 # ---------------------------------------------------------------- AllToAll (equal splits, dim 0)
 
-@torch.library.custom_op("hyena_cp::all_to_all", mutates_args=())
+@_collective("all_to_all")
 def all_to_all(x: Tensor, group_name: str) -> Tensor:
     """``out[src]`` here is ``x[this rank]`` on rank ``src`` (dim 0 holds the P blocks)."""
-    return _all_to_all_body(x, group_name)
-
-
-def _all_to_all_body(x: Tensor, group_name: str) -> Tensor:
     group = _resolve_process_group(group_name)
     world = group.size()
     out = torch.empty_like(x)
@@ -87,14 +96,10 @@ def _all_to_all_backward(ctx, grad: Tensor):
 all_to_all.register_autograd(_all_to_all_backward, setup_context=_all_to_all_setup)
 
 
-@torch.library.custom_op("hyena_cp::all_to_all_uneven", mutates_args=())
+@_collective("all_to_all_uneven")
 def all_to_all_uneven_op(x: Tensor, send_counts: list[int], recv_counts: list[int], group_name: str) -> Tensor:
     """``x: [sum(send_counts), ...]``; rows ``send_counts[q]`` go to rank q (in rank order), and
     ``recv_counts[q]`` rows come from it (`redistribute`, which registers the adjoint)."""
-    return _all_to_all_uneven_body(x, send_counts, recv_counts, group_name)
-
-
-def _all_to_all_uneven_body(x: Tensor, send_counts, recv_counts, group_name: str) -> Tensor:
     group = _resolve_process_group(group_name)
     out = x.new_empty((sum(recv_counts), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), list(recv_counts), list(send_counts), group=group)
@@ -118,15 +123,11 @@ def _split_shapes(flat: Sequence[int], ndims: Sequence[int]) -> list[list[int]]:
     return shapes
 
 
-@torch.library.custom_op("hyena_cp::p2p_exchange", mutates_args=())
+@_collective("p2p_exchange")
 def p2p_exchange_op(sends: list[Tensor], send_peers: list[int], recv_peers: list[int], recv_shapes: list[int],
                     recv_ndims: list[int], group_name: str) -> list[Tensor]:
     """Post every send and receive at once, wait for all; returns the received tensors (dtype
     and device of ``sends[0]``), in the order of ``recv_peers``."""
-    return _p2p_exchange_body(sends, send_peers, recv_peers, recv_shapes, recv_ndims, group_name)
-
-
-def _p2p_exchange_body(sends, send_peers, recv_peers, recv_shapes, recv_ndims, group_name) -> list[Tensor]:
     group = _resolve_process_group(group_name)
     first = sends[0]
     recvs = [torch.empty(s, dtype=first.dtype, device=first.device) for s in _split_shapes(recv_shapes, recv_ndims)]
@@ -169,13 +170,9 @@ p2p_exchange_op.register_autograd(_p2p_backward, setup_context=_p2p_setup)
 # Forward-only ops: `reductions` wraps them in autograd.Functions (dynamo traces those, forward
 # and backward), whose adjoints are other collectives of this list.
 
-@torch.library.custom_op("hyena_cp::all_reduce_sum", mutates_args=())
+@_collective("all_reduce_sum")
 def all_reduce_sum_op(x: Tensor, group_name: str) -> Tensor:
     """Sum of ``x`` over the group, on every rank (a new tensor)."""
-    return _all_reduce_sum_body(x, group_name)
-
-
-def _all_reduce_sum_body(x: Tensor, group_name: str) -> Tensor:
     group = _resolve_process_group(group_name)
     out = x.contiguous().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
@@ -184,13 +181,9 @@ def _all_reduce_sum_body(x: Tensor, group_name: str) -> Tensor:
     return out
 
 
-@torch.library.custom_op("hyena_cp::all_gather", mutates_args=())
+@_collective("all_gather")
 def all_gather_op(x: Tensor, group_name: str) -> Tensor:
     """Every rank's ``x`` concatenated along dim 0 in rank order."""
-    return _all_gather_body(x, group_name)
-
-
-def _all_gather_body(x: Tensor, group_name: str) -> Tensor:
     group = _resolve_process_group(group_name)
     world = group.size()
     piece = x.contiguous()
@@ -200,13 +193,9 @@ def _all_gather_body(x: Tensor, group_name: str) -> Tensor:
     return out
 
 
-@torch.library.custom_op("hyena_cp::reduce_scatter", mutates_args=())
+@_collective("reduce_scatter")
 def reduce_scatter_op(x: Tensor, group_name: str) -> Tensor:
     """This rank's block (along dim 0) of the sum over ranks of ``x``."""
-    return _reduce_scatter_body(x, group_name)
-
-
-def _reduce_scatter_body(x: Tensor, group_name: str) -> Tensor:
     group = _resolve_process_group(group_name)
     world = group.size()
     full = x.contiguous()
@@ -216,13 +205,9 @@ def _reduce_scatter_body(x: Tensor, group_name: str) -> Tensor:
     return out
 
 
-@torch.library.custom_op("hyena_cp::broadcast", mutates_args=())
+@_collective("broadcast")
 def broadcast_op(x: Tensor, src: int, group_name: str) -> Tensor:
     """``x`` of group rank ``src``, on every rank (a new tensor)."""
-    return _broadcast_body(x, src, group_name)
-
-
-def _broadcast_body(x: Tensor, src: int, group_name: str) -> Tensor:
     group = _resolve_process_group(group_name)
     out = x.contiguous().clone()
     dist.broadcast(out, group=group, group_src=src)
@@ -230,13 +215,9 @@ def _broadcast_body(x: Tensor, src: int, group_name: str) -> Tensor:
     return out
 
 
-@torch.library.custom_op("hyena_cp::reduce_sum", mutates_args=())
+@_collective("reduce_sum")
 def reduce_sum_op(x: Tensor, dst: int, group_name: str) -> Tensor:
     """The sum over ranks of ``x`` on group rank ``dst``; zeros elsewhere."""
-    return _reduce_sum_body(x, dst, group_name)
-
-
-def _reduce_sum_body(x: Tensor, dst: int, group_name: str) -> Tensor:
     group = _resolve_process_group(group_name)
     out = x.contiguous().clone()
     dist.reduce(out, group=group, group_dst=dst, op=dist.ReduceOp.SUM)
@@ -267,17 +248,13 @@ reduce_scatter_op.register_fake(_scatter_fake)
 
 # ---------------------------------------------------------------- agreement check (compiled calls)
 
-@torch.library.custom_op("hyena_cp::agreement_token", mutates_args=())
+@_collective("agreement_token")
 def agreement_token(values: list[int], group_name: str, what: str, names: str, hint: str,
                     like: Tensor) -> Tensor:
-    """Run `agreement.gather_and_compare` on the encoded ``values``; a 0-dim zero of ``like``'s
-    dtype and device when the ranks agree (``names``: the field names joined by newlines; a
-    schema has no string lists) (the caller adds it to ``like``; pass ``like``
-    detached: the token carries no gradient, so the op needs no autograd formula)."""
-    return _agreement_token_body(values, group_name, what, names, hint, like)
-
-
-def _agreement_token_body(values, group_name, what, names, hint, like) -> Tensor:
+    """Run `agreement.gather_and_compare` on the encoded ``values`` (``names``: the field names
+    joined by newlines, as a schema has no string lists). Returns a 0-dim zero of ``like``'s
+    dtype and device when the ranks agree, for the caller to add to ``like``; pass ``like``
+    detached: the token carries no gradient, so the op needs no autograd formula."""
     from .agreement import gather_and_compare  # agreement imports this module
 
     gather_and_compare(_resolve_process_group(group_name), what, names.split("\n"), list(values), hint)
@@ -287,12 +264,6 @@ def _agreement_token_body(values, group_name, what, names, hint, like) -> Tensor
 @agreement_token.register_fake
 def _(values, group_name, what, names, hint, like):
     return like.new_empty(())
-
-
-_BODIES = {"all_to_all": _all_to_all_body, "all_to_all_uneven": _all_to_all_uneven_body, "p2p_exchange": _p2p_exchange_body,
-           "agreement_token": _agreement_token_body, "all_reduce_sum": _all_reduce_sum_body,
-           "all_gather": _all_gather_body, "reduce_scatter": _reduce_scatter_body, "broadcast": _broadcast_body,
-           "reduce_sum": _reduce_sum_body}
 
 
 def run_body(func, args: tuple, kwargs: dict | None = None):
