@@ -26,5 +26,12 @@ setup(
         "pyyaml",
         "safetensors>=0.4",  # weights-only model export (hyena_cp/train/export.py): no pickle on load
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # Optional CUDA kernels, used at run time when installed (hyena_cp/ops/kernels.py); take the
+        # extra of torch's CUDA major version, with --no-build-isolation (causal-conv1d builds
+        # against the installed torch when no prebuilt wheel matches it).
+        "gpu-cu12": ["causal-conv1d>=1.2", "subquadratic-ops-torch-cu12"],
+        "gpu-cu13": ["causal-conv1d>=1.2", "subquadratic-ops-torch-cu13"],
+    },
 )

@@ -14,6 +14,9 @@ from __future__ import annotations
 import pytest
 
 from dist_harness import DistRunner
+from hyena_cp.host_memory import enable_huge_pages
+
+enable_huge_pages()  # as the launchers do: large CPU tensors on huge pages (hyena_cp.host_memory)
 
 
 @pytest.fixture(scope="session")

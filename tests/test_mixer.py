@@ -179,6 +179,19 @@ def test_autocast_bf16_runs_and_stays_close():
     assert rel_err(y.float(), m(x)) < 5e-2
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_under_autocast_the_long_filter_is_built_in_float32(dims):
+    # in bf16 the positions t/L of a 4096-tap filter would collide in groups of ~16 taps
+    hyena = Hyena(hidden_dim=8, num_heads=2, spatial_dims=dims)
+    size = (4096,) if dims == 1 else (24, 40)
+    reference = hyena.build_filter(size, slice(0, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        built = hyena.build_filter(size, slice(0, 2))
+    assert built.dtype == torch.float32 and torch.equal(built, reference)
+    taps = reference.reshape(2, -1)
+    assert (taps[:, 1:] != taps[:, :-1]).float().mean() > 0.99  # no staircase in fp32
+
+
 @pytest.mark.parametrize("dims,cond", [(1, None), (2, None), (2, "adaln"), (1, "film")])
 def test_flop_count_matches_flop_counter_mode(dims, cond):
     m = make_mixer(dims, c=16, heads=4, conditioning=cond, cond_dim=6 if cond else None).float()

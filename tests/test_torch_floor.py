@@ -42,6 +42,8 @@ NEWER = {
     "DeviceMesh.from_group(mesh=)": ((2, 5), "n-D meshes from existing groups (by 2.5)"),
     "torch.distributed.distributed_c10d._set_pg_timeout": ((2, 5), "private (by 2.5): mesh groups' timeouts"),
     "torch.distributed.distributed_c10d._get_default_store": ((2, 5), "private (before 2.5): the heartbeat's store"),
+    "torch.distributed.distributed_c10d._resolve_process_group":
+        ((2, 5), "private (by 2.5, what the functional collectives use): a group from its name in a custom op"),
 }
 OLD = {f"torch.distributed.{n}" for n in (
     "DistError HashStore P2POp PrefixStore ProcessGroup ReduceOp Store TCPStore all_gather_into_tensor all_reduce "

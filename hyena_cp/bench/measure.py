@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hyena_cp.bench.common import sync
+from hyena_cp.parallel.traceable import run_body
 
 __all__ = ["CollectiveCounter", "saved_for_backward", "module_prefix", "peak_memory", "time_and_peak", "timed_rounds", "top_ops",
            "TrafficCounter"]
@@ -249,6 +250,9 @@ class CollectiveCounter(TorchDispatchMode):
         self.sent: dict[str, int] = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "hyena_cp":  # our collectives' custom ops: count the c10d ops inside
+            with self:
+                return run_body(func, args, kwargs)
         if func.namespace == "c10d":
             name = func.overloadpacket.__name__
             self.calls[name] += 1

@@ -194,8 +194,10 @@ class HyenaLanguageModel(MegatronModule):
             cu_seqlens = cu_seqlens_from(packed_seq_params, where="HyenaLanguageModel", batch=input_ids.shape[0],
                                          cp_size=group_size(self.cp_group), allow_thd=True)
         signature = {"input_ids.shape": shape_of(input_ids), "labels.shape": shape_of(labels), "cu_seqlens": cu_seqlens}
-        check_ranks_agree(self.cp_group, "HyenaLanguageModel.forward", signature, policy=self.check_agreement,
-                          hint="Give every CP rank its zigzag shard of the SAME global batch and the same cu_seqlens")
+        input_ids = check_ranks_agree(self.cp_group, "HyenaLanguageModel.forward", signature,
+                                      policy=self.check_agreement, before=input_ids,
+                                      hint="Give every CP rank its zigzag shard of the SAME global batch and the same "
+                                           "cu_seqlens")
         self._check(input_ids, labels, cu_seqlens)
         with agreed(self.cp_group):  # every layer's shapes follow from the input: no per-layer check
             return self._forward(input_ids, labels, cu_seqlens)

@@ -234,9 +234,10 @@ class ViT5HierarchicalClassificationNet(nn.Module):
     def forward_pooled(self, images: torch.Tensor, *, cp_group=None) -> torch.Tensor:
         """Pooled features ``[B, C_last]`` (before the final norm), identical on every CP rank."""
         check_group(cp_group)
-        check_ranks_agree(cp_group, f"{type(self).__name__}.forward", {"images.shape": shape_of(images)},
-                          policy=self.check_agreement,
-                          hint="Give every rank of the cp_group the same FULL image batch (each embeds its own rows)")
+        images = check_ranks_agree(cp_group, f"{type(self).__name__}.forward", {"images.shape": shape_of(images)},
+                                   policy=self.check_agreement, before=images,
+                                   hint="Give every rank of the cp_group the same FULL image batch (each embeds its "
+                                        "own rows)")
         self.check_input(images, group_size(cp_group))
         with agreed(cp_group):  # every block's shapes follow from the images: no per-mixer check
             return self._forward_pooled(images, cp_group)

@@ -181,12 +181,18 @@ class Hyena(nn.Module):
         activations for backward would cost the same memory at any CP size; with
         ``checkpoint_filter`` they are recomputed in backward instead (a small MLP, cheap
         next to the FFTs) and activation memory keeps scaling as 1/P.
+
+        Under autocast the filter is still built in the parameters' dtype (fp32): in bf16 the
+        normalised positions ``t / L`` keep 8 significant bits, so beyond a few hundred
+        positions neighbouring taps would read the same input and the long filter would turn
+        into a staircase; the FFT conv it feeds runs in fp32 anyway, and the MLP is small.
         """
         params = self._filter_params()
         build = self.filter if params is None else lambda *args: functional_call(self.filter, params, args)
-        if self.checkpoint_filter and torch.is_grad_enabled():
-            return checkpoint(build, *spatial, groups, use_reentrant=False)
-        return build(*spatial, groups)
+        with torch.autocast(device_type=self.skip.device.type, enabled=False):
+            if self.checkpoint_filter and torch.is_grad_enabled():
+                return checkpoint(build, *spatial, groups, use_reentrant=False)
+            return build(*spatial, groups)
 
     def _filter_params(self) -> dict[str, torch.Tensor] | None:
         """Under TP: the filter's parameters through ONE `copy_to_group` (flattened), so the
@@ -213,8 +219,8 @@ class Hyena(nn.Module):
         check_group(cp_group)
         signature = {"q.shape": shape_of(q), "k.shape": shape_of(k), "v.shape": shape_of(v),
                      "q.dtype": getattr(q, "dtype", None), "mask.shape": shape_of(mask), "cu_seqlens": cu_seqlens}
-        check_ranks_agree(cp_group, "Hyena.forward", signature, policy=self.check_agreement,
-                          hint="Give every rank of the cp_group its shard of the same global q, k, v")
+        k = check_ranks_agree(cp_group, "Hyena.forward", signature, policy=self.check_agreement,
+                              hint="Give every rank of the cp_group its shard of the same global q, k, v", before=k)
         world = group_size(cp_group)
         self.check_qkv(q, k, v, sharded, mask, world)
         global_spatial = tuple(q.shape[2:]) if sharded == "channel" else (q.shape[2] * world, *q.shape[3:])

@@ -134,8 +134,8 @@ class HyenaCache:
             raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
         mixer, world = self.mixer, group_size(self.cp_group)
         signature = {"x.shape": shape_of(x), "x.dtype": getattr(x, "dtype", None)}  # free inside the LM's check
-        check_ranks_agree(self.cp_group, "HyenaCache.prefill", signature, policy=mixer.check_agreement,
-                          hint="Give every CP rank its zigzag shard of the same prompt")
+        x = check_ranks_agree(self.cp_group, "HyenaCache.prefill", signature, policy=mixer.check_agreement,
+                              hint="Give every CP rank its zigzag shard of the same prompt", before=x)
         mixer._check(x, None, world, None)
         if x.shape[0] != self.z.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]}, the cache was built for batch_size={self.z.shape[0]}")

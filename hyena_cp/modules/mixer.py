@@ -283,8 +283,8 @@ class QKVSequenceMixer(nn.Module):
         check_group(cp_group)
         signature = {"x.shape": shape_of(x), "x.dtype": getattr(x, "dtype", None), "num_valid_tokens": num_valid_tokens,
                      "conditioning.shape": shape_of(conditioning), "cu_seqlens": cu_seqlens}
-        check_ranks_agree(cp_group, "QKVSequenceMixer.forward", signature, policy=self.check_agreement,
-                          hint=_AGREE_HINT)
+        x = check_ranks_agree(cp_group, "QKVSequenceMixer.forward", signature, policy=self.check_agreement,
+                              hint=_AGREE_HINT, before=x)
         self._check(x, conditioning, group_size(cp_group), cu_seqlens, num_valid_tokens)
         with agreed(cp_group):  # the Hyena operator inside need not check again
             return self._forward(x, conditioning, cp_group, num_valid_tokens, cu_seqlens)

@@ -3,7 +3,9 @@
 Both convolutions are *linear* (never circular): inputs are zero-padded so that no output
 we keep sees a wrapped-around term. They run in float32 (or float64 if that is the input
 dtype) even under autocast, because bf16/fp16 FFTs lose most of the signal of a long
-filter; the result is cast back to the input dtype.
+filter; the result is cast back to the input dtype. On CUDA the 1-D conv of unpacked rows may
+run NVIDIA's subquadratic-ops-torch kernel instead (`hyena_cp.ops.kernels`: when, and how to
+turn it off), still in float32; the code below is the reference.
 
 Filters are per *group*: ``k`` has G rows with ``C % G == 0`` and channel c uses row
 ``c // (C/G)`` (G = C is one filter per channel). Groups are broadcast in the frequency
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from hyena_cp.ops import kernels
 from hyena_cp.ops.packing import DocumentBuckets, is_one_document_per_row
 
 __all__ = ["fft_causal_conv1d", "fft_conv2d", "centered_to_circular", "fft_size"]
@@ -78,7 +81,11 @@ def fft_causal_conv1d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None =
     dtype = _compute_dtype(u, k)
     with torch.autocast(device_type=u.device.type, enabled=False):
         if cu_seqlens is None or is_one_document_per_row(cu_seqlens, u.shape[0] * seqlen, seqlen):
-            y = _FFTCausalConv1d.apply(u.to(dtype), k.to(dtype), n)
+            # CUDA with subquadratic-ops-torch installed: its kernel (hyena_cp.ops.kernels), else ours
+            u_c, k_c = u.to(dtype), k.to(dtype)
+            y = kernels.fast_fft_causal_conv1d(u_c, k_c)
+            if y is None:
+                y = _FFTCausalConv1d.apply(u_c, k_c, n)
         else:
             y = _packed_causal_conv1d(u.to(dtype), k.to(dtype), cu_seqlens)
         if d is not None:

@@ -2,12 +2,15 @@
 
 Context parallelism hands these ops the neighbouring tokens that a shard needs (its halo)
 as explicit tensors; without a halo they see zeros, exactly where the single-process conv
-sees its zero padding.
+sees its zero padding. On CUDA the 1-D conv may run the causal-conv1d kernel instead
+(`hyena_cp.ops.kernels`: when, and how to turn it off); the code below is the reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from hyena_cp.ops import kernels
 
 __all__ = ["causal_depthwise_conv1d", "depthwise_conv2d_same"]
 
@@ -39,6 +42,9 @@ def causal_depthwise_conv1d(
     Returns:
         ``[N, C, L]`` (contiguous), in ``x``'s dtype.
     """
+    fast = kernels.fast_causal_depthwise_conv1d(x, weight, bias, left_context, positions)
+    if fast is not None:  # CUDA, causal-conv1d installed, K in 2..4, no packing (hyena_cp.ops.kernels)
+        return fast
     dtype = x.dtype
     bias = None if bias is None else bias.to(dtype)
     left_context = None if left_context is None else left_context.to(dtype)
@@ -71,6 +77,12 @@ class _CrossTaps:
         inside = src >= 0
         self.seq = (n[inside], t[inside], j[inside], src[inside])
         self.halo = (n[~inside], t[~inside], j[~inside], src[~inside] + kernel - 1)
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum((0, 2))`` for ``[N, C, L]`` operands, as a batched matmul: no ``[N, C, L]``
+    temporary (on CPU a fresh buffer of that size costs more than the arithmetic)."""
+    return torch.einsum("ncl,ncl->c", a, b)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -140,13 +152,13 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
                 grad_halo[..., j:j + n].addcmul_(grad[..., :n], weight[:, j, None])
         if need_w:
             grad_w = torch.empty_like(weight)
-            grad_w[:, -1] = (grad * x).sum((0, 2))
+            grad_w[:, -1] = _channel_dot(grad, x)
             for shift, j, n in _shifted_taps(kernel, length):
                 tap = grad.new_zeros(weight.shape[0])
                 if shift < length:  # a sequence shorter than the tap reads it only from the halo
-                    tap += (grad[..., shift:] * x[..., :length - shift]).sum((0, 2))
+                    tap += _channel_dot(grad[..., shift:], x[..., :length - shift])
                 if left_context is not None:
-                    tap += (grad[..., :n] * left_context[..., j:j + n]).sum((0, 2))
+                    tap += _channel_dot(grad[..., :n], left_context[..., j:j + n])
                 grad_w[:, j] = tap
         if cross is not None:  # the adjoints of the subtracted cross-document terms
             n, t, j, src = cross.seq

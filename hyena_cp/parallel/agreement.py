@@ -30,6 +30,16 @@ at once. A module with ``"off"`` enters the scope too: it vouches for everything
 scope is thread-local and covers the forward pass; recomputation under activation
 checkpointing happens outside it and checks again, on every rank alike.
 
+Under ``torch.compile`` (``fullgraph=True`` included) the check is the custom op
+`traceable.agreement_token`: the signature is encoded from the traced shapes, the op
+all-gathers and compares it when the graph runs, and the zero it returns is added to the
+tensor the call's collectives depend on (``before=``), which orders the check first. A tensor
+field is then compared by its shape, not its values. What the check cannot cover there: an
+input that fails a rank's own validation raises on that rank while tracing, before any graph
+runs, so its peers wait in the check until ``parallel.timeout_s`` / the group's timeout; run
+the first step eagerly (``train.compile`` compiles per block, after the network's eager check)
+or validate the data before compiling.
+
 The all-gather is control traffic: `count_comm` counts it under ``control_calls`` /
 ``control_bytes``, apart from the data traffic whose bytes the tests hold to the floor.
 """
@@ -48,7 +58,7 @@ from torch.distributed import ProcessGroup
 
 from .comm_stats import record
 from .groups import group_size
-from .reductions import _all_gather_tensor
+from .traceable import _all_gather_tensor, agreement_token, group_name
 
 __all__ = ["AGREEMENT_POLICIES", "agreed", "check_agreement_policy", "check_ranks_agree", "shape_of"]
 
@@ -56,11 +66,13 @@ AGREEMENT_POLICIES = ("always", "off")
 
 _WIDTH = 10  # int64 slots per field: kind, length, up to 8 values (else a checksum)
 _VALUES = _WIDTH - 2
-_NONE, _INT, _TUPLE, _DTYPE, _TENSOR, _OTHER, _HASHED = range(7)
+_NONE, _INT, _TUPLE, _DTYPE, _TENSOR, _OTHER, _HASHED, _SHAPE_OF_TENSOR = range(8)
 # Fixed codes, so that a dtype reads the same on every rank whatever the process.
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
            torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 _INT64 = (-(2**63), 2**63 - 1)
+# type names as fixed codes for traced calls (crc32 of a name is not traceable)
+_TYPE_CODES = {"bool": 1, "float": 2, "str": 3}
 
 _scope = threading.local()
 
@@ -146,6 +158,8 @@ def _decode(slots: list[int]) -> str:
         return f"tensor({values})"
     if kind == _HASHED:
         return f"<{values[0]} values, crc32 {values[1]:#010x}>"
+    if kind == _SHAPE_OF_TENSOR:
+        return f"tensor of shape {tuple(values)}"
     return f"<not an int, tuple or tensor: crc32 {values[0]:#010x}/{values[1]:#010x}>"
 
 
@@ -162,22 +176,43 @@ def shape_of(value: Any) -> Any:
 
 
 def check_ranks_agree(group: ProcessGroup | None, what: str, fields: Mapping[str, Any], *,
-                      policy: str = "always", hint: str = "") -> None:
+                      policy: str = "always", hint: str = "", before: Tensor | None = None) -> Tensor | None:
     """All-gather ``fields`` over ``group`` and raise the same ``ValueError`` on every rank if
     any field differs between ranks. Call it on every rank before the first collective.
 
     Args:
         what: the call being checked (e.g. ``"QKVSequenceMixer.forward"``), for the message.
         fields: name -> value; values are None, ints, dtypes, tuples of ints (shapes) or
-            small integer tensors (compared by value; float or long ones by length + crc32).
+            small integer tensors (compared by value; float or long ones by length + crc32;
+            under ``torch.compile`` by their shape: values would need a host read).
             The names (and their order) must be the same on every rank.
         policy: ``"off"`` returns at once (see the module docstring).
         hint: appended to the message: how to give every rank matching input.
+        before: the tensor the call's collectives depend on. Returned as is eagerly; under
+            ``torch.compile`` the check is a custom op (`traceable.agreement_token`) and a zero
+            it returns is added to ``before``, so the compiled graph runs the check before
+            those collectives. Use the returned tensor in its place. Without it a compiled
+            graph may drop the check as dead code: every caller in hyena_cp passes it.
+
+    Returns ``before``.
     """
     if policy == "off" or group_size(group) == 1 or any(g is group for g in _active()):
-        return
-    header = [dist.get_rank(), _crc([what, *fields])]
-    local = torch.tensor(header + [s for v in fields.values() for s in _encode(v)], dtype=torch.int64)
+        return before
+    if torch.compiler.is_compiling():
+        values = [s for v in fields.values() for s in _encode_traced(v)]
+        tensor = isinstance(before, Tensor)  # (validation, after the check, rejects a non-tensor)
+        token = agreement_token(values, group_name(group), what, "\n".join(fields), hint,
+                                before.detach() if tensor else torch.zeros(()))
+        return before + token if tensor else before
+    values = [s for v in fields.values() for s in _encode(v)]
+    gather_and_compare(group, what, list(fields), values, hint)
+    return before
+
+
+def gather_and_compare(group: ProcessGroup, what: str, names: list[str], values: list[int], hint: str) -> None:
+    """The check itself: one all-gather of ``[rank, crc(what, names), *values]``; raises the same
+    ``ValueError`` on every rank if the rows differ past the rank."""
+    local = torch.tensor([dist.get_rank(), _crc([what, *names])] + values, dtype=torch.int64)
     world = group.size()
     gathered = torch.empty(world * local.numel(), dtype=torch.int64, device=_device(group))
     _all_gather_tensor(gathered, local.to(gathered.device), group=group)
@@ -185,7 +220,29 @@ def check_ranks_agree(group: ProcessGroup | None, what: str, fields: Mapping[str
     rows = gathered.view(world, -1).tolist()
     if all(row[1:] == rows[0][1:] for row in rows):
         return
-    raise ValueError(_message(what, list(fields), rows, hint))
+    raise ValueError(_message(what, names, rows, hint))
+
+
+def _encode_traced(value: Any) -> list[int]:
+    """`_encode` for a call being traced by ``torch.compile``: shapes may be symbolic and a tensor
+    cannot be read on the host, so a tensor is encoded by its shape (`_SHAPE_OF_TENSOR`);
+    values of other kinds (rare in signatures) by their type alone."""
+    if value is None:
+        kind, values = _NONE, []
+    elif isinstance(value, torch.dtype):
+        kind, values = _DTYPE, [_DTYPES.index(value) if value in _DTYPES else len(_DTYPES)]
+    elif isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        kind, values = _INT, [value]
+    elif isinstance(value, Tensor):
+        kind, values = _SHAPE_OF_TENSOR, list(value.shape)
+    elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, torch.SymInt)) for v in value):
+        kind, values = _TUPLE, list(value)
+    else:
+        kind, values = _OTHER, [_TYPE_CODES.get(type(value).__name__, -1), 0]
+    if len(values) > _VALUES:
+        raise ValueError(f"check_ranks_agree under torch.compile: a field has {len(values)} values, more than "
+                         f"{_VALUES}; pass a shorter field")
+    return [kind, len(values), *values] + [0] * (_VALUES - len(values))
 
 
 def _message(what: str, names: list[str], rows: list[list[int]], hint: str) -> str:

@@ -21,36 +21,27 @@ placement are ordinary differentiable torch ops.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .comm_stats import nbytes, record
 from .groups import group_rank, group_size
+from .traceable import all_to_all_uneven_op, group_name
 
 __all__ = ["redistribute"]
 
 
-def _all_to_all_uneven(x: Tensor, send_counts: list[int], recv_counts: list[int], group: ProcessGroup) -> Tensor:
-    """``x: [sum(send_counts), ...]``; rows ``send_counts[q]`` go to rank q (in rank order)."""
-    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
-    row = nbytes(x) // max(x.shape[0], 1)
-    record("all_to_all", row * (sum(send_counts) - send_counts[group.rank()]))
-    return out
-
-
 class _AllToAllUneven(torch.autograd.Function):
-    """`_all_to_all_uneven`; its adjoint is the same exchange with the splits swapped."""
+    """An uneven AllToAll (`traceable.all_to_all_uneven_op`); its adjoint is the same exchange
+    with the splits swapped."""
 
     @staticmethod
     def forward(ctx, x: Tensor, send_counts: list[int], recv_counts: list[int], group: ProcessGroup) -> Tensor:
-        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
-        return _all_to_all_uneven(x, send_counts, recv_counts, group)
+        ctx.send_counts, ctx.recv_counts, ctx.group_name = send_counts, recv_counts, group_name(group)
+        return all_to_all_uneven_op(x, send_counts, recv_counts, ctx.group_name)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return _all_to_all_uneven(grad, ctx.recv_counts, ctx.send_counts, ctx.group), None, None, None
+        return all_to_all_uneven_op(grad, ctx.recv_counts, ctx.send_counts, ctx.group_name), None, None, None
 
 
 def _check(x: Tensor, dim: int, source: Tensor, world: int) -> None:

@@ -1,4 +1,5 @@
-"""Reductions over a CP group as autograd ops with exact adjoints.
+"""Reductions over a CP group as autograd ops with exact adjoints (their collectives are the
+custom ops of `traceable`, so ``torch.compile`` traces through them).
 
 - `all_reduce_sum`: y = sum_r x_r on every rank; adjoint: all_reduce_sum of the grads.
 - `broadcast_from`: y = x_src on every rank; adjoint: grads summed onto ``src`` (reduce),
@@ -23,35 +24,22 @@ made; the input is returned), no communication.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .comm_stats import nbytes, record
 from .groups import group_size
-
-# torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn); keep both.
-_all_gather_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-
-
-def _all_reduce(x: Tensor, group: ProcessGroup) -> Tensor:
-    out = x.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    world = group.size()
-    record("all_reduce", 2 * (world - 1) * nbytes(out) // world)
-    return out
-
+from .traceable import (all_gather_op, all_reduce_sum_op, broadcast_op, group_name,
+                        reduce_scatter_op, reduce_sum_op)
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
-        ctx.group = group
-        return _all_reduce(x, group)
+        ctx.group_name = group_name(group)
+        return all_reduce_sum_op(x, ctx.group_name)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
+        return all_reduce_sum_op(grad, ctx.group_name), None
 
 
 def all_reduce_sum(x: Tensor, group: ProcessGroup | None) -> Tensor:
@@ -64,19 +52,12 @@ def all_reduce_sum(x: Tensor, group: ProcessGroup | None) -> Tensor:
 class _BroadcastFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, src: int, group: ProcessGroup) -> Tensor:
-        ctx.src, ctx.group = src, group
-        out = x.contiguous().clone()
-        dist.broadcast(out, group=group, group_src=src)
-        record("broadcast", (group.size() - 1) * nbytes(out) if group.rank() == src else 0)
-        return out
+        ctx.src, ctx.group_name = src, group_name(group)
+        return broadcast_op(x, src, ctx.group_name)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        grad = grad.contiguous().clone()
-        dist.reduce(grad, group=ctx.group, group_dst=ctx.src, op=dist.ReduceOp.SUM)
-        is_src = ctx.group.rank() == ctx.src
-        record("reduce", 0 if is_src else nbytes(grad))
-        return (grad if is_src else torch.zeros_like(grad)), None, None
+        return reduce_sum_op(grad, ctx.src, ctx.group_name), None, None
 
 
 def broadcast_from(x: Tensor, src: int, group: ProcessGroup | None) -> Tensor:
@@ -93,33 +74,24 @@ def broadcast_from(x: Tensor, src: int, group: ProcessGroup | None) -> Tensor:
     return _BroadcastFrom.apply(x, src, group)
 
 
-def _gather(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
-    world = group.size()
-    piece = x.movedim(dim, 0).contiguous()  # gather along dim 0, where pieces are contiguous
-    out = piece.new_empty((world * piece.shape[0], *piece.shape[1:]))
-    _all_gather_tensor(out, piece, group=group)
-    record("all_gather", (world - 1) * nbytes(piece))
-    return out.movedim(0, dim)
+def _gather(x: Tensor, dim: int, name: str) -> Tensor:
+    # gather along dim 0, where pieces are contiguous
+    return all_gather_op(x.movedim(dim, 0), name).movedim(0, dim)
 
 
-def _reduce_scatter(grad: Tensor, dim: int, group: ProcessGroup) -> Tensor:
-    world = group.size()
-    full = grad.movedim(dim, 0).contiguous()
-    out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
-    _reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=group)
-    record("reduce_scatter", (world - 1) * nbytes(out))
-    return out.movedim(0, dim)
+def _reduce_scatter(grad: Tensor, dim: int, name: str) -> Tensor:
+    return reduce_scatter_op(grad.movedim(dim, 0), name).movedim(0, dim)
 
 
 class _AllGatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
-        ctx.dim, ctx.group = dim, group
-        return _gather(x, dim, group)
+        ctx.dim, ctx.group_name = dim, group_name(group)
+        return _gather(x, dim, ctx.group_name)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+        return _reduce_scatter(grad, ctx.dim, ctx.group_name), None, None
 
 
 def all_gather_seq(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:
@@ -143,12 +115,12 @@ def group_sum(values: Tensor, group: ProcessGroup | None) -> Tensor:
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
-        ctx.group = group
+        ctx.group_name = group_name(group)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
+        return all_reduce_sum_op(grad, ctx.group_name), None
 
 
 def copy_to_group(x: Tensor, group: ProcessGroup | None) -> Tensor:
@@ -164,12 +136,12 @@ def copy_to_group(x: Tensor, group: ProcessGroup | None) -> Tensor:
 class _GatherFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
-        ctx.dim, ctx.group, ctx.size = dim, group, x.shape[dim]
-        return _gather(x, dim, group)
+        ctx.dim, ctx.rank, ctx.size = dim, group.rank(), x.shape[dim]
+        return _gather(x, dim, group_name(group))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad.narrow(ctx.dim, ctx.group.rank() * ctx.size, ctx.size).contiguous(), None, None
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size).contiguous(), None, None
 
 
 def gather_from_group(x: Tensor, dim: int, group: ProcessGroup | None) -> Tensor:

@@ -5,42 +5,19 @@ all C channels; after it, the full sequence in natural order of one channel bloc
 ``[rank*C/P, (rank+1)*C/P)``. This lets a global operator (the long FFT convolution) run
 on whole sequences for C/P channels, then `channel_to_seq` puts the result back.
 
-One ``all_to_all_single`` per call. The equal-split AllToAll permutation is its own
-adjoint, so backward is the AllToAll of the gradient; the local chunk reorderings around
-it are plain differentiable torch ops.
+One ``all_to_all_single`` per call, through the ``hyena_cp::all_to_all`` custom op
+(`traceable`: so ``torch.compile`` traces through it). The equal-split AllToAll permutation
+is its own adjoint, so backward is the AllToAll of the gradient; the local chunk
+reorderings around it are plain differentiable torch ops.
 """
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .comm_stats import nbytes, record
 from .groups import group_size
 from .layouts import check_divisible, check_layout, chunks_per_rank, from_rank_major, to_rank_major
-
-
-def _all_to_all(x: Tensor, group: ProcessGroup) -> Tensor:
-    """Equal-split all_to_all along dim 0: ``out[src]`` here is ``x[this rank]`` on ``src``."""
-    world = group.size()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    record("all_to_all", nbytes(x) * (world - 1) // world)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    """`_all_to_all` with its adjoint (the same permutation) as backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
-        ctx.group = group
-        return _all_to_all(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_to_all(grad.contiguous(), ctx.group), None
+from .traceable import all_to_all, group_name
 
 
 def _channel_dim(x: Tensor, channel_dim: int, fn: str) -> int:
@@ -88,7 +65,7 @@ def seq_to_channel(x: Tensor, group: ProcessGroup | None, layout: str, channel_d
         )
     blocks = x.unflatten(cdim, (world, channels // world))  # ..., P, C/P, ..., S_local
     send = blocks.movedim(cdim, 0).contiguous()  # P, ..., C/P, ..., S_local
-    recv = _AllToAll.apply(send, group)  # recv[src]: rank src's sequence piece of my channel block
+    recv = all_to_all(send, group_name(group))  # recv[src]: rank src's sequence piece of my channel block
     pieces = recv.movedim(0, -2).flatten(-2)  # ..., C/P, ..., P*S_local (rank-major order)
     return from_rank_major(pieces, -1, layout, world)
 
@@ -109,5 +86,5 @@ def channel_to_seq(x: Tensor, group: ProcessGroup | None, layout: str, channel_d
     check_divisible(x.shape[-1], layout, world, "channel_to_seq: sequence length S")
     pieces = to_rank_major(x, -1, layout, world).unflatten(-1, (world, -1))  # ..., C/P, ..., P, S_local
     send = pieces.movedim(-2, 0).contiguous()  # P, ..., C/P, ..., S_local
-    recv = _AllToAll.apply(send, group)  # recv[src]: channel block src of my sequence piece
+    recv = all_to_all(send, group_name(group))  # recv[src]: channel block src of my sequence piece
     return recv.movedim(0, cdim).flatten(cdim, cdim + 1)  # ..., C, ..., S_local

@@ -115,10 +115,11 @@ class TrainConfig:
     compile: apply ``torch.compile`` to every block (`hyena_cp.parallel.fsdp.block_modules`:
         the units FSDP2 wraps), in place with ``module.compile()`` so parameter names and
         checkpoint keys do not change, BEFORE data parallelism is applied (torchtitan's
-        order); the root's own layers (embeddings, head) stay eager. Not ``fullgraph``: under
-        CP the point-to-point collectives of the mixer are graph breaks (dynamo does not trace
-        P2P ops), so the compiled regions are the local math between them; issue #15 item 1
-        makes the CP path trace whole. The first step pays the compilation.
+        order); the root's own layers (embeddings, head) stay eager. A Hyena mixer traces
+        whole under CP (its collectives are custom ops, `hyena_cp.parallel.traceable`); not
+        ``fullgraph`` because other blocks may break the graph (the attention mixers'
+        all-gathers, megatron-core's layers), where dynamo falls back to eager for that
+        piece. The first step pays the compilation.
     compile_backend: the ``torch.compile`` backend: "inductor" (the default: generated
         kernels) or, e.g., "aot_eager" (AOTAutograd traces forward and backward and runs them
         eagerly: no codegen, what the tests use). Inductor works on CPU too (C++ through the

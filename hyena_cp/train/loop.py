@@ -293,8 +293,8 @@ def _check_autocast(precision: str, megatron: bool, device: torch.device) -> Non
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """``torch.compile`` every block of ``model`` (`block_modules`) in place (``module.compile``:
     parameter names and state-dict keys stay those of the eager model); the rest stays eager.
-    Call it before `apply_data_parallel`. Graph breaks are allowed (not ``fullgraph``): under CP
-    the mixer's point-to-point collectives are not traceable (`TrainConfig`)."""
+    Call it before `apply_data_parallel`. Graph breaks are allowed (not ``fullgraph``): a Hyena
+    mixer traces whole under CP, other blocks need not (`TrainConfig`)."""
     import torch._dynamo  # only compiled runs pay the import
 
     known = torch._dynamo.list_backends(exclude_tags=())
