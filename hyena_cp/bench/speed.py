@@ -107,7 +107,7 @@ def measure(layers: dict[str, nn.Module], x: torch.Tensor, *, repeats: int) -> d
     for name, peer in PEERS.items():
         if peer.compiled:
             start = time.perf_counter()
-            for _ in range(2):  # the first call compiles; the second settles a guard the first one changes
+            for _ in range(2):  # the first call compiles; a recompile its side effects trigger lands in the second
                 fns[name]()
             compile_s["bf16" if peer.bf16 else "fp32"] = time.perf_counter() - start
     rel_diff = _max_rel_diff(layers["ours eager fp32"], layers["ours compiled fp32"], x)
