@@ -34,6 +34,28 @@ def test_causal_conv1d_halo_equals_conv_of_whole(kernel):
     torch.testing.assert_close(part, whole[..., 9:], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 4])
+@pytest.mark.parametrize("halo", [False, True])
+def test_compiled_form_of_the_causal_conv_equals_the_eager_one(kernel, halo):
+    # what torch.compile traces (one expression, autograd's backward) against the eager
+    # autograd.Function: outputs and the gradients of x, weight, bias and halo
+    from hyena_cp.ops.short_conv import _shifted_sum
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    x, w, b = leaf(2, 4, 9), leaf(4, kernel), leaf(4)
+    left = leaf(2, 4, kernel - 1) if halo else None
+    inputs = [t for t in (x, w, b, left) if t is not None]
+    upstream = torch.randn(2, 4, 9, dtype=torch.float64)
+    results = []
+    for fn in (causal_depthwise_conv1d, _shifted_sum):
+        y = fn(x, w, b, left)
+        results.append((y, *torch.autograd.grad(y, inputs, upstream)))
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel", [1, 3, 5, 7])
 def test_conv2d_same_and_halo_rows(kernel):
     x = torch.randn(2, 3, 9, 6, dtype=torch.float64)

@@ -51,7 +51,27 @@ def causal_depthwise_conv1d(
     if positions is not None and positions.shape != (x.shape[0], x.shape[-1]):
         raise ValueError(f"positions must be [N, L] = {(x.shape[0], x.shape[-1])} like x [N, C, L], "
                          f"got {tuple(positions.shape)}")
+    if positions is None and torch.compiler.is_compiling():
+        return _shifted_sum(x, weight.to(dtype), bias, left_context)
     return _CausalDepthwiseConv1d.apply(x.contiguous(), weight.to(dtype), bias, left_context, positions)
+
+
+def _shifted_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 left_context: torch.Tensor | None) -> torch.Tensor:
+    """The same conv as one expression, for ``torch.compile``: K shifted products of the input
+    with its halo in front, summed, and autograd's backward. A compiler fuses it into one pass
+    over the tokens (forward, and one for the backward with the K weight-gradient reductions);
+    the in-place taps of `_CausalDepthwiseConv1d`, which eager mode wants (no temporaries), are
+    K sequential mutations it cannot fuse."""
+    kernel, length = weight.shape[1], x.shape[-1]
+    if left_context is None:
+        full = F.pad(x, (kernel - 1, 0))
+    else:
+        full = torch.cat([left_context, x], dim=-1)  # N, C, K-1+L
+    y = full[..., kernel - 1:] * weight[:, -1:]
+    for j in range(kernel - 1):
+        y = y + full[..., j:j + length] * weight[:, j, None]
+    return y if bias is None else y + bias[:, None]
 
 
 def _shifted_taps(kernel: int, length: int):
