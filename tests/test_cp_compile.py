@@ -163,3 +163,28 @@ def test_fullgraph_compiled_hybrid_vit_equals_eager(dist_run):
         worst = max(r["errors"].items(), key=lambda kv: kv[1])
         assert worst[1] < TOL, (rank, worst)
         assert {"all_to_all", "p2p", "all_gather", "reduce_scatter"} <= set(r["by_op"]), r["by_op"]
+
+
+def _agreement_calls_compiled(use_before: bool) -> int:
+    from hyena_cp.parallel import check_ranks_agree
+
+    group = dist.group.WORLD
+
+    def call(x):
+        y = check_ranks_agree(group, "test", {"x.shape": tuple(x.shape)}, before=x if use_before else None)
+        return (y if use_before else x) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4)
+    compiled(x)
+    with count_comm() as stats:
+        compiled(x)
+    return stats.control_calls.get("agreement", 0)
+
+
+def test_a_compiled_check_runs_only_through_its_before_tensor(dist_run):
+    # negative twin of the data dependency: the check's result added to ``before`` keeps it in
+    # the graph; unused, the compiler prunes it as dead code (why every caller passes before=)
+    assert dist_run(_agreement_calls_compiled, 2, True) == [1, 1]
+    assert dist_run(_agreement_calls_compiled, 2, False) == [0, 0]
