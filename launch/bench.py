@@ -25,7 +25,7 @@ from hyena_cp.bench import SECTIONS, BenchContext
 from hyena_cp.bench.common import machine_line
 from hyena_cp.bench.ranks import RankPools
 from hyena_cp.bench.report import section_markdown, write_report
-from hyena_cp.host_memory import enable_huge_pages
+from hyena_cp.host_memory import tune_host_memory
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,5 +73,5 @@ def main(argv: list[str] | None = None) -> list:
 
 
 if __name__ == "__main__":
-    enable_huge_pages()  # before the first large CPU tensor (hyena_cp.host_memory)
+    tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
     main(sys.argv[1:])

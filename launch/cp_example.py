@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
-from hyena_cp.host_memory import enable_huge_pages
+from hyena_cp.host_memory import tune_host_memory
 from hyena_cp.parallel import all_gather_seq, from_rank_major, group_sum, shard
 
 
@@ -52,5 +52,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    enable_huge_pages()  # before the first large CPU tensor (hyena_cp.host_memory)
+    tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
     main()

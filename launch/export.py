@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hyena_cp.host_memory import enable_huge_pages
+from hyena_cp.host_memory import tune_host_memory
 from hyena_cp.lazy import LazyConfig
 from hyena_cp.train.cli import config_args
 from hyena_cp.train.config import with_defaults
@@ -32,5 +32,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    enable_huge_pages()  # before the first large CPU tensor (hyena_cp.host_memory)
+    tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
     sys.exit(main())

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 
 from dist_harness import DistRunner
-from hyena_cp.host_memory import enable_huge_pages
+from hyena_cp.host_memory import tune_host_memory
 
-enable_huge_pages()  # as the launchers do: large CPU tensors on huge pages (hyena_cp.host_memory)
+tune_host_memory()  # as the launchers do: huge pages, freed memory kept for reuse (hyena_cp.host_memory)
 
 
 @pytest.fixture(scope="session")

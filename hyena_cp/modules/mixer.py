@@ -47,6 +47,7 @@ from hyena_cp import flops
 from hyena_cp.modules.conditioning import broadcast_tokens, build_conditioning
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.norm import build_norm
+from hyena_cp.ops.layout import channels_last
 from hyena_cp.ops.packing import document_positions, is_one_document_per_row
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
 from hyena_cp.parallel import (agreed, causal_halo_1d, channel_to_seq, check_agreement_policy, check_group,
@@ -307,8 +308,7 @@ class QKVSequenceMixer(nn.Module):
             positions = self._document_positions(cu_seqlens, x.shape[0], spatial[0] * world, cp_group, False)
             q, k, v = self._short_conv_local(u, cp_group, positions).chunk(3, dim=1)
             y = self.hyena(q, k, v, cp_group=cp_group, mask=mask, cu_seqlens=cu_seqlens)
-        y = rearrange(y, "b c l -> b l c") if self.spatial_dims == 1 else rearrange(y, "b c h w -> b h w c")
-        y = self.norm(y)
+        y = self.norm(channels_last(y))  # B, L, C  or  B, H, W, C
         if self.cond is None:
             return _project(self.out_proj, y)
         scale, shift, gate = self.cond(conditioning)
