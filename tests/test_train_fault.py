@@ -77,3 +77,24 @@ def test_hung_peer_times_out_with_a_clear_error_and_resumes(reference, tmp_path)
     assert match, proc.stderr[-4000:]
     assert TIMEOUT_S <= float(match.group(1)) < TIMEOUT_S + 5  # failed within the timeout, not gloo's 30 min
     _assert_resumed_to_reference(tmp_path, reference)
+
+
+def test_hung_peer_in_a_mesh_subgroup_times_out_within_parallel_timeout_s(tmp_path):
+    """4 processes, dp=2 x cp=2, ``dp_mode=ddp``: the CP groups are mesh SUBGROUPS, which DeviceMesh
+    creates with ``new_group``'s default timeout (30 min on gloo) unless `init_parallel` sets
+    ``parallel.timeout_s`` on them. Rank 1 hangs at step 3; rank 0's first collective of the step
+    is in its CP group {0, 1} (with replicated parameters there is no FSDP all-gather on the
+    whole job first), so rank 0 must fail there within the timeout. Checked by hand with the
+    setting removed from `hyena_cp.parallel.dims._run_mesh`: the subgroups then report 30 min and
+    this test fails: the run ends without rank 0's timeout error. First attempt only (no restart)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=0",
+           "launch/train.py", f"configs/{CONFIG}", *OVERRIDES, "train.fault_step=3", "train.fault_rank=1",
+           "train.fault_mode=hang", "parallel.dp_mode=ddp", f"train.output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "[fault injection] rank 1 hangs at step 3" in proc.stderr
+    match = re.search(r"PeerTimeoutError: rank 0: a collective of step 3 did not complete within "
+                      rf"parallel.timeout_s={TIMEOUT_S} s \(the step had run ([\d.]+) s\); rank 1 had not started "
+                      r"step 3", proc.stderr)
+    assert match, proc.stderr[-4000:]
+    assert TIMEOUT_S <= float(match.group(1)) < TIMEOUT_S + 5
