@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.c
 
 # allocate, touch and free a 128 MB tensor 8 times; report the minor page faults of each round
 _PROBE = """
-import json, resource, torch
+import json, os, resource, torch
 from hyena_cp.host_memory import tune_host_memory
 state = tune_host_memory()
 faults = []
@@ -33,7 +33,7 @@ def _probe(**env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_MEM"))}
     # 4 KiB pages in both cases, so a round that faults its tensor in again costs 32768 faults
     clean.update(THP_MEM_ALLOC_ENABLE="0", **env)
-    out = subprocess.run([sys.executable, "-c", "import os\n" + _PROBE], env=clean, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=clean, capture_output=True, text=True,
                          check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -115,19 +115,25 @@ def measure(layers: dict[str, nn.Module], x: torch.Tensor, *, repeats: int) -> d
     return {"times": times, "peaks": peaks, "compile_s": compile_s, "compiled_rel_diff": rel_diff}
 
 
-def _ratio(res: dict, num: str, den: str) -> float | None:
-    """Median over the rounds of ``time(num) / time(den)`` within a round: the calls of a round
-    ran back to back, so a load change between rounds cancels (a ratio of the two medians
-    would compare calls from different rounds)."""
+def _per_round(res: dict, num: str, den: str) -> list[float] | None:
+    """``time(num) / time(den)`` within each round (the calls of a round ran back to back, so a
+    load change between rounds cancels); None when a peer was not run at this length."""
     times = res["times"]
     if num not in times or den not in times:
         return None
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+    return [a / b for a, b in zip(times[num], times[den])]
+
+
+def _ratio(res: dict, num: str, den: str) -> float | None:
+    """Median over the rounds of the per-round ratio (a ratio of the two medians would compare
+    calls from different rounds)."""
+    per_round = _per_round(res, num, den)
+    return None if per_round is None else statistics.median(per_round)
 
 
 def _round_spread(res: dict, num: str, den: str) -> tuple[float, float]:
-    """Min and max over the rounds of the per-round ratio (the calls of a round ran back to back)."""
-    per_round = [a / b for a, b in zip(res["times"][num], res["times"][den])]
+    """Min and max over the rounds of the per-round ratio."""
+    per_round = _per_round(res, num, den)
     return min(per_round), max(per_round)
 
 
