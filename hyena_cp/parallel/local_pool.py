@@ -17,13 +17,27 @@ threads" need. A fork server is a fresh interpreter that has never run one; it p
 Failure policy: after a rank error (or a dead worker, or a timeout) the peers may be stuck
 in a collective and the group state is unknown, so the caller should `LocalPools.discard`
 the pool; the next `LocalPools.get` forks a fresh one.
+
+Forking a process that holds garbage: the parent may have dropped process groups (a test's
+in-process run) that its garbage collector has not reached yet. The parent collects before it
+forks and each worker freezes what it inherited (`gc.freeze`): a gloo group's destructor joins
+threads that only the parent has, and run in a worker it hangs for good.
+
+Post-mortems: a worker that dies of a signal (a crash in native code: glibc's heap checks
+abort, a segfault) or does not reply in time leaves its Python stacks, all threads, in the
+reply (`faulthandler`, written to a per-rank file the parent reads): a rare hang or crash on
+a CI machine then says where it happened instead of only "no reply".
 """
 from __future__ import annotations
 
+import faulthandler
+import gc
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -42,7 +56,8 @@ __all__ = ["LocalPool", "LocalPools", "Reply", "format_failures"]
 
 class Reply(NamedTuple):
     """One rank's answer. ``status``: "ok" (``value`` is the result), "err" (``value`` is
-    ``(exception, traceback text)``), "missing" (no reply in time) or "ready" (start-up).
+    ``(exception, traceback text)``), "missing" (no reply in time; ``value`` is the rank's
+    Python stacks when it could dump them, else None) or "ready" (start-up).
     ``calls``: `hyena_cp.parallel` collectives per op made by a failed task."""
 
     status: str
@@ -107,7 +122,20 @@ def _run_task(conn: Connection, task: tuple) -> None:
         conn.send(Reply("err", (RuntimeError(f"could not send the result: {exc!r}"), traceback.format_exc()), {}))
 
 
-def _worker(rank: int, world: int, port: int, conn: Connection, gloo_timeout_s: float) -> None:
+# how long a worker gets to write its stacks after the parent asks (SIGUSR1) on a timeout
+DUMP_GRACE_S = 2.0
+
+
+def _worker(rank: int, world: int, port: int, conn: Connection, gloo_timeout_s: float, stack_path: str) -> None:
+    # What the fork inherited stays uncollected here: a process group the parent dropped but had
+    # not collected yet would otherwise be destroyed by this process's garbage collector, and
+    # ~ProcessGroupGloo joins its worker threads, which exist only in the parent: the join
+    # never returns (seen as rare "no reply" hangs and a heap-corruption abort in CI).
+    gc.freeze()
+    # Kept open for the worker's life: faulthandler writes to it from a signal handler.
+    stacks = open(stack_path, "w")  # noqa: SIM115
+    faulthandler.enable(file=stacks, all_threads=True)  # fatal signals: SIGSEGV, SIGABRT, ...
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)  # the parent's "where are you?"
     torch.set_num_threads(1)
     parent = os.getppid()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -152,9 +180,16 @@ class LocalPool:
         self.world, self.error_grace_s = world, error_grace_s
         self.procs: list[mp.Process] = []
         self.conns: list[Connection] = []
+        self.stack_paths: list[str] = []
+        if start_method == "fork":
+            gc.collect()  # the parent's garbage (dropped process groups, ...) dies here, with its threads
         for rank in range(world):
+            fd, stack_path = tempfile.mkstemp(prefix=f"hyena_cp-pool-rank{rank}-", suffix=".stacks")
+            os.close(fd)
+            self.stack_paths.append(stack_path)
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(rank, world, port, child_end, gloo_timeout_s), daemon=True)
+            proc = ctx.Process(target=_worker, args=(rank, world, port, child_end, gloo_timeout_s, stack_path),
+                               daemon=True)
             proc.start()
             child_end.close()  # so the parent sees EOF when the worker dies
             self.procs.append(proc)
@@ -179,11 +214,41 @@ class LocalPool:
                 try:
                     replies[rank] = conn.recv()
                 except EOFError:
+                    self.procs[rank].join(1.0)  # the exit code is set once it is reaped
                     code = self.procs[rank].exitcode
-                    replies[rank] = Reply("err", (RuntimeError(f"rank {rank} died (exit code {code})"), ""), {})
+                    died = RuntimeError(f"rank {rank} died (exit code {code})")
+                    stacks = self._stacks(rank)  # a fatal signal's dump, if it was one
+                    replies[rank] = Reply("err", (died, f"{died!r}\n{stacks}" if stacks else ""), {})
                 if replies[rank].status == "err":
                     deadline = min(deadline, time.monotonic() + self.error_grace_s)
-        return [r if r is not None else Reply("missing", None, None) for r in replies]
+        return [r if r is not None else Reply("missing", self._dump_stacks(rank), None)
+                for rank, r in enumerate(replies)]
+
+    def _stacks(self, rank: int, start: int = 0) -> str:
+        """What rank ``rank``'s faulthandler wrote from byte ``start`` on ("" if nothing)."""
+        try:
+            with open(self.stack_paths[rank]) as f:
+                f.seek(start)
+                return f.read()
+        except OSError:
+            return ""
+
+    def _dump_stacks(self, rank: int) -> str | None:
+        """Ask a silent, live rank for its Python stacks (all threads); None if it gives none."""
+        proc = self.procs[rank]
+        if not proc.is_alive():
+            return self._stacks(rank) or None
+        start = os.path.getsize(self.stack_paths[rank])
+        os.kill(proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + DUMP_GRACE_S
+        text = ""
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            new = self._stacks(rank, start)
+            if new and new == text:  # stopped growing: the dump is complete
+                break
+            text = new
+        return text or None
 
     def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float) -> list[Reply]:
         """``fn(*args, **kwargs)`` on every rank (``fn`` module-level, arguments picklable);
@@ -213,6 +278,11 @@ class LocalPool:
             proc.join(5.0)
         for conn in self.conns:
             conn.close()
+        for path in self.stack_paths:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
 
 class LocalPools:
@@ -265,5 +335,6 @@ def format_failures(replies: list[Reply]) -> str:
         if status == "err":
             parts.append(f"--- rank {rank} raised ---\n{value[1] or repr(value[0])}")
         elif status == "missing":
-            parts.append(f"--- rank {rank}: no reply (timed out or killed after a peer failed) ---")
+            parts.append(f"--- rank {rank}: no reply (timed out or killed after a peer failed) ---"
+                         + (f"\nits stacks when it was given up on:\n{value}" if value else ""))
     return "\n".join(parts)
