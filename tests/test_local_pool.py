@@ -46,12 +46,18 @@ def worker_aborts() -> None:
     os.abort()  # what glibc does on a corrupted heap ("free(): invalid pointer")
 
 
-def test_a_silent_rank_reports_its_python_stacks_when_given_up_on():
+def _one_task_on_a_fresh_pool(fn, timeout: float):
+    """``fn`` on a 1-rank pool of its own (not the shared ``dist_run`` one: it may hang or die)."""
     pool = LocalPool(1, gloo_timeout_s=30.0)
     try:
-        (reply,) = pool.run(worker_sleeps_forever, (), {}, timeout=1.0)
+        (reply,) = pool.run(fn, (), {}, timeout=timeout)
     finally:
         pool.kill()
+    return reply
+
+
+def test_a_silent_rank_reports_its_python_stacks_when_given_up_on():
+    reply = _one_task_on_a_fresh_pool(worker_sleeps_forever, timeout=1.0)
     assert reply.status == "missing"
     # faulthandler's format: 'File "...test_local_pool.py", line N in worker_sleeps_forever'
     assert "test_local_pool.py" in reply.value and " in worker_sleeps_forever" in reply.value
@@ -59,11 +65,7 @@ def test_a_silent_rank_reports_its_python_stacks_when_given_up_on():
 
 
 def test_a_rank_killed_by_a_signal_reports_where_it_died():
-    pool = LocalPool(1, gloo_timeout_s=30.0)
-    try:
-        (reply,) = pool.run(worker_aborts, (), {}, timeout=30.0)
-    finally:
-        pool.kill()
+    reply = _one_task_on_a_fresh_pool(worker_aborts, timeout=30.0)
     assert reply.status == "err" and "died (exit code -6)" in str(reply.value[0])
     text = format_failures([reply])
     assert "Fatal Python error: Aborted" in text and " in worker_aborts" in text
@@ -85,11 +87,7 @@ def test_a_process_group_the_parent_dropped_does_not_hang_a_forked_worker():
         cycle.append(cycle)  # reachable only through a reference cycle, as in a DeviceMesh
         dist.destroy_process_group()
         del cycle
-        pool = LocalPool(1, gloo_timeout_s=30.0)
-        try:
-            (reply,) = pool.run(worker_collect_garbage, (), {}, timeout=20.0)
-        finally:
-            pool.kill()
+        reply = _one_task_on_a_fresh_pool(worker_collect_garbage, timeout=20.0)
     finally:
         if enabled:
             gc.enable()
