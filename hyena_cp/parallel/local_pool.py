@@ -130,7 +130,8 @@ def _worker(rank: int, world: int, port: int, conn: Connection, gloo_timeout_s: 
     # What the fork inherited stays uncollected here: a process group the parent dropped but had
     # not collected yet would otherwise be destroyed by this process's garbage collector, and
     # ~ProcessGroupGloo joins its worker threads, which exist only in the parent: the join
-    # never returns (seen as rare "no reply" hangs and a heap-corruption abort in CI).
+    # never returns (tests/test_local_pool.py). That was the stack of the rare "no reply" hangs
+    # of test workers forked late in the suite, which stopped with this.
     gc.freeze()
     # Kept open for the worker's life: faulthandler writes to it from a signal handler.
     stacks = open(stack_path, "w")  # noqa: SIM115
