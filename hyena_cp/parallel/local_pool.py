@@ -18,10 +18,11 @@ Failure policy: after a rank error (or a dead worker, or a timeout) the peers ma
 in a collective and the group state is unknown, so the caller should `LocalPools.discard`
 the pool; the next `LocalPools.get` forks a fresh one.
 
-Forking a process that holds garbage: the parent may have dropped process groups (a test's
-in-process run) that its garbage collector has not reached yet. The parent collects before it
-forks and each worker freezes what it inherited (`gc.freeze`): a gloo group's destructor joins
-threads that only the parent has, and run in a worker it hangs for good.
+Forking a process that holds garbage: the parent may have dropped process groups that its
+garbage collector has not reached yet. Freed in a worker, a gloo group's destructor joins
+threads that only the parent has and never returns (tests/test_local_pool.py); that was the
+stack of the rare "no reply" hangs of test workers forked late in the suite. So the parent
+collects before it forks and each worker freezes what it inherited (`gc.freeze`).
 
 Post-mortems: a worker that dies of a signal (a crash in native code: glibc's heap checks
 abort, a segfault) or does not reply in time leaves its Python stacks, all threads, in the
@@ -127,12 +128,7 @@ DUMP_GRACE_S = 2.0
 
 
 def _worker(rank: int, world: int, port: int, conn: Connection, gloo_timeout_s: float, stack_path: str) -> None:
-    # What the fork inherited stays uncollected here: a process group the parent dropped but had
-    # not collected yet would otherwise be destroyed by this process's garbage collector, and
-    # ~ProcessGroupGloo joins its worker threads, which exist only in the parent: the join
-    # never returns (tests/test_local_pool.py). That was the stack of the rare "no reply" hangs
-    # of test workers forked late in the suite, which stopped with this.
-    gc.freeze()
+    gc.freeze()  # what the fork inherited is never collected here (module docstring: "Forking ...")
     # Kept open for the worker's life: faulthandler writes to it from a signal handler.
     stacks = open(stack_path, "w")  # noqa: SIM115
     faulthandler.enable(file=stacks, all_threads=True)  # fatal signals: SIGSEGV, SIGABRT, ...
