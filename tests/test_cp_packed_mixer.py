@@ -188,7 +188,7 @@ def worker_bad(shape: tuple, cu_seqlens, spatial_dims: int = 1) -> None:
     ((2, 8, 8), torch.tensor([0, 5, 20, 32]), 1, "must contain every row end b\\*L \\(L=16\\)"),
     ((1, 8, 8), torch.tensor([0, 9, 5, 16]), 1, "non-decreasing"),
     ((1, 8, 8), torch.tensor([0.0, 16.0]), 1, "integer tensor"),
-    ((1, 2, 4, 8), torch.tensor([0, 16]), 2, "cu_seqlens \\(packed sequences\\) is for 1-D Hyena"),
+    ((1, 2, 4, 8), torch.tensor([0, 16]), 2, "cu_seqlens \\(packed sequences\\) is for a causal 1-D Hyena"),
 ])
 def test_bad_cu_seqlens_raise_on_every_rank_before_communicating(dist_run, local_shape, cu, dims, match):
     errors = dist_run(worker_bad, 2, local_shape, cu, dims, expect_error=ValueError)

@@ -100,5 +100,5 @@ def test_low_precision_computes_in_float32(dtype):
 def test_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match="k \\[G, L\\]"):
         fft_causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 4))
-    with pytest.raises(ValueError, match="2H-1"):
+    with pytest.raises(ValueError, match="linear 2n-1"):
         fft_conv2d(torch.randn(1, 2, 3, 3), torch.randn(2, 3, 3))

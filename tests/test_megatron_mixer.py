@@ -45,7 +45,7 @@ def test_spec_params_reach_the_mixer():
                         max_len=64, norm="rmsnorm")
     inner = mixer.mixer
     assert (mixer.layer_number, inner.short_kernel_size, inner.hyena.num_heads) == (3, 5, 2)
-    assert inner.hyena.filter.max_len == 64 and isinstance(inner.norm, torch.nn.RMSNorm)
+    assert inner.hyena.max_len == 64 and isinstance(inner.norm, torch.nn.RMSNorm)
     assert inner.in_proj.bias is None and inner.out_proj.bias is None  # bias follows add_bias_linear
     assert mixer.cp_group is None  # no pg_collection, parallel_state not initialised: one process
 

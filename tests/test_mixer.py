@@ -23,13 +23,13 @@ def reference_forward(m: QKVSequenceMixer, x: torch.Tensor) -> torch.Tensor:
     if m.spatial_dims == 1:
         u = F.conv1d(F.pad(u.transpose(1, 2), (k - 1, 0)), w, b, groups=3 * c)
         q, kk, v = u.chunk(3, dim=1)
-        h = expand_groups(m.hyena.filter(x.shape[1]), c)
+        h = expand_groups(m.hyena.build_filter((x.shape[1],), slice(None)), c)
         y = q * direct_causal_conv1d(kk * v, h, m.hyena.skip)
         y = y.transpose(1, 2)
     else:
         u = F.conv2d(u.permute(0, 3, 1, 2), w, b, padding=k // 2, groups=3 * c)
         q, kk, v = u.chunk(3, dim=1)
-        h = expand_groups(m.hyena.filter(x.shape[1], x.shape[2]), c)
+        h = expand_groups(m.hyena.build_filter((x.shape[1], x.shape[2]), slice(None)), c)
         y = (q * direct_conv2d_centered(kk * v, h, m.hyena.skip)).permute(0, 2, 3, 1)
     return m.out_proj(m.norm(y))
 

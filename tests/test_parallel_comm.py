@@ -301,7 +301,7 @@ def _bad_call(case: str) -> None:
 @pytest.mark.parametrize(
     "case,words",
     [("channels", "channel count C="), ("odd_local", "S_local=3"), ("global_length", "2*cp_size"),
-     ("short_chunk", "shorter than the halo=3"), ("short_rows", "H_local=1"), ("src", "src=")],
+     ("short_chunk", "shorter than the halo=3"), ("short_rows", "size along dim 2 is 1"), ("src", "src=")],
 )
 def test_every_rank_raises_before_communicating(dist_run, world, case, words):
     errors = dist_run(_bad_call, world, case, expect_error=ValueError)

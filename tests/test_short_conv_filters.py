@@ -1,11 +1,14 @@
 """Short depthwise convs (with and without halos) and implicit filters, single process."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hyena_cp.ops.filters import ImplicitFilter1d, ImplicitFilter2d
+from hyena_cp import Hyena
+from hyena_cp.ops.filters import ExponentialMask
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
 from references import expand_groups
 
@@ -67,40 +70,46 @@ def test_conv2d_same_and_halo_rows(kernel):
         above, below = x[:, :, 3 - p:3], x[:, :, 6:6 + p]
         part = depthwise_conv2d_same(x[:, :, 3:6], w, b, rows_above=above, rows_below=below)
         torch.testing.assert_close(part, whole[:, :, 3:6], rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="odd kernel"):
+    with pytest.raises(ValueError, match="must be odd"):
         depthwise_conv2d_same(x, torch.randn(3, 2, 2, dtype=torch.float64))
 
 
+def _hyena_filter(dims: int, groups: int, **kw) -> Hyena:
+    """A Hyena whose ``build_filter`` is the original generator times its decay window."""
+    return Hyena(hidden_dim=groups, num_heads=groups, spatial_dims=dims, checkpoint_filter=False, **kw).double()
+
+
 def test_filter1d_groups_slice_and_prefix():
-    filt = ImplicitFilter1d(4, max_len=64).double()
-    full = filt(40)
+    filt = _hyena_filter(1, 4, max_len=64)
+    full = filt.build_filter((40,), slice(None))
     assert full.shape == (4, 40)
-    torch.testing.assert_close(filt(40, groups=slice(2, 4)), full[2:4], rtol=0, atol=1e-14)
+    torch.testing.assert_close(filt.build_filter((40,), slice(2, 4)), full[2:4], rtol=0, atol=1e-14)
     # With max_len set, positions are absolute: a shorter sequence gets a prefix filter.
-    torch.testing.assert_close(filt(17), full[:, :17], rtol=0, atol=1e-14)
+    torch.testing.assert_close(filt.build_filter((17,), slice(None)), full[:, :17], rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="max_len"):
-        filt(65)
+        filt.build_filter((65,), slice(None))
 
 
 def test_filter1d_any_length_without_max_and_decays():
-    filt = ImplicitFilter1d(2, fast_decay_pct=0.3, slow_decay_pct=1.5, target=1e-2).double()
+    filt = _hyena_filter(1, 2, mask=functools.partial(ExponentialMask, fast_decay_pct=0.3, slow_decay_pct=1.5,
+                                                      target=1e-2))
     for n in (1, 5, 300):
-        assert filt(n).shape == (2, n)
+        assert filt.build_filter((n,), slice(None)).shape == (2, n)
     with torch.no_grad():  # constant MLP output 1: the filter is the decay window itself
-        filt.out.weight.zero_()
-        filt.out.bias.fill_(1.0)
-    window = filt(100)
+        filt.filter.out.weight.zero_()
+        filt.filter.out.bias.fill_(1.0)
+    window = filt.build_filter((100,), slice(None))
     assert torch.all(window[:, 1:] < window[:, :-1])  # strictly decaying
     # The fast group reaches `target` at 30% of the length, the slow one at 150%.
     torch.testing.assert_close(window[:, 30], torch.tensor([1e-2, 1e-2 ** 0.2], dtype=torch.float64))
 
 
 def test_filter2d_shape_slice_and_limits():
-    filt = ImplicitFilter2d(6, max_grid=(8, 10)).double()
-    k = filt(5, 7)
+    filt = _hyena_filter(2, 6, max_grid=(8, 10))
+    k = filt.build_filter((5, 7), slice(None))
     assert k.shape == (6, 9, 13)
-    torch.testing.assert_close(filt(5, 7, groups=slice(3, 6)), k[3:], rtol=0, atol=1e-14)
+    torch.testing.assert_close(filt.build_filter((5, 7), slice(3, 6)), k[3:], rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="max_grid\\[1\\]"):
-        filt(4, 11)
+        filt.build_filter((4, 11), slice(None))
     assert expand_groups(k, 12).shape == (12, 9, 13)
     torch.testing.assert_close(expand_groups(k, 12)[2:4], k[1:2].expand(2, 9, 13))

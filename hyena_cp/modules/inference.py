@@ -48,7 +48,7 @@ def check_decodable(mixer: QKVSequenceMixer) -> int:
         raise ValueError("only causal 1-D Hyena mixers (spatial_dims=1) can be decoded token by token")
     if mixer.cond is not None:
         raise ValueError("decoding a mixer with conditioning is not supported; build it with conditioning=None")
-    max_len = mixer.hyena.filter.max_len
+    max_len = mixer.hyena.max_len
     if max_len is None:
         raise ValueError("decoding needs Hyena filters with a fixed max_len: length-relative filters "
                          "(max_len=None) change with the sequence length, so no prefix of them is the filter "

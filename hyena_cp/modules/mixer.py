@@ -1,9 +1,10 @@
 """QKVSequenceMixer: in_proj (C->3C) -> short depthwise conv -> Hyena -> norm/conditioning ->
-out_proj (C->C), for sequences ``[B, L, C]`` (1-D, causal) or grids ``[B, H, W, C]`` (2-D).
+out_proj (C->C), for sequences ``[B, L, C]``, grids ``[B, H, W, C]`` or volumes
+``[B, T, H, W, C]``, each axis causal, linear or circular (the Hyena's `Geometry`).
 
-Context parallelism (``cp_group`` of size P): ``x`` is this rank's shard — the zigzag
-layout for 1-D, a block of H/P grid rows for 2-D. Projections, norm and gating are
-token-local; the short conv gets its neighbours by a halo exchange (default,
+Context parallelism (``cp_group`` of size P): ``x`` is this rank's shard of the first axis — the
+zigzag layout for a causal sequence, else a block of S0/P rows (frames). Projections, norm and
+gating are token-local; the short conv gets its neighbours by a halo exchange (default,
 ``short_conv_cp="halo"``), or — for comparison — q, k, v are swapped to channel shards
 before it (``short_conv_cp="a2a"``, twice the AllToAll bytes of the default).
 
@@ -47,12 +48,11 @@ from hyena_cp import flops
 from hyena_cp.modules.conditioning import broadcast_tokens, build_conditioning
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.norm import build_norm
+from hyena_cp.ops.boundary import short_conv_reach
 from hyena_cp.ops.layout import channels_last
 from hyena_cp.ops.packing import document_positions, is_one_document_per_row
-from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
-from hyena_cp.parallel import (agreed, causal_halo_1d, channel_to_seq, check_agreement_policy, check_group,
-                               check_ranks_agree, group_rank, group_size, row_halo_2d, seq_to_channel, shape_of, shard,
-                               shard_tp)
+from hyena_cp.parallel import (agreed, channel_to_seq, check_agreement_policy, check_group, check_ranks_agree,
+                               group_rank, group_size, seq_to_channel, shape_of, shard_tp)
 
 __all__ = ["QKVSequenceMixer"]
 
@@ -91,9 +91,10 @@ class QKVSequenceMixer(nn.Module):
 
     Args:
         hidden_dim: channels C (input and output).
-        hyena: the Hyena operator (``hyena.hidden_dim == hidden_dim``); its ``spatial_dims``
-            decides whether this mixer takes ``[B, L, C]`` or ``[B, H, W, C]``.
-        short_kernel_size: K of the short depthwise conv (1-D causal; 2-D K x K "same", K odd).
+        hyena: the Hyena operator (``hyena.hidden_dim == hidden_dim``); its geometry decides
+            whether this mixer takes ``[B, L, C]``, ``[B, H, W, C]`` or ``[B, T, H, W, C]``.
+        short_kernel_size: K taps per axis of the short depthwise conv: K back along a causal
+            axis, K centred ("same", K odd) along a linear or circular one.
         norm: "layernorm", "rmsnorm" or None, applied to ``q * y`` before out_proj (over all C
             channels, also under TP: see `hyena_cp.modules.norm`).
         conditioning: None, "film" or "adaln" (adaLN-Zero); needs ``cond_dim``.
@@ -115,8 +116,10 @@ class QKVSequenceMixer(nn.Module):
             raise ValueError(f"hyena.hidden_dim={hyena.hidden_dim} must equal the mixer's hidden_dim={hidden_dim}")
         if short_conv_cp not in ("halo", "a2a"):
             raise ValueError(f"short_conv_cp={short_conv_cp!r} must be 'halo' or 'a2a'")
-        if short_kernel_size < 1 or (hyena.spatial_dims == 2 and short_kernel_size % 2 == 0):
-            raise ValueError(f"short_kernel_size={short_kernel_size} must be >= 1 (and odd for a 2-D mixer)")
+        if short_kernel_size < 1:
+            raise ValueError(f"short_kernel_size={short_kernel_size} must be >= 1")
+        for boundary in hyena.geometry.boundaries:
+            short_conv_reach(short_kernel_size, boundary)  # odd along non-causal axes
         tp = group_size(hyena.tp_group)
         if tp > 1 and (in_proj is None or out_proj is None):
             raise ValueError("a tensor-parallel Hyena (tp_group of size > 1) needs tensor-parallel in_proj/out_proj "
@@ -125,6 +128,7 @@ class QKVSequenceMixer(nn.Module):
             raise ValueError(f"conditioning={conditioning!r} is not supported with tensor parallelism (TP size {tp}); "
                              f"use conditioning=None")
         self.hidden_dim, self.spatial_dims, self.local_dim = hidden_dim, hyena.spatial_dims, hyena.local_dim
+        self.geometry = hyena.geometry
         self.short_kernel_size, self.short_conv_cp = short_kernel_size, short_conv_cp
         self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias) if in_proj is None else in_proj
         self.short_conv = self._build_short_conv(short_kernel_size, bias, hyena)
@@ -137,7 +141,7 @@ class QKVSequenceMixer(nn.Module):
         """Depthwise conv over ``[q; k; v]`` of this rank's channels. Only owns and initialises the
         weights (the ops apply them). Initialised for all 3C channels, then cut to this TP rank's
         ``[q_t; k_t; v_t]``, so a seed gives the same full mixer at any TP size."""
-        conv_type = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
+        conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.spatial_dims - 1]
         channels = 3 * self.hidden_dim
         conv = conv_type(channels, channels, kernel_size, groups=channels, bias=bias)
         tp = group_size(hyena.tp_group)
@@ -154,27 +158,15 @@ class QKVSequenceMixer(nn.Module):
                cu_seqlens: torch.Tensor | None, num_valid_tokens: int | None = None) -> None:
         """Every rank runs this before any collective, so bad input raises everywhere."""
         self._check_tensors(x, conditioning)
-        local = x.shape[1]
-        self.hyena.check_input((local * world, *x.shape[2:-1]), world)
-        self.hyena.check_packing(cu_seqlens, x.shape[0], local * world)
-        _check_num_valid(num_valid_tokens, local * world * math.prod(x.shape[2:-1]))
-        if world == 1:
-            return
-        k = self.short_kernel_size
-        if self.spatial_dims == 1:
-            if local % 2:
-                raise ValueError(f"sequence length L={local * world} must be divisible by 2*cp_size={2 * world} "
-                                 f"(zigzag layout); pad the sequence")
-            if self.short_conv_cp == "halo" and local // 2 < k - 1:
-                raise ValueError(f"zigzag chunk length L/(2*cp_size)={local // 2} is shorter than the short-conv "
-                                 f"halo K-1={k - 1}; use a longer sequence, a smaller cp_group or short_kernel_size")
-        elif self.short_conv_cp == "halo" and local < k // 2:
-            raise ValueError(f"rows per rank H/cp_size={local} is fewer than the short-conv halo K//2={k // 2}; "
-                             f"use a taller grid, a smaller cp_group or short_kernel_size")
+        size = self.geometry.global_size(x.shape[1:-1], world)
+        self.hyena.check_input(size, world)
+        self.hyena.check_packing(cu_seqlens, x.shape[0], size[0])
+        _check_num_valid(num_valid_tokens, math.prod(size))
+        self.geometry.check_shard(size, world, self.short_kernel_size, halo=self.short_conv_cp == "halo")
 
     def _check_tensors(self, x: torch.Tensor, conditioning: torch.Tensor | None) -> None:
         """Layout, dtype and device of ``x`` and ``conditioning`` against the mixer's weights."""
-        shape = "[B, L, C]" if self.spatial_dims == 1 else "[B, H, W, C]"
+        shape = self.geometry.channels_last
         if not isinstance(x, torch.Tensor) or x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.hidden_dim:
             raise ValueError(f"x must be {shape} with C=hidden_dim={self.hidden_dim} (channels last); "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -215,31 +207,16 @@ class QKVSequenceMixer(nn.Module):
         return w, b
 
     def _short_conv_local(self, u: torch.Tensor, cp_group, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``u``: this rank's sequence shard ``[B, 3C, L_loc]`` / ``[B, 3C, H_loc, W]``; halo exchange.
+        """``u``: this rank's shard ``[B, 3C, *S_loc]``; halo exchange (`Geometry.short_conv`).
         ``positions`` (1-D, packed): ``[B, L_loc]`` offset of each local token in its document."""
         w, b = self._short_conv_weights(None)
-        world, k = group_size(cp_group), self.short_kernel_size
-        if self.spatial_dims == 2:
-            if world == 1 or k == 1:
-                return depthwise_conv2d_same(u, w, b)
-            above, below = row_halo_2d(u, k // 2, cp_group)
-            return depthwise_conv2d_same(u, w, b, above, below)
-        if world == 1 or k == 1:
-            return causal_depthwise_conv1d(u, w, b, positions=positions)
-        halos = causal_halo_1d(u, k - 1, cp_group)  # B, 3C, 2, K-1
-        chunks = rearrange(u, "b c (n l) -> (b n) c l", n=2)  # the two zigzag chunks
-        if positions is not None:
-            positions = rearrange(positions, "b (n l) -> (b n) l", n=2)
-        y = causal_depthwise_conv1d(chunks, w, b, rearrange(halos, "b c n k -> (b n) c k"), positions)
-        return rearrange(y, "(b n) c l -> b c (n l)", n=2)
+        return self.geometry.short_conv(u, w, b, cp_group, positions)
 
     def _short_conv_full(self, u: torch.Tensor, channels: slice, positions: torch.Tensor | None) -> torch.Tensor:
-        """``u``: full sequence of a channel block of q, k, v ``[B, 3*C_blk, L]`` / ``[B, 3*C_blk, H, W]``;
+        """``u``: full grid of a channel block of q, k, v ``[B, 3*C_blk, *S]``;
         ``positions`` (1-D, packed): ``[B, L]`` offset of each token in its document."""
         w, b = self._short_conv_weights(channels)
-        if self.spatial_dims == 2:
-            return depthwise_conv2d_same(u, w, b)
-        return causal_depthwise_conv1d(u, w, b, positions=positions)
+        return self.geometry.short_conv_full(u, w, b, positions)
 
     # ---------------------------------------------------------------- forward
     def _valid_mask(self, spatial: tuple[int, ...], num_valid: int | None, cp_group, full: bool,
@@ -248,10 +225,8 @@ class QKVSequenceMixer(nn.Module):
         if num_valid is None:
             return None
         world = 1 if full else group_size(cp_group)
-        positions = torch.arange(math.prod(spatial) * world, device=like.device)
-        if world > 1:
-            positions = shard(positions, 0, self.hyena.layout, world, group_rank(cp_group))
-        return (positions < num_valid).to(like.dtype).reshape(spatial)
+        size = self.geometry.global_size(spatial, world)
+        return self.geometry.valid_mask(size, num_valid, world, group_rank(cp_group) if world > 1 else 0, like)
 
     def _document_positions(self, cu_seqlens: torch.Tensor | None, batch: int, length: int, cp_group,
                             full: bool) -> torch.Tensor | None:
@@ -261,7 +236,7 @@ class QKVSequenceMixer(nn.Module):
             return None
         world = 1 if full else group_size(cp_group)
         positions = document_positions(cu_seqlens, batch * length).view(batch, length)  # B, L (natural order)
-        return positions if world == 1 else shard(positions, 1, "zigzag", world, group_rank(cp_group))
+        return positions if world == 1 else self.geometry.shard_first_axis(positions, 1, world, group_rank(cp_group))
 
     def forward(self, x: torch.Tensor, *, conditioning: torch.Tensor | None = None, cp_group=None,
                 num_valid_tokens: int | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,7 +274,7 @@ class QKVSequenceMixer(nn.Module):
             if is_one_document_per_row(cu_seqlens, x.shape[0] * spatial[0] * world, spatial[0] * world):
                 cu_seqlens = None  # the documents are the rows: the plain path is exact and cheaper
         u = _project(self.in_proj, x)
-        u = rearrange(u, "b l c -> b c l") if self.spatial_dims == 1 else rearrange(u, "b h w c -> b c h w")
+        u = self.geometry.to_channels_first(u)  # B, 3C, *S_local
         if self.short_conv_cp == "a2a" and world > 1:
             y = self._forward_a2a(u, cp_group, num_valid_tokens, cu_seqlens)
         else:
@@ -308,7 +283,7 @@ class QKVSequenceMixer(nn.Module):
             positions = self._document_positions(cu_seqlens, x.shape[0], spatial[0] * world, cp_group, False)
             q, k, v = self._short_conv_local(u, cp_group, positions).chunk(3, dim=1)
             y = self.hyena(q, k, v, cp_group=cp_group, mask=mask, cu_seqlens=cu_seqlens)
-        y = self.norm(channels_last(y))  # B, L, C  or  B, H, W, C
+        y = self.norm(channels_last(y))  # B, *S_local, C
         if self.cond is None:
             return _project(self.out_proj, y)
         scale, shift, gate = self.cond(conditioning)
@@ -335,21 +310,16 @@ class QKVSequenceMixer(nn.Module):
         return y.reshape(y.shape[0], self.local_dim, *spatial_local)
 
     # ------------------------------------------------------------------ flops
-    def flop_breakdown(self, num_tokens: int, grid_w: int | None = None) -> dict[str, float]:
+    def flop_breakdown(self, num_tokens: int, grid_w: int | None = None,
+                       grid: tuple[int, ...] | None = None) -> dict[str, float]:
         """Forward FLOPs of one sample of ``num_tokens`` global tokens (see ``hyena_cp.flops``).
-        2-D mixers need the grid: ``grid_w`` (H = num_tokens // grid_w), else a square grid."""
-        if self.spatial_dims == 1:
-            spatial = (num_tokens,)
-        else:
-            if grid_w is None:
-                grid_w = math.isqrt(num_tokens)
-            if grid_w < 1 or num_tokens % grid_w:
-                raise ValueError(f"num_tokens={num_tokens} is not a grid of width grid_w={grid_w}; pass grid_w")
-            spatial = (num_tokens // grid_w, grid_w)
+        Grids need their shape: ``grid`` (the global size per axis), or in 2-D ``grid_w``
+        (H = num_tokens // grid_w), else a square (2-D) or cubic (3-D) grid."""
+        spatial = self._flop_grid(num_tokens, grid_w, grid)
         c = self.hidden_dim
         parts = {
             "in_proj": flops.linear(num_tokens, c, 3 * c),
-            "short_conv": flops.depthwise_conv(num_tokens, 3 * c, self.short_kernel_size**self.spatial_dims),
+            "short_conv": flops.depthwise_conv(num_tokens, 3 * c, self.geometry.short_conv_taps(self.short_kernel_size)),
             **self.hyena.flop_count(spatial),
             "out_proj": flops.linear(num_tokens, c, c),
         }
@@ -357,6 +327,25 @@ class QKVSequenceMixer(nn.Module):
             parts["conditioning"] = flops.linear(1, self.cond.proj.in_features, self.cond.proj.out_features)
         return parts
 
-    def flop_count(self, num_tokens: int, inference: bool = False, grid_w: int | None = None) -> int:
+    def _flop_grid(self, num_tokens: int, grid_w: int | None, grid: tuple[int, ...] | None) -> tuple[int, ...]:
+        dims = self.spatial_dims
+        if grid is not None:
+            if len(grid) != dims or math.prod(grid) != num_tokens:
+                raise ValueError(f"grid={tuple(grid)} must have {dims} axes holding num_tokens={num_tokens} tokens")
+            return tuple(grid)
+        if dims == 1:
+            return (num_tokens,)
+        if dims == 2:
+            grid_w = math.isqrt(num_tokens) if grid_w is None else grid_w
+            if grid_w < 1 or num_tokens % grid_w:
+                raise ValueError(f"num_tokens={num_tokens} is not a grid of width grid_w={grid_w}; pass grid_w")
+            return (num_tokens // grid_w, grid_w)
+        side = round(num_tokens ** (1 / 3))
+        if side ** 3 != num_tokens:
+            raise ValueError(f"num_tokens={num_tokens} is not a cube; pass grid=(T, H, W)")
+        return (side, side, side)
+
+    def flop_count(self, num_tokens: int, inference: bool = False, grid_w: int | None = None,
+                   grid: tuple[int, ...] | None = None) -> int:
         """Total FLOPs for one sample (training = 3x forward unless ``inference``)."""
-        return flops.total(self.flop_breakdown(num_tokens, grid_w), inference)
+        return flops.total(self.flop_breakdown(num_tokens, grid_w, grid), inference)

@@ -1,16 +1,19 @@
 """FFT long convolutions (pure math, no process groups).
 
-Both convolutions are *linear* (never circular): inputs are zero-padded so that no output
-we keep sees a wrapped-around term. They run in float32 (or float64 if that is the input
-dtype) even under autocast, because bf16/fp16 FFTs lose most of the signal of a long
-filter; the result is cast back to the input dtype. On CUDA the 1-D conv of unpacked rows may
-run NVIDIA's subquadratic-ops-torch kernel instead (`hyena_cp.ops.kernels`: when, and how to
-turn it off), still in float32; the code below is the reference.
+`fft_conv_nd` is THE long convolution: 1, 2 or 3 spatial axes, each with its own boundary
+(causal, linear or circular, `hyena_cp.ops.boundary`). Causal and linear axes are zero-padded
+to twice their length, so no output we keep sees a wrapped-around term; circular axes wrap by
+definition. The 1-D causal case has its own entry, `fft_causal_conv1d`, the same math with a
+hand-written adjoint, packed documents and the optional CUDA kernel. Both run in float32 (or
+float64 if that is the input dtype) even under autocast, because bf16/fp16 FFTs lose most of the
+signal of a long filter; the result is cast back to the input dtype. On CUDA the 1-D conv of
+unpacked rows may run NVIDIA's subquadratic-ops-torch kernel instead (`hyena_cp.ops.kernels`:
+when, and how to turn it off), still in float32; the code below is the reference.
 
 Filters are per *group*: ``k`` has G rows with ``C % G == 0`` and channel c uses row
 ``c // (C/G)`` (G = C is one filter per channel). Groups are broadcast in the frequency
-domain, so a filter shared by C/G channels is transformed once, not C/G times. The skip
-term is ``y += D * u`` with ``D: [C]``.
+domain, so a filter shared by C/G channels is transformed once, not C/G times. A conditioned
+kernel has one bank per sample, ``[B, G, *K]``. The skip term is ``y += D * u`` with ``D: [C]``.
 
 Packed sequences (1-D, ``cu_seqlens``): the causal conv restarts at every document, so
 each document sees the filter from tap 0 exactly as if it were convolved alone. Documents
@@ -25,14 +28,17 @@ a cross-document term of a long filter is as costly as the conv itself).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from hyena_cp.ops import kernels
+from hyena_cp.ops.boundary import fft_extent, kernel_extent, kernel_offsets
 from hyena_cp.ops.packing import DocumentBuckets, is_one_document_per_row
 
-__all__ = ["fft_causal_conv1d", "fft_conv2d", "centered_to_circular", "fft_size"]
+__all__ = ["fft_causal_conv1d", "fft_conv_nd", "fft_conv2d", "centered_to_circular", "fft_size"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -46,15 +52,19 @@ def fft_size(n: int) -> int:
 
 
 def _grouped_product(u_f: torch.Tensor, k_f: torch.Tensor) -> torch.Tensor:
-    """``u_f: [B, C, *F]`` times ``k_f: [G, *F]`` with channel c using group c // (C/G)."""
+    """``u_f: [B, C, *F]`` times ``k_f: [G, *F]`` (shared by the batch) or ``[B, G, *F]`` (one
+    filter bank per sample), with channel c using group c // (C/G)."""
     b, c = u_f.shape[:2]
-    g = k_f.shape[0]
-    return (u_f.reshape(b, g, c // g, *u_f.shape[2:]) * k_f.unsqueeze(1)).reshape(u_f.shape)
+    per_sample = k_f.dim() == u_f.dim()
+    g = k_f.shape[1] if per_sample else k_f.shape[0]
+    k_f = k_f.unsqueeze(2) if per_sample else k_f.unsqueeze(1)
+    return (u_f.reshape(b, g, c // g, *u_f.shape[2:]) * k_f).reshape(u_f.shape)
 
 
 def _check_groups(u: torch.Tensor, k: torch.Tensor) -> None:
-    if k.shape[0] < 1 or u.shape[1] % k.shape[0]:
-        raise ValueError(f"the filter's group count G={k.shape[0]} must divide the channel count C={u.shape[1]}")
+    groups = k.shape[1] if k.dim() == u.dim() else k.shape[0]
+    if groups < 1 or u.shape[1] % groups:
+        raise ValueError(f"the filter's group count G={groups} must divide the channel count C={u.shape[1]}")
 
 
 def fft_causal_conv1d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None, *,
@@ -146,47 +156,81 @@ class _FFTCausalConv1d(torch.autograd.Function):
         return grad_u, grad_k, None
 
 
-def centered_to_circular(k: torch.Tensor, n_h: int, n_w: int) -> torch.Tensor:
-    """Place a centred ``[..., 2H-1, 2W-1]`` kernel on an ``n_h x n_w`` circular grid.
+def fft_conv_nd(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None, boundaries: Sequence[str]) -> torch.Tensor:
+    """N-D long convolution with a boundary per axis: ``y = sum_m k[i - m] u[m] + D u[i]``.
 
-    Offset ``(dy, dx)`` (kernel index ``(dy + H-1, dx + W-1)``) goes to ``(dy mod n_h,
-    dx mod n_w)``, so the kernel centre sits at index (0, 0) and the convolution output
-    needs no shift. With ``n_h >= 2H-1`` the offsets land on distinct cells.
+    Per axis of size ``n`` (`hyena_cp.ops.boundary`): ``causal`` sums ``m <= i`` (kernel offsets
+    ``0..n-1``), ``linear`` sums every ``m`` of the grid with zero padding outside it (offsets
+    ``-(n-1)..n-1``), ``circular`` sums every ``m`` with ``i - m`` taken modulo ``n`` (``n``
+    offsets, `circular_offsets`). Axes combine freely (causal time x circular space). Causal and
+    linear axes are zero-padded to ``2n`` so no output sees a wrapped term; circular axes run at
+    ``n``, where the wrap IS the boundary.
+
+    Args:
+        u: ``[B, C, *S]``, the full grid (global, not a shard).
+        k: ``[G, *K]`` filters shared by the batch, or ``[B, G, *K]`` one bank per sample (a
+            conditioned kernel), in offset layout (`kernel_offsets`: ``K = kernel_extent(n, b)``).
+            G divides C; channel c uses group ``c // (C/G)``.
+        d: ``[C]`` skip term, or None.
+        boundaries: one of ``"causal"``, ``"linear"``, ``"circular"`` per spatial axis.
+
+    Returns:
+        ``[B, C, *S]`` in ``u``'s dtype, computed in float32 (float64 for float64 inputs).
     """
+    sizes = tuple(u.shape[2:])
+    dims = len(sizes)
+    boundaries = tuple(boundaries)
+    if len(boundaries) != dims or k.dim() not in (dims + 1, dims + 2) or (k.dim() == dims + 2 and k.shape[0] != u.shape[0]):
+        raise ValueError(f"fft_conv_nd expects u [B, C, *S] with one boundary per axis of S and k [G, *K] or "
+                         f"[B, G, *K]; got u {tuple(u.shape)}, k {tuple(k.shape)}, boundaries {boundaries}")
+    want = tuple(kernel_extent(n, b) for n, b in zip(sizes, boundaries))
+    if tuple(k.shape[-dims:]) != want:
+        raise ValueError(f"fft_conv_nd: the kernel's taps {tuple(k.shape[-dims:])} must be {want} for a grid "
+                         f"{sizes} with boundaries {boundaries} (causal n, linear 2n-1, circular n per axis)")
+    _check_groups(u, k)
+    extents = tuple(fft_extent(n, b) for n, b in zip(sizes, boundaries))
+    axes = tuple(range(-dims, 0))
+    dtype = _compute_dtype(u, k)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_f = torch.fft.rfftn(u.to(dtype), s=extents, dim=axes)
+        k_f = torch.fft.rfftn(offsets_to_fft_grid(k.to(dtype), sizes, boundaries), s=extents, dim=axes)
+        y = torch.fft.irfftn(_grouped_product(u_f, k_f), s=extents, dim=axes)
+        y = y[(..., *(slice(0, n) for n in sizes))]
+        if d is not None:
+            y = y + u.to(dtype) * d.to(dtype).reshape(-1, *([1] * dims))
+    return y.to(u.dtype)
+
+
+def offsets_to_fft_grid(k: torch.Tensor, sizes: Sequence[int], boundaries: Sequence[str]) -> torch.Tensor:
+    """A kernel in offset layout ``[..., *K]`` -> on the FFT grid ``[..., *N]``: per axis zero-padded
+    to ``fft_extent`` and rolled so offset ``o`` sits at index ``o mod N`` (offset 0 at index 0:
+    the product of spectra then needs no shift)."""
+    dims = len(sizes)
+    for axis, (n, b) in enumerate(zip(sizes, boundaries)):
+        dim = k.dim() - dims + axis
+        extra = fft_extent(n, b) - k.shape[dim]
+        if extra:
+            k = F.pad(k, (0, 0) * (k.dim() - 1 - dim) + (0, extra))
+        first = kernel_offsets(n, b)[0]
+        if first:
+            k = torch.roll(k, shifts=first, dims=dim)
+    return k
+
+
+def centered_to_circular(k: torch.Tensor, n_h: int, n_w: int) -> torch.Tensor:
+    """Place a centred ``[..., 2H-1, 2W-1]`` kernel on an ``n_h x n_w`` FFT grid (``n_h >= 2H-1``):
+    offset ``(dy, dx)`` goes to ``(dy mod n_h, dx mod n_w)``."""
     kh, kw = k.shape[-2:]
     h, w = (kh + 1) // 2, (kw + 1) // 2
-    padded = torch.nn.functional.pad(k, (0, n_w - kw, 0, n_h - kh))
+    padded = F.pad(k, (0, n_w - kw, 0, n_h - kh))
     return torch.roll(padded, shifts=(-(h - 1), -(w - 1)), dims=(-2, -1))
 
 
 def fft_conv2d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
-    """Global, centred 2-D convolution ``y[i,j] = sum_{m,n} k[i-m, j-n] u[m,n] + D u[i,j]``.
-
-    The kernel is *centred*: ``k`` has shape ``[C, 2H-1, 2W-1]`` and index ``(H-1, W-1)`` is
-    offset (0, 0), so every output position sees every input position of the grid (a
-    non-causal global conv, translation-equivariant, with zero padding outside the grid).
-    We chose centred over corner-anchored because images have no preferred direction.
-
-    Args:
-        u: ``[B, C, H, W]`` the full grid (global, not a row shard).
-        k: ``[G, 2H-1, 2W-1]`` centred filters (G divides C).
-        d: ``[C]`` skip term, or None.
-
-    Returns:
-        ``[B, C, H, W]`` in ``u``'s dtype. Padding to ``2H x 2W`` avoids circular wrap-around.
-    """
-    if u.dim() != 4 or k.dim() != 3:
+    """Global, centred 2-D convolution ``y[i,j] = sum_{m,n} k[i-m, j-n] u[m,n] + D u[i,j]``: the
+    ``("linear", "linear")`` case of `fft_conv_nd` (``u [B, C, H, W]``, ``k [G, 2H-1, 2W-1]`` with
+    offset (0, 0) at index (H-1, W-1)): every output sees every input of the grid, zero padding
+    outside it. Centred, not corner-anchored, because images have no preferred direction."""
+    if u.dim() != 4 or k.dim() not in (3, 4):
         raise ValueError(f"fft_conv2d expects u [B, C, H, W] and k [G, 2H-1, 2W-1]; got u {tuple(u.shape)}, k {tuple(k.shape)}")
-    h, w = u.shape[-2:]
-    if k.shape[1:] != (2 * h - 1, 2 * w - 1):
-        raise ValueError(f"fft_conv2d: k must be [G, 2H-1, 2W-1] = [G, {2 * h - 1}, {2 * w - 1}], got {tuple(k.shape)}")
-    _check_groups(u, k)
-    n_h, n_w = fft_size(h), fft_size(w)
-    dtype = _compute_dtype(u, k)
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        u_f = torch.fft.rfft2(u.to(dtype), s=(n_h, n_w))
-        k_f = torch.fft.rfft2(centered_to_circular(k.to(dtype), n_h, n_w))
-        y = torch.fft.irfft2(_grouped_product(u_f, k_f), s=(n_h, n_w))[..., :h, :w]
-        if d is not None:
-            y = y + u.to(dtype) * d.to(dtype)[:, None, None]
-    return y.to(u.dtype)
+    return fft_conv_nd(u, k, d, ("linear", "linear"))

@@ -1,24 +1,79 @@
-"""Implicit long filters: positional features -> MLP with sin activations -> decay window.
+"""Implicit long filters: a kernel generator evaluated on the kernel's grid of offsets, times a mask.
 
-One filter per *group* (``num_groups`` = Hyena's ``num_heads``); the channels of a group
-share it. ``forward(size, groups=slice)`` builds only the requested groups: under context
-parallelism a rank slices the output layer's parameters (and decay rates) to its own
+A long filter is ``k[g, o] = mask[g, o] * generator(o)[g]`` at every tap offset ``o`` of the
+kernel (`KernelGrid`: one offset per tap and axis, from the operator's geometry, normalised
+to coordinates). One filter per *group* (``num_groups`` = Hyena's ``num_heads``); the channels
+of a group share it. ``generator(grid, groups=slice)`` builds only the requested groups: under
+context parallelism a rank slices the output layer's parameters (and the mask's) to its own
 groups *before* building, so it never materialises the other ranks' filters.
 
-Positions are normalised by a reference size: the configured maximum (``max_len`` /
-``max_grid``) when given, so a shorter sequence gets a prefix of the longer filter (what a
-causal LM wants), else the actual size at call time (resolution-relative filters, any
-size accepted). Exceeding a configured maximum raises ``ValueError``.
+Coordinates are offsets divided by a reference size per axis: the configured maximum
+(``max_len`` / ``max_grid``) when given, so a smaller grid gets the central (1-D causal: the
+leading) part of the larger one's filter — what a causal LM decoding past its prompt wants —
+else the actual size at call time (resolution-relative filters, any size accepted). Exceeding a
+configured maximum raises ``ValueError``.
+
+This module holds the generator of the original Hyena (`FourierFilter`: Fourier features ->
+MLP with sin activations -> one output per group) and its window (`ExponentialMask`); the
+other generators and masks of the family live beside it (`hyena_cp.ops.kernels_nd`,
+`hyena_cp.ops.masks`) and take the same grid.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["ImplicitFilter1d", "ImplicitFilter2d"]
+__all__ = ["KernelGrid", "kernel_grid", "check_size", "FourierFilter", "ExponentialMask", "Sin", "fourier_features",
+           "decay_rates"]
+
+
+@dataclass(frozen=True)
+class KernelGrid:
+    """Where a long kernel is evaluated. ``coords[a]``: ``[K_a]`` normalised offsets of axis a's taps
+    (offset / reference size); the kernel is ``[G, K_0, ..., K_{n-1}]`` over their outer product.
+    ``size``: the global grid the kernel convolves (per axis)."""
+
+    coords: tuple[torch.Tensor, ...]
+    size: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(c.numel() for c in self.coords)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def mesh(self) -> list[torch.Tensor]:
+        """Per axis, the coordinate of every tap, flattened row-major: ``[numel]`` each."""
+        return [g.reshape(-1) for g in torch.meshgrid(*self.coords, indexing="ij")]
+
+
+def check_size(size: Sequence[int], maximum: Sequence[int | None] | None, names: Sequence[str]) -> tuple[float, ...]:
+    """Reference sizes for a global grid ``size`` (the maximum where configured, else the size),
+    or ``ValueError`` naming the setting a size exceeds."""
+    refs = []
+    for axis, n in enumerate(size):
+        top = None if maximum is None else maximum[axis]
+        if n < 1:
+            raise ValueError(f"grid size {tuple(size)} must be >= 1 along every axis")
+        if top is not None and n > top:
+            raise ValueError(f"size {n} along axis {axis} exceeds the filter's configured {names[axis]}={top}; raise "
+                             f"{names[axis].split('[')[0]} in the Hyena config, or set it to None for size-relative filters")
+        refs.append(float(n if top is None else top))
+    return tuple(refs)
+
+
+def kernel_grid(offsets: Sequence[range], size: Sequence[int], refs: Sequence[float], *,
+                device: torch.device, dtype: torch.dtype) -> KernelGrid:
+    """The `KernelGrid` of taps at integer ``offsets`` per axis, normalised by ``refs``."""
+    coords = tuple(torch.arange(o.start, o.stop, device=device, dtype=dtype) / ref for o, ref in zip(offsets, refs))
+    return KernelGrid(coords, tuple(size))
 
 
 class Sin(nn.Module):
@@ -46,99 +101,78 @@ def decay_rates(num_groups: int, fast_decay_pct: float, slow_decay_pct: float, t
     return torch.linspace(fast, slow, num_groups)
 
 
-class _ImplicitFilter(nn.Module):
-    """Shared MLP of the 1-D and 2-D filters; subclasses supply features and window."""
+def _check_dims(num_groups: int, spatial_dims: int, what: str) -> None:
+    if num_groups < 1 or spatial_dims not in (1, 2, 3):
+        raise ValueError(f"{what} needs num_groups >= 1 and spatial_dims in (1, 2, 3); got {num_groups}, {spatial_dims}")
 
-    def __init__(self, num_groups: int, in_features: int, width: int, depth: int, sin_freq: float,
-                 fast_decay_pct: float, slow_decay_pct: float, target: float):
+
+class FourierFilter(nn.Module):
+    """The original Hyena generator: per axis the features ``t, sin(pi f t), cos(pi f t)``
+    (f = 1..num_bands) of the tap's coordinate, concatenated over axes, through ``depth`` layers
+    ``Linear -> Sin`` of ``width`` and a last ``Linear(width, num_groups)``.
+
+    ``forward(grid, groups)`` -> ``[G_sel, *grid.shape]``.
+    """
+
+    def __init__(self, num_groups: int, spatial_dims: int, *, num_bands: int = 8, width: int = 64, depth: int = 2,
+                 sin_freq: float = 1.0):
         super().__init__()
-        if num_groups < 1 or depth < 1 or width < 1:
-            raise ValueError(f"filter needs num_groups, depth, width >= 1; got {num_groups}, {depth}, {width}")
-        self.num_groups, self.width, self.depth, self.in_features = num_groups, width, depth, in_features
+        _check_dims(num_groups, spatial_dims, "FourierFilter")
+        if depth < 1 or width < 1 or num_bands < 0:
+            raise ValueError(f"FourierFilter needs depth, width >= 1 and num_bands >= 0; got {depth}, {width}, {num_bands}")
+        self.num_groups, self.spatial_dims, self.num_bands = num_groups, spatial_dims, num_bands
+        self.width, self.depth = width, depth
+        self.in_features = spatial_dims * (1 + 2 * num_bands)
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(in_features if i == 0 else width, width), Sin(width, sin_freq)]
+            layers += [nn.Linear(self.in_features if i == 0 else width, width), Sin(width, sin_freq)]
         self.hidden = nn.Sequential(*layers)
         self.out = nn.Linear(width, num_groups)
-        # Fixed (not learned) per-group decay, as in Hyena; a buffer so it follows .to().
-        self.register_buffer("decay", decay_rates(num_groups, fast_decay_pct, slow_decay_pct, target), persistent=False)
 
-    def _build(self, feats: torch.Tensor, dist: torch.Tensor, groups: slice) -> torch.Tensor:
-        """feats ``[N, F]``, dist ``[N]`` (normalised distance from offset 0) -> ``[G_sel, N]``."""
-        h = self.hidden(feats)
-        k = F.linear(h, self.out.weight[groups], self.out.bias[groups])  # N, G_sel
-        window = torch.exp(-dist[None, :] * self.decay[groups, None].to(k.dtype))  # G_sel, N
-        return k.t() * window
+    def forward(self, grid: KernelGrid, groups: slice = slice(None), conditioning: torch.Tensor | None = None):
+        if conditioning is not None:
+            raise ValueError("FourierFilter takes no conditioning; use a FiLM-conditioned generator")
+        feats = torch.cat([fourier_features(t, self.num_bands) for t in grid.mesh()], dim=-1)  # N, F
+        k = F.linear(self.hidden(feats), self.out.weight[groups], self.out.bias[groups])  # N, G_sel
+        return k.t().reshape(-1, *grid.shape)
 
-    def mlp_flops(self, num_positions: int) -> int:
-        """Matmul FLOPs (2 per MAC) of building all groups at ``num_positions`` positions."""
-        macs = self.in_features * self.width + (self.depth - 1) * self.width**2 + self.width * self.num_groups
-        return 2 * num_positions * macs
+    def flop_count(self, grid_numel: int) -> int:
+        """Matmul FLOPs (2 per MAC) of building all groups at ``grid_numel`` taps."""
+        macs = self.in_features * self.width + (self.depth - 1) * self.width ** 2 + self.width * self.num_groups
+        return 2 * grid_numel * macs
 
 
-def _check_size(size: int, maximum: int | None, name: str, what: str) -> float:
-    if size < 1:
-        raise ValueError(f"{what} must be >= 1, got {size}")
-    if maximum is not None and size > maximum:
-        raise ValueError(f"{what}={size} exceeds the filter's configured {name}={maximum}; "
-                         f"raise {name} in the Hyena config, or set {name}=None for size-relative filters")
-    return float(maximum if maximum is not None else size)
+class ExponentialMask(nn.Module):
+    """Hyena's decay window ``exp(-rate_g * r)``, per group g, with ``r`` the tap's distance from
+    offset 0 in coordinates: Euclidean over the axes (``"radial"``) or their sum of absolute
+    values (``"per_axis"``, a product of one window per axis). The rates span
+    `decay_rates`: the fastest group falls to ``target`` at ``fast_decay_pct`` of the reference
+    size, the slowest at ``slow_decay_pct``. They are a buffer (fixed, as in Hyena) or, with
+    ``learnable``, a parameter; either way they are in the ``state_dict``.
+    """
 
+    def __init__(self, num_groups: int, spatial_dims: int, *, distance: str = "radial", fast_decay_pct: float = 0.3,
+                 slow_decay_pct: float = 1.5, target: float = 1e-2, learnable: bool = False):
+        super().__init__()
+        _check_dims(num_groups, spatial_dims, "ExponentialMask")
+        if distance not in ("radial", "per_axis"):
+            raise ValueError(f"distance={distance!r} must be 'radial' or 'per_axis'")
+        if not (0 < target < 1 and fast_decay_pct > 0 and slow_decay_pct > 0):
+            raise ValueError(f"ExponentialMask needs 0 < target < 1 and positive decay percentages; got target={target}, "
+                             f"fast_decay_pct={fast_decay_pct}, slow_decay_pct={slow_decay_pct}")
+        self.num_groups, self.spatial_dims, self.distance = num_groups, spatial_dims, distance
+        rates = decay_rates(num_groups, fast_decay_pct, slow_decay_pct, target)
+        if learnable:
+            self.decay = nn.Parameter(rates)
+        else:
+            self.register_buffer("decay", rates)
 
-class ImplicitFilter1d(_ImplicitFilter):
-    """Causal implicit filter ``k: [G, L]``; ``k[:, 0]`` weights the current token."""
-
-    def __init__(self, num_groups: int, *, num_bands: int = 8, width: int = 64, depth: int = 2, sin_freq: float = 1.0,
-                 max_len: int | None = None, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
-                 target: float = 1e-2):
-        super().__init__(num_groups, 1 + 2 * num_bands, width, depth, sin_freq, fast_decay_pct, slow_decay_pct, target)
-        self.num_bands, self.max_len = num_bands, max_len
-
-    def forward(self, length: int, groups: slice = slice(None), dtype: torch.dtype | None = None) -> torch.Tensor:
-        ref = _check_size(length, self.max_len, "max_len", "sequence length")
-        t = torch.arange(length, device=self.out.weight.device, dtype=dtype or self.out.weight.dtype) / ref
-        return self._build(fourier_features(t, self.num_bands), t, groups)
-
-    def check_size(self, length: int) -> None:
-        """Raise ``ValueError`` now (before any collective) if ``length`` is not buildable."""
-        _check_size(length, self.max_len, "max_len", "sequence length")
-
-    def flop_count(self, length: int) -> int:
-        return self.mlp_flops(length)
-
-
-class ImplicitFilter2d(_ImplicitFilter):
-    """Centred 2-D implicit filter ``k: [G, 2H-1, 2W-1]`` (offset (0,0) at index (H-1, W-1)),
-    radial decay window."""
-
-    def __init__(self, num_groups: int, *, num_bands: int = 8, width: int = 64, depth: int = 2, sin_freq: float = 1.0,
-                 max_grid: tuple[int, int] | None = None, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
-                 target: float = 1e-2):
-        super().__init__(num_groups, 2 * (1 + 2 * num_bands), width, depth, sin_freq, fast_decay_pct, slow_decay_pct,
-                         target)
-        self.num_bands = num_bands
-        self.max_grid = None if max_grid is None else (int(max_grid[0]), int(max_grid[1]))
-
-    def forward(self, height: int, width: int, groups: slice = slice(None),
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-        ref_h, ref_w = self._reference_sizes(height, width)
-        kw = dict(device=self.out.weight.device, dtype=dtype or self.out.weight.dtype)
-        ty = torch.arange(-(height - 1), height, **kw) / ref_h  # 2H-1 offsets
-        tx = torch.arange(-(width - 1), width, **kw) / ref_w  # 2W-1 offsets
-        gy, gx = torch.meshgrid(ty, tx, indexing="ij")
-        gy, gx = gy.reshape(-1), gx.reshape(-1)
-        feats = torch.cat([fourier_features(gy, self.num_bands), fourier_features(gx, self.num_bands)], dim=-1)
-        k = self._build(feats, torch.sqrt(gy**2 + gx**2), groups)
-        return k.reshape(k.shape[0], 2 * height - 1, 2 * width - 1)
-
-    def _reference_sizes(self, height: int, width: int) -> tuple[float, float]:
-        max_h, max_w = self.max_grid if self.max_grid is not None else (None, None)
-        return (_check_size(height, max_h, "max_grid[0]", "grid height"),
-                _check_size(width, max_w, "max_grid[1]", "grid width"))
-
-    def check_size(self, height: int, width: int) -> None:
-        """Raise ``ValueError`` now (before any collective) if the grid is not buildable."""
-        self._reference_sizes(height, width)
-
-    def flop_count(self, height: int, width: int) -> int:
-        return self.mlp_flops((2 * height - 1) * (2 * width - 1))
+    def forward(self, grid: KernelGrid, groups: slice = slice(None)) -> torch.Tensor:
+        mesh = grid.mesh()
+        if len(mesh) == 1:
+            r = mesh[0].abs()
+        elif self.distance == "radial":
+            r = torch.sqrt(sum(t * t for t in mesh))
+        else:
+            r = sum(t.abs() for t in mesh)
+        return torch.exp(-self.decay[groups, None].to(r.dtype) * r).reshape(-1, *grid.shape)

@@ -7,12 +7,15 @@ sees its zero padding. On CUDA the 1-D conv may run the causal-conv1d kernel ins
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from hyena_cp.ops import kernels
+from hyena_cp.ops.boundary import short_conv_reach
 
-__all__ = ["causal_depthwise_conv1d", "depthwise_conv2d_same"]
+__all__ = ["causal_depthwise_conv1d", "depthwise_conv_nd", "depthwise_conv2d_same"]
 
 
 def causal_depthwise_conv1d(
@@ -196,6 +199,48 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_halo, None
 
 
+def depthwise_conv_nd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    boundaries: Sequence[str],
+    before: torch.Tensor | None = None,
+    after: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Depthwise conv over 1, 2 or 3 spatial axes with a boundary per axis (`hyena_cp.ops.boundary`):
+    a causal axis reads the K-1 positions before an output (``weight[..., -1]`` on the current
+    one), a linear axis is "same" with zero padding, a circular axis "same" with wrap-around.
+
+    Args:
+        x: ``[N, C, *S]`` (a block of the first axis, or the whole grid).
+        weight: ``[C, *K]`` with K taps per axis (odd on linear and circular axes).
+        bias: ``[C]`` or None.
+        boundaries: one kind per spatial axis.
+        before, after: the positions just outside this block along the FIRST axis
+            (``[N, C, reach, *S[1:]]``, a halo, `short_conv_reach`), or None: then the first axis
+            is padded by its own boundary (zeros, or its own other end when circular).
+
+    Returns:
+        ``[N, C, *S]`` in ``x``'s dtype.
+    """
+    dims = len(boundaries)
+    if x.dim() != dims + 2 or weight.dim() != dims + 1:
+        raise ValueError(f"depthwise_conv_nd expects x [N, C, *S] and weight [C, *K] with {dims} spatial axes; "
+                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    for axis, (b, taps) in enumerate(zip(boundaries, weight.shape[1:])):
+        lo, hi = short_conv_reach(taps, b)
+        dim = 2 + axis
+        if axis == 0 and (before is not None or after is not None):
+            x = torch.cat([t for t in (before, x, after) if t is not None], dim=dim)  # empty halves too: their
+            # gradient is what runs a neighbour's half of the halo's backward (`parallel.halo.block_halo`)
+        elif b == "circular":
+            x = torch.cat([x.narrow(dim, x.shape[dim] - lo, lo), x, x.narrow(dim, 0, hi)], dim=dim)
+        else:
+            x = F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (lo, hi))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    return conv(x, weight.to(x.dtype).unsqueeze(1), None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+
+
 def depthwise_conv2d_same(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -203,27 +248,13 @@ def depthwise_conv2d_same(
     rows_above: torch.Tensor | None = None,
     rows_below: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """"Same" depthwise K x K conv (K odd) with zero padding, halo rows optional.
-
-    Args:
-        x: ``[B, C, H, W]`` (a block of rows of the global grid, or the whole grid).
-        weight: ``[C, K, K]``.
-        bias: ``[C]`` or None.
-        rows_above, rows_below: ``[B, C, K//2, W]`` the grid rows just outside this block
-            (a halo), or None for zeros (the grid edge).
-
-    Returns:
-        ``[B, C, H, W]``.
-    """
-    channels, kernel, _ = weight.shape
-    if kernel % 2 != 1:
-        raise ValueError(f"depthwise_conv2d_same needs an odd kernel size, got K={kernel}")
-    pad = kernel // 2
-    if rows_above is None and rows_below is None:
-        padded = F.pad(x, (pad, pad, pad, pad))
-    else:
-        zeros = x.new_zeros(x.shape[0], x.shape[1], pad, x.shape[3])
-        above = zeros if rows_above is None else rows_above.to(x.dtype)
-        below = zeros if rows_below is None else rows_below.to(x.dtype)
-        padded = F.pad(torch.cat([above, x, below], dim=2), (pad, pad, 0, 0))
-    return F.conv2d(padded, weight.unsqueeze(1), bias, groups=channels)
+    """"Same" depthwise K x K conv (K odd) with zero padding, halo rows optional: the
+    ``("linear", "linear")`` case of `depthwise_conv_nd` (``x [B, C, H, W]``, ``weight [C, K, K]``,
+    ``rows_above``/``rows_below`` ``[B, C, K//2, W]`` or None for the grid edge's zeros)."""
+    if (rows_above is None) != (rows_below is None):
+        zeros = x.new_zeros(x.shape[0], x.shape[1], weight.shape[-2] // 2, x.shape[3])
+        rows_above = zeros if rows_above is None else rows_above
+        rows_below = zeros if rows_below is None else rows_below
+    if rows_above is not None:
+        rows_above, rows_below = rows_above.to(x.dtype), rows_below.to(x.dtype)
+    return depthwise_conv_nd(x, weight, bias, ("linear", "linear"), rows_above, rows_below)

@@ -11,7 +11,7 @@ from .dims import ParallelDims, ParallelGroups, destroy_parallel, init_parallel
 from .fsdp import DP_MODES, apply_data_parallel, block_modules, full_parameters
 from .grad_norm import clip_grad_norm, grad_norm
 from .groups import check_group, group_rank, group_size, is_parallel
-from .halo import causal_halo_1d, row_halo_2d
+from .halo import block_halo, causal_halo_1d, row_halo_2d
 from .layouts import (
     LAYOUTS,
     check_divisible,
@@ -47,6 +47,7 @@ __all__ = [
     "apply_data_parallel",
     "block_modules",
     "broadcast_from",
+    "block_halo",
     "causal_halo_1d",
     "channel_to_seq",
     "check_agreement_policy",

@@ -66,37 +66,60 @@ def causal_halo_1d(x: Tensor, halo: int, group: ProcessGroup | None) -> Tensor:
     return torch.stack([before_first, before_second], dim=-2)
 
 
-def row_halo_2d(x: Tensor, halo: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
-    """The ``halo`` grid rows just above and just below this rank's row block.
+def block_halo(x: Tensor, dim: int, before: int, after: int, group: ProcessGroup | None,
+               wrap: bool = False) -> tuple[Tensor, Tensor]:
+    """The ``before`` positions just before and the ``after`` just after this rank's block along ``dim``.
 
-    ``x: [B, C, H_local, W]`` is the LOCAL block of whole grid rows (rank r holds rows
-    ``[r*H_local, (r+1)*H_local)``; any leading dims work). Returns ``(above, below)``, each
-    ``[B, C, halo, W]`` in global row order, zeros beyond the top/bottom grid edge.
+    ``x`` is the LOCAL block of a tensor split into P contiguous equal blocks along ``dim``, in rank
+    order (the ``"rows"`` layout: rows of a 2-D grid, frames of a 3-D volume). Returns
+    ``(before_part, after_part)`` in global order, shaped like ``x`` with ``before`` / ``after``
+    positions along ``dim``. Beyond the first and last block: zeros, or with ``wrap`` (a periodic
+    axis) the other end of the axis, so rank 0 and rank P-1 are neighbours.
+
+    Each rank exchanges one message with each neighbour, both ways, even when one way is empty
+    (a causal axis reads nothing after): a rank that only sent would have no received tensor
+    through which autograd could run its half of the backward (`p2p.p2p_exchange`), so the empty
+    message is what carries the gradient of what it sent back to it. When the neighbour before
+    is also the one after (P = 2 with ``wrap``) both halves travel in one message.
     """
-    if halo < 0:
-        raise ValueError(f"row_halo_2d: halo={halo} must be >= 0")
+    if before < 0 or after < 0:
+        raise ValueError(f"block_halo: before={before} and after={after} must be >= 0")
+    dim = dim % x.dim()
+    rows = x.shape[dim]
+    if rows < max(before, after):
+        raise ValueError(
+            f"block_halo: the local block's size along dim {dim} is {rows}, fewer than the halo "
+            f"{max(before, after)} (the short conv's reach); use fewer CP ranks, a larger size or a smaller kernel"
+        )
+    world, rank = group_size(group), group_rank(group)
+    head, tail = x.narrow(dim, 0, after), x.narrow(dim, rows - before, before)
+    if world == 1 or before + after == 0:
+        return (tail, head) if wrap else (torch.zeros_like(tail), torch.zeros_like(head))
+    prev = rank - 1 if rank > 0 or wrap else None
+    succ = (rank + 1) % world if rank + 1 < world or wrap else None
+    # my tail is my successor's "before", my head my predecessor's "after"
+    outgoing: dict[int, list[Tensor]] = {}
+    incoming: dict[int, list[tuple[str, torch.Size]]] = {}
+    if succ is not None:
+        outgoing.setdefault(succ, []).append(tail)
+        incoming.setdefault(succ, []).append(("after", head.shape))
+    if prev is not None:
+        outgoing.setdefault(prev, []).append(head)
+        incoming.setdefault(prev, []).append(("before", tail.shape))
+    sends = [(peer, torch.cat([t.flatten() for t in parts])) for peer, parts in outgoing.items()]
+    recvs = [(peer, (sum(shape.numel() for _, shape in parts),)) for peer, parts in incoming.items()]
+    got = _received(sends, recvs, group)
+    halves = {"before": torch.zeros_like(tail), "after": torch.zeros_like(head)}
+    for peer, parts in incoming.items():
+        pieces = got[peer].split([shape.numel() for _, shape in parts])
+        for (name, shape), piece in zip(parts, pieces):
+            halves[name] = piece.view(shape)
+    return halves["before"], halves["after"]
+
+
+def row_halo_2d(x: Tensor, halo: int, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """The ``halo`` grid rows just above and just below this rank's row block of ``x [..., H_local, W]``
+    (zeros beyond the grid's top and bottom): `block_halo` along the rows."""
     if x.dim() < 2:
         raise ValueError(f"row_halo_2d: input must be [..., H_local, W], got shape {tuple(x.shape)}")
-    rows = x.shape[-2]
-    if rows < halo:
-        raise ValueError(
-            f"row_halo_2d: the shard has H_local={rows} grid rows, fewer than the halo={halo} "
-            "(kernel_size // 2); use fewer CP ranks, a taller grid or a smaller kernel"
-        )
-    if halo == 0:
-        empty = x.new_zeros(*x.shape[:-2], 0, x.shape[-1])
-        return empty, empty.clone()
-    world, rank = group_size(group), group_rank(group)
-    top, bottom = x[..., :halo, :], x[..., rows - halo :, :]
-    shape = top.shape
-    sends, recvs = [], []
-    if rank > 0:
-        sends.append((rank - 1, top))
-        recvs.append((rank - 1, shape))
-    if rank + 1 < world:
-        sends.append((rank + 1, bottom))
-        recvs.append((rank + 1, shape))
-    got = _received(sends, recvs, group)
-    above = got[rank - 1] if rank > 0 else x.new_zeros(shape)
-    below = got[rank + 1] if rank + 1 < world else x.new_zeros(shape)
-    return above, below
+    return block_halo(x, -2, halo, halo, group)

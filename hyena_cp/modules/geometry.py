@@ -1,0 +1,195 @@
+"""The geometry of a Hyena operator: how many spatial axes, what each axis's boundary is, and
+everything that follows from that — how a rank's shard is laid out, how the short conv gets its
+neighbours, how the long conv runs and crosses ranks, the filter's grid of offsets, the FLOPs.
+
+One `Geometry` per operator, built from ``spatial_dims`` and a boundary per axis
+(`hyena_cp.ops.boundary`: causal, linear, circular; mixed axes work, e.g. causal time x
+circular space). The mixer and the operator ask it; they hold no per-dimension branches.
+
+Context parallelism (a ``cp_group`` of P ranks) always splits the FIRST spatial axis:
+
+- 1-D causal: Megatron's zigzag (`hyena_cp.parallel.layouts`): rank r holds chunks r and
+  2P-1-r of 2P, so Hyena and causal attention layers share one sharding and causal work is
+  balanced. Its short-conv halo is `causal_halo_1d`.
+- everything else: contiguous blocks (``"rows"``): rows of a 2-D grid, frames of a 3-D volume,
+  a block of a non-causal sequence. The short conv's halo is `block_halo` along that axis:
+  K-1 positions before for a causal axis, K//2 on each side otherwise, and a circular axis
+  wraps around the ranks (rank 0's positions before are rank P-1's last ones).
+
+The long conv needs whole axes: one AllToAll turns the shard ``[B, C, S0/P, S1, ...]`` into this
+rank's channel block of the full grid ``[B, C/P, S0, S1, ...]``, the FFT conv runs there, one
+AllToAll brings it back (`hyena_cp.parallel.swap`; backward: the two reverse AllToAlls).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from hyena_cp.ops.boundary import check_boundaries, fft_extent, kernel_extent, kernel_offsets, short_conv_reach
+from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv_nd
+from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv_nd
+from hyena_cp.parallel import (all_gather_seq, block_halo, causal_halo_1d, channel_to_seq, from_rank_major,
+                               group_rank, group_size, seq_to_channel, shard)
+
+__all__ = ["Geometry"]
+
+_AXES = ("L", "H W", "T H W")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """``boundaries``: one of "causal", "linear", "circular" per spatial axis (1 to 3 axes)."""
+
+    boundaries: tuple[str, ...]
+
+    def __post_init__(self):
+        if not 1 <= len(self.boundaries) <= 3:
+            raise ValueError(f"spatial_dims={len(self.boundaries)} must be 1, 2 or 3")
+        object.__setattr__(self, "boundaries", check_boundaries(self.boundaries, len(self.boundaries)))
+
+    @classmethod
+    def of(cls, spatial_dims: int, boundary: str | Sequence[str] | None = None) -> "Geometry":
+        """From ``spatial_dims`` and ``boundary``: one kind for every axis, one per axis, or None for
+        the default (causal in 1-D: a sequence model; linear in 2-D and 3-D: images, volumes)."""
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
+        if boundary is None:
+            boundary = "causal" if spatial_dims == 1 else "linear"
+        if isinstance(boundary, str):
+            boundary = (boundary,) * spatial_dims
+        return cls(check_boundaries(boundary, spatial_dims))
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.boundaries)
+
+    @property
+    def layout(self) -> str:
+        """The CP layout of the first axis: ``"zigzag"`` for a causal sequence, else ``"rows"``."""
+        return "zigzag" if self.boundaries == ("causal",) else "rows"
+
+    @property
+    def channels_last(self) -> str:
+        """The input layout at the mixer's boundary, e.g. ``"[B, H, W, C]"``."""
+        return f"[B, {_AXES[self.spatial_dims - 1].replace(' ', ', ')}, C]"
+
+    def to_channels_first(self, x: Tensor) -> Tensor:
+        """``[B, *S, C] -> [B, C, *S]``."""
+        return rearrange(x, "b ... c -> b c ...")
+
+    def global_size(self, local: Sequence[int], world: int) -> tuple[int, ...]:
+        """The global grid of a rank's shard ``local`` (the first axis is split over ``world`` ranks)."""
+        return (local[0] * world, *local[1:])
+
+    def check_shard(self, global_size: Sequence[int], world: int, short_kernel: int, halo: bool) -> None:
+        """Raise ``ValueError`` (before any collective) unless a grid of ``global_size`` splits over
+        ``world`` ranks and, with a ``halo``, each shard holds the short conv's reach."""
+        if world == 1:
+            return
+        first = global_size[0]
+        what = "sequence length L" if self.spatial_dims == 1 else ("grid rows H" if self.spatial_dims == 2 else "frames T")
+        parts = 2 * world if self.layout == "zigzag" else world
+        if first % parts:
+            name = "2*cp_size" if self.layout == "zigzag" else "cp_size"
+            raise ValueError(f"{what}={first} must be divisible by {name}={parts} ({self.layout} layout over the "
+                             f"first axis); pad it to a multiple of {parts} or choose another cp_size")
+        if not halo:
+            return
+        chunk = first // parts
+        reach = max(short_conv_reach(short_kernel, self.boundaries[0]))
+        if chunk < reach:
+            piece = ("zigzag chunk length L/(2*cp_size)={} is shorter than" if self.layout == "zigzag" else
+                     f"the {what} per rank ({{}}) are fewer than").format(chunk)
+            raise ValueError(f"{piece} the short-conv halo {reach} (short_kernel_size={short_kernel}); use a longer "
+                             f"{what.split()[0]} axis, a smaller cp_group or a smaller short_kernel_size")
+
+    def shard_first_axis(self, t: Tensor, dim: int, world: int, rank: int) -> Tensor:
+        """This rank's piece of a GLOBAL tensor along ``dim``, the first spatial axis."""
+        return shard(t, dim, self.layout, world, rank)
+
+    def valid_mask(self, size: Sequence[int], num_valid: int, world: int, rank: int, like: Tensor) -> Tensor:
+        """``[*size_local]`` 1/0 mask of real tokens (global row-major position < ``num_valid``) on a
+        rank's shard of the grid ``size`` (global)."""
+        positions = torch.arange(math.prod(size), device=like.device).view(size)
+        if world > 1:
+            positions = self.shard_first_axis(positions, 0, world, rank)
+        return (positions < num_valid).to(like.dtype)
+
+    # ------------------------------------------------------------- short conv
+    def short_conv(self, u: Tensor, weight: Tensor, bias: Tensor | None, cp_group,
+                   positions: Tensor | None = None) -> Tensor:
+        """Depthwise short conv of a rank's shard ``u [B, C, *S_local]`` (``weight [C, *K]``), its
+        neighbours fetched by a halo exchange. ``positions`` (1-D packed documents): ``[B, L_local]``
+        offset of each token in its document, so taps stop at a document start."""
+        world, kernel = group_size(cp_group), weight.shape[-1]
+        if self.layout == "zigzag":
+            if world == 1 or kernel == 1:
+                return causal_depthwise_conv1d(u, weight, bias, positions=positions)
+            halos = causal_halo_1d(u, kernel - 1, cp_group)  # B, C, 2, K-1
+            chunks = rearrange(u, "b c (n l) -> (b n) c l", n=2)  # the two zigzag chunks
+            if positions is not None:
+                positions = rearrange(positions, "b (n l) -> (b n) l", n=2)
+            y = causal_depthwise_conv1d(chunks, weight, bias, rearrange(halos, "b c n k -> (b n) c k"), positions)
+            return rearrange(y, "(b n) c l -> b c (n l)", n=2)
+        if world == 1:
+            return depthwise_conv_nd(u, weight, bias, self.boundaries)
+        before, after = short_conv_reach(kernel, self.boundaries[0])
+        halo = block_halo(u, 2, before, after, cp_group, wrap=self.boundaries[0] == "circular")
+        return depthwise_conv_nd(u, weight, bias, self.boundaries, *halo)
+
+    def short_conv_full(self, u: Tensor, weight: Tensor, bias: Tensor | None,
+                        positions: Tensor | None = None) -> Tensor:
+        """The same conv on the FULL grid ``u [B, C, *S]`` (no neighbours to fetch)."""
+        if self.layout == "zigzag":
+            return causal_depthwise_conv1d(u, weight, bias, positions=positions)
+        return depthwise_conv_nd(u, weight, bias, self.boundaries)
+
+    # -------------------------------------------------------------- long conv
+    def kernel_offsets(self, size: Sequence[int]) -> tuple[range, ...]:
+        """Per axis, the offsets ``i - m`` of the long kernel's taps for a global grid ``size``."""
+        return tuple(kernel_offsets(n, b) for n, b in zip(size, self.boundaries))
+
+    def kernel_shape(self, size: Sequence[int]) -> tuple[int, ...]:
+        return tuple(kernel_extent(n, b) for n, b in zip(size, self.boundaries))
+
+    def long_conv(self, z: Tensor, k: Tensor, d: Tensor | None, cu_seqlens: Tensor | None = None) -> Tensor:
+        """FFT long conv of the FULL grid of a channel block: ``z [B, C_blk, *S]``, ``k [G_blk, *K]`` (or
+        ``[B, G_blk, *K]`` per sample), ``d [C_blk]``; ``cu_seqlens``: 1-D packed documents."""
+        if self.layout == "zigzag" and k.dim() == 2:
+            return fft_causal_conv1d(z, k, d, cu_seqlens=cu_seqlens)
+        return fft_conv_nd(z, k, d, self.boundaries)
+
+    def to_channel_block(self, z: Tensor, cp_group) -> Tensor:
+        """``[B, C, S0/P, *S_rest]`` (a shard, every channel) -> ``[B, C/P, S0, *S_rest]`` (this rank's
+        channel block of the full grid): one AllToAll."""
+        rest = z.shape[3:]
+        y = seq_to_channel(z.flatten(2), cp_group, self.layout)  # B, C/P, S0*prod(rest)
+        return y.unflatten(2, (-1, *rest))
+
+    def to_shard(self, y: Tensor, cp_group) -> Tensor:
+        """Inverse of `to_channel_block`: ``[B, C/P, *S] -> [B, C, S0/P, *S_rest]``."""
+        rest = y.shape[3:]
+        y = channel_to_seq(y.flatten(2), cp_group, self.layout)  # B, C, S0/P*prod(rest)
+        return y.unflatten(2, (-1, *rest))
+
+    def gather_full(self, z: Tensor, cp_group) -> Tensor:
+        """Comparison baseline: every rank's shard ``[B, C, S0/P, ...]`` all-gathered into the full grid."""
+        return from_rank_major(all_gather_seq(z, 2, cp_group), 2, self.layout, group_size(cp_group))
+
+    def local_part(self, full: Tensor, cp_group) -> Tensor:
+        """This rank's shard of a full grid ``[B, C, S0, ...]``."""
+        return self.shard_first_axis(full, 2, group_size(cp_group), group_rank(cp_group))
+
+    # ------------------------------------------------------------------ FLOPs
+    def fft_numel(self, size: Sequence[int]) -> int:
+        """Points of the padded FFT grid of a global ``size``."""
+        return math.prod(fft_extent(n, b) for n, b in zip(size, self.boundaries))
+
+    def short_conv_taps(self, kernel: int) -> int:
+        return kernel ** self.spatial_dims
