@@ -34,7 +34,10 @@ from references import rel_err
 TOL = 1e-12  # float64, the same math through AOTAutograd's decompositions
 CASES = {"1d_p2": (LayerSpec(spatial=(48,), channels=8, heads=4, kernel=4), 2),
          "2d_p2": (LayerSpec(spatial=(8, 5), channels=8, heads=4, kernel=3), 2),
-         "1d_p4": (LayerSpec(spatial=(48,), channels=8, heads=4, kernel=3), 4)}
+         "1d_p4": (LayerSpec(spatial=(48,), channels=8, heads=4, kernel=3), 4),
+         "3d_circular_p2": (LayerSpec(spatial=(4, 3, 4), channels=8, heads=4, kernel=3, boundary="circular"), 2),
+         "3d_causal_x_circular_p2": (LayerSpec(spatial=(8, 3, 4), channels=8, heads=4, kernel=3,
+                                               boundary=("causal", "circular", "circular")), 2)}
 
 
 def _opcheck_collectives() -> str:
@@ -83,7 +86,8 @@ def _compiled_vs_eager(spec: LayerSpec) -> dict:
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = _step(layer, compiled, x, group)  # the counters must not have become guards
     errors = {k: rel_err(again[k], v) for k, v in eager.items() if k != "traffic"}
-    floor = comm_floor_bytes((spec.batch, *spec.spatial, spec.channels), spec.kernel, group.size(), group.rank(), 8)
+    floor = comm_floor_bytes((spec.batch, *spec.spatial, spec.channels), spec.kernel, group.size(), group.rank(), 8,
+                             spec.geometry)
     return {"errors": errors, "eager": eager["traffic"], "compiled": again["traffic"], "floor": floor}
 
 

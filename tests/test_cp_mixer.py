@@ -1,5 +1,6 @@
 """Context-parallel QKVSequenceMixer == single process: outputs, input grads, every
-parameter grad (summed over the CP group), for 1-D zigzag and 2-D row blocks; and the
+parameter grad (summed over the CP group), for 1-D zigzag, 2-D row blocks and 3-D frame
+blocks, with causal, linear, circular and mixed boundaries; and the
 communication of one layer: per-op calls and bytes, both as `count_comm` books them and as
 measured at the dispatcher (`CollectiveCounter`), against the floor formula."""
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
+from hyena_cp.modules import geometry as geometry_module
+from hyena_cp.modules.geometry import Geometry
 from hyena_cp.bench.layer import comm_floor_bytes
 from hyena_cp.bench.measure import CollectiveCounter
 from hyena_cp.parallel import count_comm, shard, unshard
@@ -33,7 +36,12 @@ class Case:
     norm: str | None = "layernorm"
     num_valid: int | None = None
     worlds: tuple = (1, 2, 4)
+    boundary: str | tuple | None = None
     extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry.of(self.dims, self.boundary)
 
 
 CASES = {
@@ -53,6 +61,17 @@ CASES = {
     "2d_p3": Case(2, (2, 9, 4, 12), heads=6, worlds=(3,)),
     "1d_allgather": Case(1, (2, 48, 8), cp_comm="allgather"),
     "2d_allgather_fp32": Case(2, (2, 8, 5, 8), cp_comm="allgather", dtype=torch.float32),
+    "1d_circular": Case(1, (2, 16, 8), boundary="circular", kernel=5),
+    "1d_linear_fp32": Case(1, (1, 16, 8), boundary="linear", dtype=torch.float32),
+    "2d_circular": Case(2, (2, 8, 5, 8), boundary="circular"),
+    "2d_circular_x_linear_k5": Case(2, (1, 8, 6, 8), boundary=("circular", "linear"), kernel=5, norm="rmsnorm"),
+    "2d_causal_zigzag": Case(2, (2, 16, 5, 8), boundary=("causal", "linear")),
+    "3d_k3": Case(3, (2, 8, 3, 4, 8)),
+    "3d_causal_x_circular_fp32_film": Case(3, (1, 16, 4, 3, 8), boundary=("causal", "circular", "circular"),
+                                           dtype=torch.float32, cond="film"),
+    "3d_circular_padding": Case(3, (1, 4, 3, 4, 8), boundary="circular", num_valid=40, worlds=(2, 4)),
+    "3d_a2a_mixed": Case(3, (1, 4, 3, 3, 8), boundary=("circular", "linear", "circular"), mode="a2a", worlds=(2, 4)),
+    "3d_allgather": Case(3, (1, 4, 2, 3, 8), cp_comm="allgather", worlds=(2,)),
 }
 
 
@@ -60,7 +79,8 @@ def build(case: Case) -> tuple[QKVSequenceMixer, dict]:
     """Same mixer, input, conditioning and upstream grad on every process (seeded)."""
     torch.manual_seed(1234)
     c = case.shape[-1]
-    hyena = Hyena(hidden_dim=c, num_heads=case.heads, spatial_dims=case.dims, filter_width=16, cp_comm=case.cp_comm)
+    hyena = Hyena(hidden_dim=c, num_heads=case.heads, spatial_dims=case.dims, boundary=case.boundary, filter_width=16,
+                  cp_comm=case.cp_comm)
     mixer = QKVSequenceMixer(hidden_dim=c, hyena=hyena, short_kernel_size=case.kernel, norm=case.norm,
                              conditioning=case.cond, cond_dim=5 if case.cond else None,
                              short_conv_cp=case.mode).to(case.dtype)
@@ -73,7 +93,7 @@ def build(case: Case) -> tuple[QKVSequenceMixer, dict]:
 
 
 def layout(case: Case) -> str:
-    return "zigzag" if case.dims == 1 else "rows"
+    return case.geometry.layout
 
 
 def run_mixer(case: Case, group=None) -> dict:
@@ -129,40 +149,60 @@ def test_parity_test_catches_a_wrong_gradient(dist_run):
         check_parity(case, results)
 
 
+def worker_run_without_wrap(case: Case) -> dict:
+    """The mixer with a halo that forgets the wrap-around of a circular first axis."""
+    exchange = geometry_module.block_halo
+    geometry_module.block_halo = lambda x, dim, before, after, group, wrap=False: exchange(x, dim, before, after, group)
+    try:
+        return run_mixer(case, dist.group.WORLD)
+    finally:
+        geometry_module.block_halo = exchange
+
+
+@pytest.mark.parametrize("name", ["2d_circular", "1d_circular"])
+def test_parity_test_catches_a_halo_without_the_wrap(dist_run, name):
+    """Negative twin of the circular cases: rank 0 and rank P-1 must be neighbours."""
+    case = CASES[name]
+    results = dist_run(worker_run_without_wrap, 2, case)
+    with pytest.raises(AssertionError, match="output"):
+        check_parity(case, results)
+
+
 # ------------------------------------------------------------------ bytes sent
 def predicted_bytes(case: Case, world: int, rank: int) -> int:
     """4 AllToAlls of B*(L/P)*C*(P-1)/P elements (2 forward, 2 backward) + the halos (forward
     values, backward gradients) of 3C channels: the one formula the benchmarks report too."""
-    return comm_floor_bytes(case.shape, case.kernel, world, rank, torch.finfo(case.dtype).bits // 8)
+    return comm_floor_bytes(case.shape, case.kernel, world, rank, torch.finfo(case.dtype).bits // 8, case.geometry)
 
 
-def predicted_calls(world: int, rank: int) -> dict[str, int]:
+def predicted_calls(case: Case, world: int, rank: int) -> dict[str, int]:
     """Exactly 4 AllToAlls (z forward and back, then their adjoints) and one point-to-point
-    send per neighbour that needs a halo, forward (values) and backward (gradients); nothing else."""
-    sends = (rank < world - 1) + (rank > 0)  # 1-D zigzag and 2-D rows alike (see comm_floor_bytes)
-    return {"all_to_all": 4, **({"p2p": 2 * sends} if sends else {})}
+    send per halo neighbour, forward (values) and backward (gradients); nothing else."""
+    peers, _, _ = case.geometry.halo_traffic(case.kernel, world, rank)
+    return {"all_to_all": 4, **({"p2p": 2 * peers} if peers else {})}
 
 
-def predicted_wire_calls(world: int, rank: int) -> dict[str, int]:
+def predicted_wire_calls(case: Case, world: int, rank: int) -> dict[str, int]:
     """The c10d ops behind `predicted_calls`: each halo send has its matching receive (a rank
     receives from the neighbours it sends to), plus the one all-gather of the cross-rank
     agreement check (control traffic, `hyena_cp.parallel.agreement`) in forward."""
-    calls = predicted_calls(world, rank)
+    calls = predicted_calls(case, world, rank)
     p2p = calls.pop("p2p", 0)
     return {"alltoall_base_": calls.pop("all_to_all"), **({"send": p2p, "recv_": p2p} if p2p else {}),
             "_allgather_base_": 1, **calls}
 
 
-@pytest.mark.parametrize("name", ["1d_k3", "1d_k7_adaln", "2d_k3", "2d_k5_fp32_film"])
+@pytest.mark.parametrize("name", ["1d_k3", "1d_k7_adaln", "2d_k3", "2d_k5_fp32_film", "2d_circular", "2d_causal_zigzag",
+                                  "3d_k3", "3d_causal_x_circular_fp32_film"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_equal_the_floor(dist_run, name, world):
     case = CASES[name]
     results = dist_run(worker_run, world, case)
     for rank, r in enumerate(results):
         assert r["bytes"] == predicted_bytes(case, world, rank), (rank, r["by_op"])
-        assert r["calls"] == predicted_calls(world, rank), (rank, r["calls"])
+        assert r["calls"] == predicted_calls(case, world, rank), (rank, r["calls"])
         # measured at the dispatcher: the same ops and bytes reach torch.distributed, nothing else
-        assert r["wire_calls"] == predicted_wire_calls(world, rank), (rank, r["wire_calls"])
+        assert r["wire_calls"] == predicted_wire_calls(case, world, rank), (rank, r["wire_calls"])
         data = r["wire_sent"]["alltoall_base_"] + r["wire_sent"].get("send", 0)
         assert data == predicted_bytes(case, world, rank), (rank, r["wire_sent"])
         assert r["wire_sent"]["alltoall_base_"] == r["by_op"]["all_to_all"]

@@ -203,6 +203,74 @@ def test_row_halo_2d(dist_run, world, rows, kernel):
         assert r["bytes"] == (r["expected"], r["expected"])
 
 
+def _block_halo(rows: int, before: int, after: int, wrap: bool) -> dict:
+    """`block_halo` along the frames of a 3-D block: routing against the padded (or wrapped) global
+    tensor, and the adjoint: with rank r's loss sum(g_r * cat(halo, x_r, halo)), the gradient of
+    every global position sums its uses on every rank (as halo and as interior)."""
+    group, rank, world = _ctx()
+    B, C, W = 2, 3, 4
+    total, span = world * rows, rows + before + after
+    x_full = _coded(B, C, total, W).requires_grad_()
+    g_all = torch.randn(world, B, C, span, W, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    windows = []
+    for r in range(world):  # what rank r's block with its halos reads of the global axis
+        idx = torch.arange(r * rows - before, r * rows + rows + after)
+        inside = ((idx >= 0) & (idx < total)) | torch.tensor(wrap)
+        windows.append(x_full.index_select(2, idx % total) * inside.to(torch.float64).view(-1, 1))
+    sum((wdw * g).sum() for wdw, g in zip(windows, g_all)).backward()
+    x = layouts.shard(x_full.detach(), 2, "rows", world, rank).requires_grad_()
+    with cp.count_comm() as fwd:
+        halo_b, halo_a = cp.block_halo(x, 2, before, after, group, wrap=wrap)
+    with cp.count_comm() as bwd:
+        (torch.cat([halo_b, x, halo_a], 2) * g_all[rank]).sum().backward()
+    mine = windows[rank].detach()
+    return {"halo": {"before": (halo_b.detach(), mine[:, :, :before]),
+                     "after": (halo_a.detach(), mine[:, :, before + rows:])},
+            "grad": {"input grad": (x.grad, layouts.shard(x_full.grad, 2, "rows", world, rank))},
+            "bytes": (fwd.bytes_sent, bwd.bytes_sent)}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("before,after,wrap", [(1, 1, True), (2, 1, True), (2, 2, False), (2, 0, True), (0, 1, True)])
+def test_block_halo_routing_and_adjoint(dist_run, world, before, after, wrap):
+    """Wrap-around (rank 0 <-> rank P-1, and P = 2 where both neighbours are one rank), uneven and
+    one-sided halos on a ring."""
+    results = dist_run(_block_halo, world, 2, before, after, wrap)
+    _assert_pairs([r["halo"] for r in results])
+    _assert_pairs([r["grad"] for r in results], exact=False)
+    for rank, r in enumerate(results):
+        fwd, bwd = r["bytes"]
+        payload = 2 * 3 * 4 * F64  # one position of B x C x W
+        if world == 1:
+            assert fwd == bwd == 0
+            continue
+        # forward: the positions this rank's neighbours read of it; backward: the gradients of the
+        # positions it read of them, sent back to their owners
+        has_prev, has_succ = rank > 0 or wrap, rank + 1 < world or wrap
+        sent = (before * has_succ + after * has_prev) * payload
+        received = (before * has_prev + after * has_succ) * payload
+        assert (fwd, bwd) == (sent, received), (rank, r["bytes"])
+
+
+def _one_sided_halo() -> None:
+    group, rank, world = _ctx()
+    cp.block_halo(torch.zeros(1, 1, 4, 2), 2, 2, 0, group)
+
+
+def test_one_sided_block_halo_without_wrap_is_refused_everywhere(dist_run):
+    """Rank 0 would only send (no output to run its backward through): every rank refuses, no hang."""
+    errors = dist_run(_one_sided_halo, 2, expect_error=ValueError)
+    assert all("needs wrap=True" in str(e) for e in errors)
+
+
+def test_block_halo_without_wrap_is_not_a_ring(dist_run):
+    """Negative twin: without ``wrap`` rank 0 gets zeros before it, not rank P-1's last positions."""
+    results = dist_run(_block_halo, 2, 2, 1, 1, False)
+    assert not results[0]["halo"]["before"][0].any()
+    wrapped = dist_run(_block_halo, 2, 2, 1, 1, True)
+    assert not torch.equal(wrapped[0]["halo"]["before"][0], results[0]["halo"]["before"][0])
+
+
 def test_halos_without_group():
     x = _coded(1, 2, 6)
     h = cp.causal_halo_1d(x, 2, None)

@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from hyena_cp import flops
+from hyena_cp.modules.geometry import Geometry
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
 from hyena_cp.parallel import group_rank, group_size, shard
@@ -28,7 +29,8 @@ __all__ = ["LayerSpec", "build_layer", "local_input", "comm_floor_bytes", "ring_
 class LayerSpec:
     """One QKVSequenceMixer and its global input ``[batch, *spatial, channels]``.
 
-    ``spatial`` is ``(L,)`` (1-D causal, zigzag shards) or ``(H, W)`` (2-D, row blocks).
+    ``spatial`` is ``(L,)``, ``(H, W)`` or ``(T, H, W)``, ``boundary`` the Hyena's (None: causal
+    1-D with zigzag shards, linear 2-D/3-D with blocks of the first axis).
     ``short_conv_cp`` / ``cp_comm`` select the comparison modes of the mixer and Hyena;
     ``checkpoint_filter=False`` stores the filter MLP's activations (the memory comparison).
     """
@@ -41,14 +43,19 @@ class LayerSpec:
     short_conv_cp: str = "halo"
     cp_comm: str = "alltoall"
     checkpoint_filter: bool = True
+    boundary: str | tuple[str, ...] | None = None
 
     @property
     def dims(self) -> int:
         return len(self.spatial)
 
     @property
+    def geometry(self) -> Geometry:
+        return Geometry.of(self.dims, self.boundary)
+
+    @property
     def layout(self) -> str:
-        return "zigzag" if self.dims == 1 else "rows"
+        return self.geometry.layout
 
     @property
     def tokens(self) -> int:
@@ -59,7 +66,7 @@ class LayerSpec:
         return (self.batch, *self.spatial, self.channels)
 
     def label(self) -> str:
-        size = f"L={self.spatial[0]}" if self.dims == 1 else f"{self.spatial[0]}x{self.spatial[1]} grid"
+        size = f"L={self.spatial[0]}" if self.dims == 1 else "x".join(map(str, self.spatial)) + " grid"
         return size if self.checkpoint_filter else f"{size}, filter MLP stored"
 
 
@@ -67,8 +74,8 @@ def build_layer(spec: LayerSpec, *, device: torch.device | str = "cpu", dtype: t
                 seed: int = 0) -> QKVSequenceMixer:
     """The same seeded mixer on every rank (parameters are replicated under CP)."""
     torch.manual_seed(seed)
-    hyena = Hyena(hidden_dim=spec.channels, num_heads=spec.heads, spatial_dims=spec.dims, cp_comm=spec.cp_comm,
-                  checkpoint_filter=spec.checkpoint_filter)
+    hyena = Hyena(hidden_dim=spec.channels, num_heads=spec.heads, spatial_dims=spec.dims, boundary=spec.boundary,
+                  cp_comm=spec.cp_comm, checkpoint_filter=spec.checkpoint_filter)
     mixer = QKVSequenceMixer(hidden_dim=spec.channels, hyena=hyena, short_kernel_size=spec.kernel,
                              short_conv_cp=spec.short_conv_cp)
     return mixer.to(device=device, dtype=dtype)
@@ -96,26 +103,26 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, cp_group=None, cu_seqlens: torch.
     y.sum().backward()
 
 
-def comm_floor_bytes(shape: tuple[int, ...], kernel: int, world: int, rank: int, itemsize: int) -> int:
+def comm_floor_bytes(shape: tuple[int, ...], kernel: int, world: int, rank: int, itemsize: int,
+                     geometry: Geometry | None = None) -> int:
     """Bytes one rank sends for one mixer layer forward + backward at the floor.
 
-    ``shape``: global input ``[B, L, C]`` or ``[B, H, W, C]``. The floor is 4 AllToAlls of
-    ``z`` (2 forward, 2 backward), each sending ``B * (tokens/P) * C * (P-1)/P`` elements,
-    plus the short-conv halos of the 3C channels of q, k, v (values forward, gradients
-    backward): K-1 tokens (1-D causal) or K//2 grid rows (2-D) to each neighbour rank
-    that needs them. 1-D zigzag: rank r sends chunk r's tail to rank r+1 (not from the
-    last rank, whose neighbour chunk is its own) and chunk 2P-1-r's tail to rank r-1 (not
-    from rank 0); 2-D rows: the top rows up and the bottom rows down.
+    ``shape``: global input ``[B, *S, C]``; ``geometry``: the operator's (default: the default
+    geometry of ``len(S)`` axes). The floor is 4 AllToAlls of ``z`` (2 forward, 2 backward),
+    each sending ``B * (tokens/P) * C * (P-1)/P`` elements, plus the short-conv halos of the 3C
+    channels of q, k, v: forward the positions its neighbours read of it, backward the gradients
+    of the positions it read of theirs (`Geometry.halo_traffic`; one position of the first axis is
+    ``prod(S[1:])`` tokens).
     """
     if world == 1:
         return 0
+    geometry = Geometry.of(len(shape) - 2) if geometry is None else geometry
     batch, channels = shape[0], shape[-1]
     tokens_local = math.prod(shape[1:-1]) // world
     a2a = 4 * batch * tokens_local * channels * (world - 1) // world
-    sends = (rank < world - 1) + (rank > 0)
-    halo_tokens = kernel - 1 if len(shape) == 3 else (kernel // 2) * shape[2]
-    halo = sends * batch * 3 * channels * halo_tokens
-    return (a2a + 2 * halo) * itemsize
+    _, sent, received = geometry.halo_traffic(kernel, world, rank)
+    halo = (sent + received) * batch * 3 * channels * math.prod(shape[2:-1])
+    return (a2a + halo) * itemsize
 
 
 def ring_attention_bytes(shape: tuple[int, ...], world: int, itemsize: int) -> int:

@@ -8,13 +8,14 @@ circular space). The mixer and the operator ask it; they hold no per-dimension b
 
 Context parallelism (a ``cp_group`` of P ranks) always splits the FIRST spatial axis:
 
-- 1-D causal: Megatron's zigzag (`hyena_cp.parallel.layouts`): rank r holds chunks r and
-  2P-1-r of 2P, so Hyena and causal attention layers share one sharding and causal work is
-  balanced. Its short-conv halo is `causal_halo_1d`.
-- everything else: contiguous blocks (``"rows"``): rows of a 2-D grid, frames of a 3-D volume,
-  a block of a non-causal sequence. The short conv's halo is `block_halo` along that axis:
-  K-1 positions before for a causal axis, K//2 on each side otherwise, and a circular axis
-  wraps around the ranks (rank 0's positions before are rank P-1's last ones).
+- a causal first axis (a sequence, or causal time of a video): Megatron's zigzag
+  (`hyena_cp.parallel.layouts`): rank r holds chunks r and 2P-1-r of 2P, so Hyena and causal
+  attention layers share one sharding and causal work is balanced. The short conv's halo is
+  `causal_halo_1d`: the K-1 positions before each chunk; every rank both sends and receives.
+- otherwise contiguous blocks (``"rows"``): rows of a 2-D grid, frames of a 3-D volume, a
+  block of a non-causal sequence. The short conv's halo is `block_halo` along that axis: K//2
+  positions on each side, and a circular axis wraps around the ranks (rank 0's positions
+  before are rank P-1's last ones).
 
 The long conv needs whole axes: one AllToAll turns the shard ``[B, C, S0/P, S1, ...]`` into this
 rank's channel block of the full grid ``[B, C/P, S0, S1, ...]``, the FFT conv runs there, one
@@ -71,8 +72,8 @@ class Geometry:
 
     @property
     def layout(self) -> str:
-        """The CP layout of the first axis: ``"zigzag"`` for a causal sequence, else ``"rows"``."""
-        return "zigzag" if self.boundaries == ("causal",) else "rows"
+        """The CP layout of the first axis: ``"zigzag"`` when it is causal, else ``"rows"``."""
+        return "zigzag" if self.boundaries[0] == "causal" else "rows"
 
     @property
     def channels_last(self) -> str:
@@ -104,10 +105,10 @@ class Geometry:
         chunk = first // parts
         reach = max(short_conv_reach(short_kernel, self.boundaries[0]))
         if chunk < reach:
-            piece = ("zigzag chunk length L/(2*cp_size)={} is shorter than" if self.layout == "zigzag" else
-                     f"the {what} per rank ({{}}) are fewer than").format(chunk)
-            raise ValueError(f"{piece} the short-conv halo {reach} (short_kernel_size={short_kernel}); use a longer "
-                             f"{what.split()[0]} axis, a smaller cp_group or a smaller short_kernel_size")
+            piece = (f"zigzag chunk length {what.split()[-1]}/(2*cp_size)={chunk} is shorter than"
+                     if self.layout == "zigzag" else f"the {what} per rank ({chunk}) are fewer than")
+            raise ValueError(f"{piece} the short-conv halo {reach} (short_kernel_size={short_kernel}); use a larger "
+                             f"{what.split()[-1]}, a smaller cp_group or a smaller short_kernel_size")
 
     def shard_first_axis(self, t: Tensor, dim: int, world: int, rank: int) -> Tensor:
         """This rank's piece of a GLOBAL tensor along ``dim``, the first spatial axis."""
@@ -128,7 +129,7 @@ class Geometry:
         neighbours fetched by a halo exchange. ``positions`` (1-D packed documents): ``[B, L_local]``
         offset of each token in its document, so taps stop at a document start."""
         world, kernel = group_size(cp_group), weight.shape[-1]
-        if self.layout == "zigzag":
+        if self.boundaries == ("causal",):
             if world == 1 or kernel == 1:
                 return causal_depthwise_conv1d(u, weight, bias, positions=positions)
             halos = causal_halo_1d(u, kernel - 1, cp_group)  # B, C, 2, K-1
@@ -139,6 +140,12 @@ class Geometry:
             return rearrange(y, "(b n) c l -> b c (n l)", n=2)
         if world == 1:
             return depthwise_conv_nd(u, weight, bias, self.boundaries)
+        if self.layout == "zigzag":  # a causal first axis of a grid: each chunk with the K-1 positions before it
+            halos = causal_halo_1d(u.movedim(2, -1), kernel - 1, cp_group).movedim(-1, 2)  # B, C, K-1, *rest, 2
+            chunks = rearrange(u, "b c (n t) ... -> (b n) c t ...", n=2)
+            before = rearrange(halos, "b c k ... n -> (b n) c k ...")
+            y = depthwise_conv_nd(chunks, weight, bias, self.boundaries, before, None)
+            return rearrange(y, "(b n) c t ... -> b c (n t) ...", n=2)
         before, after = short_conv_reach(kernel, self.boundaries[0])
         halo = block_halo(u, 2, before, after, cp_group, wrap=self.boundaries[0] == "circular")
         return depthwise_conv_nd(u, weight, bias, self.boundaries, *halo)
@@ -146,9 +153,29 @@ class Geometry:
     def short_conv_full(self, u: Tensor, weight: Tensor, bias: Tensor | None,
                         positions: Tensor | None = None) -> Tensor:
         """The same conv on the FULL grid ``u [B, C, *S]`` (no neighbours to fetch)."""
-        if self.layout == "zigzag":
+        if self.boundaries == ("causal",):
             return causal_depthwise_conv1d(u, weight, bias, positions=positions)
         return depthwise_conv_nd(u, weight, bias, self.boundaries)
+
+    def halo_traffic(self, kernel: int, world: int, rank: int) -> tuple[int, int, int]:
+        """The short conv's halo exchange on one rank: ``(peers, sent, received)`` — how many
+        neighbours it exchanges messages with, and how many positions of the first axis it sends
+        them and receives from them in forward (backward sends the gradients of what it received,
+        to the same peers). The one description of the halo plan, for the byte floor."""
+        if world == 1:
+            return 0, 0, 0
+        if self.layout == "zigzag":
+            if kernel == 1:
+                return 0, 0, 0
+            peers = (rank < world - 1) + (rank > 0)  # see causal_halo_1d: the last rank's second chunk is local
+            return peers, peers * (kernel - 1), peers * (kernel - 1)
+        before, after = short_conv_reach(kernel, self.boundaries[0])
+        if before + after == 0:
+            return 0, 0, 0
+        wrap = self.boundaries[0] == "circular"
+        has_prev, has_succ = rank > 0 or wrap, rank + 1 < world or wrap
+        peers = len({p for p, there in (((rank - 1) % world, has_prev), ((rank + 1) % world, has_succ)) if there})
+        return peers, before * has_succ + after * has_prev, before * has_prev + after * has_succ
 
     # -------------------------------------------------------------- long conv
     def kernel_offsets(self, size: Sequence[int]) -> tuple[range, ...]:
@@ -161,7 +188,7 @@ class Geometry:
     def long_conv(self, z: Tensor, k: Tensor, d: Tensor | None, cu_seqlens: Tensor | None = None) -> Tensor:
         """FFT long conv of the FULL grid of a channel block: ``z [B, C_blk, *S]``, ``k [G_blk, *K]`` (or
         ``[B, G_blk, *K]`` per sample), ``d [C_blk]``; ``cu_seqlens``: 1-D packed documents."""
-        if self.layout == "zigzag" and k.dim() == 2:
+        if self.boundaries == ("causal",) and k.dim() == 2:
             return fft_causal_conv1d(z, k, d, cu_seqlens=cu_seqlens)
         return fft_conv_nd(z, k, d, self.boundaries)
 

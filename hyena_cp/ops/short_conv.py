@@ -231,8 +231,7 @@ def depthwise_conv_nd(
         lo, hi = short_conv_reach(taps, b)
         dim = 2 + axis
         if axis == 0 and (before is not None or after is not None):
-            x = torch.cat([t for t in (before, x, after) if t is not None], dim=dim)  # empty halves too: their
-            # gradient is what runs a neighbour's half of the halo's backward (`parallel.halo.block_halo`)
+            x = torch.cat([t for t in (before, x, after) if t is not None], dim=dim)
         elif b == "circular":
             x = torch.cat([x.narrow(dim, x.shape[dim] - lo, lo), x, x.narrow(dim, 0, hi)], dim=dim)
         else:

@@ -74,16 +74,20 @@ def block_halo(x: Tensor, dim: int, before: int, after: int, group: ProcessGroup
     order (the ``"rows"`` layout: rows of a 2-D grid, frames of a 3-D volume). Returns
     ``(before_part, after_part)`` in global order, shaped like ``x`` with ``before`` / ``after``
     positions along ``dim``. Beyond the first and last block: zeros, or with ``wrap`` (a periodic
-    axis) the other end of the axis, so rank 0 and rank P-1 are neighbours.
+    axis) the other end of the axis, so rank 0 and rank P-1 are neighbours. A rank sends one
+    message to each neighbour (both halves in one when the neighbour before is also the one after:
+    P = 2 with ``wrap``).
 
-    Each rank exchanges one message with each neighbour, both ways, even when one way is empty
-    (a causal axis reads nothing after): a rank that only sent would have no received tensor
-    through which autograd could run its half of the backward (`p2p.p2p_exchange`), so the empty
-    message is what carries the gradient of what it sent back to it. When the neighbour before
-    is also the one after (P = 2 with ``wrap``) both halves travel in one message.
+    A one-sided halo (``after == 0``, a causal axis) without ``wrap`` is refused: rank 0 would only
+    send, and a rank that receives nothing has no output through which autograd runs its half of
+    the backward (`p2p.p2p_exchange`); a causal axis is laid out in zigzag instead (`causal_halo_1d`).
     """
     if before < 0 or after < 0:
         raise ValueError(f"block_halo: before={before} and after={after} must be >= 0")
+    world, rank = group_size(group), group_rank(group)
+    if world > 1 and not wrap and (before == 0) != (after == 0):
+        raise ValueError(f"block_halo: a one-sided halo (before={before}, after={after}) needs wrap=True; a causal "
+                         f"axis is sharded in zigzag (hyena_cp.parallel.causal_halo_1d)")
     dim = dim % x.dim()
     rows = x.shape[dim]
     if rows < max(before, after):
@@ -91,21 +95,24 @@ def block_halo(x: Tensor, dim: int, before: int, after: int, group: ProcessGroup
             f"block_halo: the local block's size along dim {dim} is {rows}, fewer than the halo "
             f"{max(before, after)} (the short conv's reach); use fewer CP ranks, a larger size or a smaller kernel"
         )
-    world, rank = group_size(group), group_rank(group)
     head, tail = x.narrow(dim, 0, after), x.narrow(dim, rows - before, before)
     if world == 1 or before + after == 0:
         return (tail, head) if wrap else (torch.zeros_like(tail), torch.zeros_like(head))
-    prev = rank - 1 if rank > 0 or wrap else None
-    succ = (rank + 1) % world if rank + 1 < world or wrap else None
-    # my tail is my successor's "before", my head my predecessor's "after"
+    prev = (rank - 1) % world if (rank > 0 or wrap) and after else None  # who reads my head as its "after"
+    succ = (rank + 1) % world if (rank + 1 < world or wrap) and before else None  # who reads my tail
+    src_before = (rank - 1) % world if (rank > 0 or wrap) and before else None
+    src_after = (rank + 1) % world if (rank + 1 < world or wrap) and after else None
+    # a message to one peer holds its part as my successor, then as my predecessor, read in that order
     outgoing: dict[int, list[Tensor]] = {}
     incoming: dict[int, list[tuple[str, torch.Size]]] = {}
     if succ is not None:
         outgoing.setdefault(succ, []).append(tail)
-        incoming.setdefault(succ, []).append(("after", head.shape))
     if prev is not None:
         outgoing.setdefault(prev, []).append(head)
-        incoming.setdefault(prev, []).append(("before", tail.shape))
+    if src_before is not None:
+        incoming.setdefault(src_before, []).append(("before", tail.shape))
+    if src_after is not None:
+        incoming.setdefault(src_after, []).append(("after", head.shape))
     sends = [(peer, torch.cat([t.flatten() for t in parts])) for peer, parts in outgoing.items()]
     recvs = [(peer, (sum(shape.numel() for _, shape in parts),)) for peer, parts in incoming.items()]
     got = _received(sends, recvs, group)
