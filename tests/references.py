@@ -41,8 +41,9 @@ def _tap_index(n: int, boundary: str) -> torch.Tensor:
         return torch.where(o >= 0, o, -1)
     if boundary == "linear":
         return o + n - 1
-    wrapped = (o + n // 2) % n - n // 2  # the centred representative of i - m modulo n
-    return wrapped + n // 2
+    wrapped = (o + n // 2) % n - n // 2  # the representative of i - m modulo n in [-n//2, n//2)
+    index = wrapped + (n - 1) // 2  # taps -(n-1)//2 .. (n-1)//2: an even period's -n/2 has none
+    return torch.where(index >= 0, index, -1)
 
 
 def direct_conv_nd(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None, boundaries) -> torch.Tensor:

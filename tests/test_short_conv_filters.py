@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hyena_cp import Hyena
-from hyena_cp.ops.filters import ExponentialMask
+from hyena_cp.ops.masks import ExponentialMask
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv2d_same
 from references import expand_groups
 

@@ -42,7 +42,7 @@ def test_layouts_and_grid_w_per_stage():
             mixer = block.mixer
             assert mixer.grid_w == grid.grid_w  # the network is the source of truth for grid_w
             if isinstance(mixer, ViT5HyenaAdapter):
-                assert tuple(mixer.inner_mixer.hyena.max_size) == (grid.filter_rows(8), grid.grid_w)
+                assert tuple(mixer.inner_mixer.hyena.filter.max_size) == (grid.filter_rows(8), grid.grid_w)
     # 3x3 grid + 5 extras: 2 register rows; P=4 pads 5 rows to 8
     layout = net.grids[2].layout(4)
     assert (layout.grid.rows, layout.padded_rows, layout.local_tokens) == (5, 8, 6)

@@ -44,14 +44,33 @@ _AXES = ("L", "H W", "T H W")
 
 @dataclass(frozen=True)
 class Geometry:
-    """``boundaries``: one of "causal", "linear", "circular" per spatial axis (1 to 3 axes)."""
+    """``boundaries``: one of "causal", "linear", "circular" per spatial axis (1 to 3 axes), those of
+    the long conv. ``short``: the short conv's, when they differ (a circular axis whose short conv
+    pads with zeros, as nvSubquadratic's circular recipes do); None: the same."""
 
     boundaries: tuple[str, ...]
+    short: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not 1 <= len(self.boundaries) <= 3:
             raise ValueError(f"spatial_dims={len(self.boundaries)} must be 1, 2 or 3")
         object.__setattr__(self, "boundaries", check_boundaries(self.boundaries, len(self.boundaries)))
+        if self.short is not None:
+            short = check_boundaries(self.short, len(self.boundaries))
+            if any(s != b and (b, s) != ("circular", "linear") for b, s in zip(self.boundaries, short)):
+                raise ValueError(f"short_conv_boundary={short} may differ from the long conv's {self.boundaries} only "
+                                 f"by zero padding ('linear') on a circular axis")
+            object.__setattr__(self, "short", None if short == self.boundaries else short)
+
+    @property
+    def short_boundaries(self) -> tuple[str, ...]:
+        return self.boundaries if self.short is None else self.short
+
+    def with_short_conv(self, boundary: str | Sequence[str] | None) -> "Geometry":
+        """This geometry with the short conv's own boundary (one for every axis, or one per axis)."""
+        if boundary is None:
+            return self
+        return Geometry(self.boundaries, (boundary,) * self.spatial_dims if isinstance(boundary, str) else tuple(boundary))
 
     @classmethod
     def of(cls, spatial_dims: int, boundary: str | Sequence[str] | None = None) -> "Geometry":
@@ -103,7 +122,7 @@ class Geometry:
         if not halo:
             return
         chunk = first // parts
-        reach = max(short_conv_reach(short_kernel, self.boundaries[0]))
+        reach = max(short_conv_reach(short_kernel, self.short_boundaries[0]))
         if chunk < reach:
             piece = (f"zigzag chunk length {what.split()[-1]}/(2*cp_size)={chunk} is shorter than"
                      if self.layout == "zigzag" else f"the {what} per rank ({chunk}) are fewer than")
@@ -138,24 +157,25 @@ class Geometry:
                 positions = rearrange(positions, "b (n l) -> (b n) l", n=2)
             y = causal_depthwise_conv1d(chunks, weight, bias, rearrange(halos, "b c n k -> (b n) c k"), positions)
             return rearrange(y, "(b n) c l -> b c (n l)", n=2)
+        short = self.short_boundaries
         if world == 1:
-            return depthwise_conv_nd(u, weight, bias, self.boundaries)
+            return depthwise_conv_nd(u, weight, bias, short)
         if self.layout == "zigzag":  # a causal first axis of a grid: each chunk with the K-1 positions before it
             halos = causal_halo_1d(u.movedim(2, -1), kernel - 1, cp_group).movedim(-1, 2)  # B, C, K-1, *rest, 2
             chunks = rearrange(u, "b c (n t) ... -> (b n) c t ...", n=2)
             before = rearrange(halos, "b c k ... n -> (b n) c k ...")
-            y = depthwise_conv_nd(chunks, weight, bias, self.boundaries, before, None)
+            y = depthwise_conv_nd(chunks, weight, bias, short, before, None)
             return rearrange(y, "(b n) c t ... -> b c (n t) ...", n=2)
-        before, after = short_conv_reach(kernel, self.boundaries[0])
-        halo = block_halo(u, 2, before, after, cp_group, wrap=self.boundaries[0] == "circular")
-        return depthwise_conv_nd(u, weight, bias, self.boundaries, *halo)
+        before, after = short_conv_reach(kernel, short[0])
+        halo = block_halo(u, 2, before, after, cp_group, wrap=short[0] == "circular")
+        return depthwise_conv_nd(u, weight, bias, short, *halo)
 
     def short_conv_full(self, u: Tensor, weight: Tensor, bias: Tensor | None,
                         positions: Tensor | None = None) -> Tensor:
         """The same conv on the FULL grid ``u [B, C, *S]`` (no neighbours to fetch)."""
         if self.boundaries == ("causal",):
             return causal_depthwise_conv1d(u, weight, bias, positions=positions)
-        return depthwise_conv_nd(u, weight, bias, self.boundaries)
+        return depthwise_conv_nd(u, weight, bias, self.short_boundaries)
 
     def halo_traffic(self, kernel: int, world: int, rank: int) -> tuple[int, int, int]:
         """The short conv's halo exchange on one rank: ``(peers, sent, received)`` — how many
@@ -169,10 +189,10 @@ class Geometry:
                 return 0, 0, 0
             peers = (rank < world - 1) + (rank > 0)  # see causal_halo_1d: the last rank's second chunk is local
             return peers, peers * (kernel - 1), peers * (kernel - 1)
-        before, after = short_conv_reach(kernel, self.boundaries[0])
+        before, after = short_conv_reach(kernel, self.short_boundaries[0])
         if before + after == 0:
             return 0, 0, 0
-        wrap = self.boundaries[0] == "circular"
+        wrap = self.short_boundaries[0] == "circular"
         has_prev, has_succ = rank > 0 or wrap, rank + 1 < world or wrap
         peers = len({p for p, there in (((rank - 1) % world, has_prev), ((rank + 1) % world, has_succ)) if there})
         return peers, before * has_succ + after * has_prev, before * has_prev + after * has_succ

@@ -1,6 +1,9 @@
 """Hyena operator (order 2): ``y = q * (h * z + D z)`` with ``z = k * v`` and ``h`` an
 implicit long filter, over 1, 2 or 3 spatial axes, each causal, linear (centred, global) or
-circular (`hyena_cp.modules.geometry`).
+circular (`hyena_cp.modules.geometry`). Optional gates and norms around it (`hyena_cp.modules.gating`)
+give ``y = σ_o(q) * (h * z + D z)``, ``z = N_c(N_k(k) * σ_i(N_v(v)))``. The filter is a generator
+evaluated on the kernel's grid times a mask (`hyena_cp.ops.filters`, `.siren`, `.masks`); a
+FiLM-conditioned generator makes one filter bank per sample from ``conditioning``.
 
 Under context parallelism (``cp_group`` of size P) the operator receives shards of the first
 axis and only ``z`` crosses ranks: one AllToAll turns the shard ``[B, C, S0/P, ...]`` into the
@@ -35,8 +38,10 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from hyena_cp import flops
+from hyena_cp.modules.gating import Gating
 from hyena_cp.modules.geometry import Geometry
-from hyena_cp.ops.filters import ExponentialMask, FourierFilter, check_size, kernel_grid
+from hyena_cp.ops.filters import FourierFilter, kernel_grid
+from hyena_cp.ops.masks import ExponentialMask
 from hyena_cp.ops.packing import check_cu_seqlens
 from hyena_cp.parallel import (agreed, check_agreement_policy, check_group, check_ranks_agree, copy_to_group,
                                group_rank, group_size, shape_of)
@@ -79,13 +84,17 @@ class Hyena(nn.Module):
         filter: the kernel generator (`hyena_cp.ops.filters`): a factory called as
             ``filter(num_groups=num_heads, spatial_dims=spatial_dims)`` (a class, a
             ``functools.partial``, or a config with ``_partial_: true``), or a built module with
-            those two attributes. None: the original Hyena's `FourierFilter` from ``filter_*``.
+            those two attributes. None: the original Hyena's `FourierFilter` from ``filter_*`` and
+            ``max_len`` / ``max_grid``.
         filter_bands, filter_width, filter_depth, filter_sin_freq: that default filter's MLP.
         mask: the window multiplied into the kernel, a factory or module like ``filter``, or None
             for no window. Default: `ExponentialMask` (Hyena's decay, radial over the axes).
-        max_len: 1-D only; longest sequence the filter accepts (coordinates are normalised
-            by it), or None for length-relative filters.
-        max_grid: 2-D/3-D; the maximum grid ``(H, W)`` / ``(T, H, W)``, or None for size-relative filters.
+        max_len: default filter, 1-D; longest sequence it accepts (coordinates are offsets / max_len),
+            or None for length-relative filters.
+        max_grid: default filter, 2-D/3-D; the maximum grid ``(H, W)`` / ``(T, H, W)``, or None.
+        skip: the per-channel skip ``D z`` (True) or none.
+        inner_gate, outer_gate, qk_norm, conv_norm, conv_norm_groups, norm_eps: gates and norms
+            (`hyena_cp.modules.gating.Gating`).
         cp_comm: how the long conv crosses ranks under CP: "alltoall" (default, the
             communication floor) or "allgather" — a comparison baseline that all-gathers
             the full ``z`` (forward all-gather + backward reduce-scatter: P/2 times the
@@ -103,7 +112,9 @@ class Hyena(nn.Module):
                  boundary: str | Sequence[str] | None = None, filter: nn.Module | Factory | None = None,
                  filter_bands: int = 8, filter_width: int = 64, filter_depth: int = 2, filter_sin_freq: float = 1.0,
                  mask: nn.Module | Factory | None = ExponentialMask,
-                 max_len: int | None = None, max_grid: Sequence[int] | None = None,
+                 max_len: int | None = None, max_grid: Sequence[int] | None = None, skip: bool = True,
+                 inner_gate: str | None = None, outer_gate: str | None = None, qk_norm: str | None = None,
+                 conv_norm: str | None = None, conv_norm_groups: int = 1, norm_eps: float | None = None,
                  cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True,
                  tp_group: ProcessGroup | None = None, check_agreement: Literal["always", "off"] = "always"):
         super().__init__()
@@ -118,18 +129,28 @@ class Hyena(nn.Module):
         if hidden_dim % tp_size or num_heads % tp_size:
             raise ValueError(f"hidden_dim={hidden_dim} and num_heads={num_heads} must be divisible by the tensor-parallel "
                              f"size {tp_size} (a TP rank owns whole filter groups); change them or the TP size")
-        self.max_size = self._max_size(spatial_dims, max_len, max_grid)
+        max_size = self._max_size(spatial_dims, max_len, max_grid)
+        if filter is None:
+            filter = FourierFilter(num_heads, spatial_dims, num_bands=filter_bands, width=filter_width,
+                                   depth=filter_depth, sin_freq=filter_sin_freq, max_size=max_size)
+        elif max_size is not None:
+            raise ValueError("max_len / max_grid configure the default filter; with filter= given, set its own "
+                             "size settings (e.g. SirenFilter's L_cache)")
         self.hidden_dim, self.num_heads, self.spatial_dims = hidden_dim, num_heads, spatial_dims
         self.cp_comm, self.checkpoint_filter = cp_comm, checkpoint_filter
         self.tp_group, self.local_dim = tp_group, hidden_dim // tp_size
         self.channel_offset = group_rank(tp_group) * self.local_dim
-        if filter is None:
-            filter = FourierFilter(num_heads, spatial_dims, num_bands=filter_bands, width=filter_width,
-                                   depth=filter_depth, sin_freq=filter_sin_freq)
         self.filter = _build_part(filter, "filter", num_heads, spatial_dims)
         self.mask = _build_part(mask, "mask", num_heads, spatial_dims)
+        self.cond_dim = getattr(self.filter, "cond_dim", None)
+        if self.cond_dim is not None and tp_size > 1:
+            raise ValueError("a conditioned filter (cond_dim set) is not supported with tensor parallelism")
+        self.gating = Gating(hidden_dim, inner_gate=inner_gate, outer_gate=outer_gate, qk_norm=qk_norm,
+                             conv_norm=conv_norm, conv_norm_groups=conv_norm_groups, norm_eps=norm_eps,
+                             tp_group=tp_group)
         # D, per channel; drawn for all C channels so a seed gives the same full operator at any TP size
-        self.skip = nn.Parameter(torch.randn(hidden_dim)[self.channel_offset:self.channel_offset + self.local_dim].clone())
+        d = torch.randn(hidden_dim)[self.channel_offset:self.channel_offset + self.local_dim].clone()
+        self.skip = nn.Parameter(d) if skip else None
 
     @staticmethod
     def _max_size(spatial_dims: int, max_len: int | None, max_grid: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -152,13 +173,19 @@ class Hyena(nn.Module):
 
     @property
     def max_len(self) -> int | None:
-        """1-D: the filter's fixed length (None: length-relative)."""
-        return None if self.max_size is None or self.spatial_dims != 1 else self.max_size[0]
+        """1-D: the longest sequence the filter accepts (None: any)."""
+        size = getattr(self.filter, "max_size", None)
+        return None if size is None or self.spatial_dims != 1 else size[0]
+
+    @property
+    def dtype_like(self) -> torch.Tensor:
+        """A parameter whose dtype and device are the operator's (the filter's output layer)."""
+        return next(self.filter.parameters())
 
     def check_input(self, global_spatial: tuple[int, ...], world: int) -> None:
         """Raise the constraints of this operator for a global size ``(L,)``/``(H, W)`` on a
         cp_group of ``world`` ranks (called on every rank before any collective)."""
-        self._references(global_spatial)
+        self.filter.reference(global_spatial)
         tp = group_size(self.tp_group)
         if self.hidden_dim % (tp * world):
             raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by tp_size*cp_size={tp}*{world}; "
@@ -167,18 +194,17 @@ class Hyena(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} must be divisible by tp_size*cp_size={tp}*{world} (filter "
                              f"groups are never split across ranks); set num_heads to a multiple of {tp * world}")
 
-    def _references(self, size: tuple[int, ...]) -> tuple[float, ...]:
-        names = ("max_len",) if self.spatial_dims == 1 else tuple(f"max_grid[{a}]" for a in range(self.spatial_dims))
-        return check_size(size, self.max_size, names)
-
     def check_packing(self, cu_seqlens: torch.Tensor | None, batch: int, global_len: int) -> None:
         """Raise ``ValueError`` (before any collective) unless ``cu_seqlens`` is None or valid
         boundaries of ``batch`` rows of ``global_len`` tokens (1-D causal only)."""
         if cu_seqlens is None:
             return
-        if self.geometry.layout != "zigzag":
+        if self.geometry.boundaries != ("causal",):
             raise ValueError("cu_seqlens (packed sequences) is for a causal 1-D Hyena; a grid or a non-causal "
                              "sequence has no documents: pass cu_seqlens=None")
+        if self.cond_dim is not None:
+            raise ValueError("cu_seqlens (packed sequences) with a conditioned filter is not supported: its filter "
+                             "bank is per row, not per document")
         check_cu_seqlens(cu_seqlens, batch * global_len, global_len)
 
     def check_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sharded: str,
@@ -205,7 +231,8 @@ class Hyena(nn.Module):
                 raise ValueError(f"mask must be a tensor broadcastable to q's shape {tuple(q.shape)} (1 = real token, "
                                  f"0 = padding), got {shape_of(mask)}")
 
-    def long_conv(self, z: torch.Tensor, channels: slice, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def long_conv(self, z: torch.Tensor, channels: slice, cu_seqlens: torch.Tensor | None = None,
+                  conditioning: torch.Tensor | None = None) -> torch.Tensor:
         """FFT long conv of the FULL grid of a channel block.
 
         Args:
@@ -213,9 +240,11 @@ class Hyena(nn.Module):
             channels: which of this TP rank's ``local_dim`` channels ``z`` holds (a contiguous
                 block aligned to filter groups); only their filters are built.
             cu_seqlens: 1-D packed documents (GLOBAL, validated), each convolved alone.
+            conditioning: ``[B, cond_dim]`` for a conditioned filter (one bank per sample).
         """
-        k = self.build_filter(tuple(z.shape[2:]), self.filter_groups(channels))  # G_blk, *K
-        return self.geometry.long_conv(z, k, self.skip[channels], cu_seqlens)
+        k = self.build_filter(tuple(z.shape[2:]), self.filter_groups(channels), conditioning)  # [B,] G_blk, *K
+        skip = None if self.skip is None else self.skip[channels]
+        return self.geometry.long_conv(z, k, skip, cu_seqlens)
 
     def filter_groups(self, channels: slice) -> slice:
         """The filter groups of a block of this TP rank's local channels (aligned to groups)."""
@@ -223,9 +252,10 @@ class Hyena(nn.Module):
         first, last = self.channel_offset + channels.start, self.channel_offset + channels.stop  # global channels
         return slice(first // per_group, last // per_group)
 
-    def build_filter(self, spatial: tuple[int, ...], groups: slice) -> torch.Tensor:
-        """The long filters ``[G_sel, *K]`` of ``groups`` for a global grid ``spatial``, in the
-        geometry's offset layout (`hyena_cp.ops.boundary.kernel_offsets`).
+    def build_filter(self, spatial: tuple[int, ...], groups: slice,
+                     conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """The long filters ``[G_sel, *K]`` (``[B, G_sel, *K]`` when conditioned) of ``groups`` for a
+        global grid ``spatial``, in the geometry's offset layout (`hyena_cp.ops.boundary.kernel_offsets`).
 
         The filter runs at every tap on every rank, so storing its hidden activations for
         backward would cost the same memory at any CP size; with ``checkpoint_filter`` they are
@@ -238,19 +268,20 @@ class Hyena(nn.Module):
         into a staircase; the FFT conv it feeds runs in fp32 anyway, and the MLP is small.
         """
         params = self._filter_params()
-        with torch.autocast(device_type=self.skip.device.type, enabled=False):
+        with torch.autocast(device_type=self.dtype_like.device.type, enabled=False):
             if self.checkpoint_filter and torch.is_grad_enabled():
-                return checkpoint(self._build, spatial, groups, params, use_reentrant=False)
-            return self._build(spatial, groups, params)
+                return checkpoint(self._build, spatial, groups, params, conditioning, use_reentrant=False)
+            return self._build(spatial, groups, params, conditioning)
 
-    def _build(self, spatial: tuple[int, ...], groups: slice, params: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        weight = self.skip
-        grid = kernel_grid(self.geometry.kernel_offsets(spatial), spatial, self._references(spatial),
-                           device=weight.device, dtype=weight.dtype)
+    def _build(self, spatial: tuple[int, ...], groups: slice, params: dict[str, torch.Tensor] | None,
+               conditioning: torch.Tensor | None) -> torch.Tensor:
+        like = self.dtype_like
+        grid = kernel_grid(self.geometry.kernel_offsets(spatial), spatial, self.filter.reference(spatial),
+                           device=like.device, dtype=like.dtype)
         parts = {"filter": self.filter, "mask": self.mask}
         if params is not None:  # under TP: the parameters after their copy_to_group
             parts = {role: module if module is None else _Bound(module, params, role) for role, module in parts.items()}
-        k = parts["filter"](grid, groups)
+        k = parts["filter"](grid, groups, conditioning) if conditioning is not None else parts["filter"](grid, groups)
         return k if parts["mask"] is None else k * parts["mask"](grid, groups)
 
     def _filter_params(self) -> dict[str, torch.Tensor] | None:
@@ -269,44 +300,61 @@ class Hyena(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cp_group=None,
                 sharded: Sharding = "sequence", mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """``q, k, v``: ``[B, C, *S_local]``, this rank's shard of the first axis (1-D causal: the
-        zigzag shard) when ``sharded="sequence"``; with ``sharded="channel"`` they already hold the
-        full grid of this rank's channel block ``[B, C/P, *S]``.
-        Under TP, C is this rank's ``local_dim`` channels.
+                cu_seqlens: torch.Tensor | None = None, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """``q, k, v``: ``[B, C, *S_local]``, this rank's shard of the first axis (causal: the zigzag
+        shard) when ``sharded="sequence"``; with ``sharded="channel"`` they already hold the full grid
+        of this rank's channel block ``[B, C/P, *S]``. Under TP, C is this rank's ``local_dim`` channels.
         ``mask`` (1 = real token, 0 = padding), broadcastable to ``z`` in the same layout,
         zeroes padded positions of ``z`` so the long conv never carries them to real tokens.
         ``cu_seqlens`` (1-D): packed documents ``[N+1]``, GLOBAL boundaries over the B rows laid
         end to end, the same on every rank; the long conv restarts at each document.
-        Returns ``q * (h * z + D z)`` in the same layout as ``q``."""
+        ``conditioning``: ``[B, cond_dim]``, the same on every rank, for a conditioned filter.
+        Returns ``σ_o(q) * (h * z + D z)`` in the same layout as ``q``."""
         check_group(cp_group)
         signature = {"q.shape": shape_of(q), "k.shape": shape_of(k), "v.shape": shape_of(v),
-                     "q.dtype": getattr(q, "dtype", None), "mask.shape": shape_of(mask), "cu_seqlens": cu_seqlens}
+                     "q.dtype": getattr(q, "dtype", None), "mask.shape": shape_of(mask), "cu_seqlens": cu_seqlens,
+                     "conditioning.shape": shape_of(conditioning)}
         k = check_ranks_agree(cp_group, "Hyena.forward", signature, policy=self.check_agreement,
                               hint="Give every rank of the cp_group its shard of the same global q, k, v", before=k)
         world = group_size(cp_group)
         self.check_qkv(q, k, v, sharded, mask, world)
+        self.check_conditioning(conditioning, q)
+        if sharded == "channel" and world > 1 and not self.gating.token_local:
+            raise ValueError("qk_norm / conv_norm need every channel of a token, which channel shards "
+                             "(sharded='channel', the mixer's short_conv_cp='a2a') do not hold; use short_conv_cp='halo'")
         global_spatial = tuple(q.shape[2:]) if sharded == "channel" else self.geometry.global_size(q.shape[2:], world)
         self.check_input(global_spatial, world)
         self.check_packing(cu_seqlens, q.shape[0], global_spatial[0])
         with agreed(cp_group):
-            return self._forward(q, k, v, cp_group, sharded, mask, cu_seqlens)
+            return self._forward(q, k, v, cp_group, sharded, mask, cu_seqlens, conditioning)
+
+    def check_conditioning(self, conditioning: torch.Tensor | None, like: torch.Tensor) -> None:
+        """``conditioning`` is given exactly when the filter is conditioned, as ``[B, cond_dim]``."""
+        if (conditioning is None) != (self.cond_dim is None):
+            raise ValueError("this Hyena's filter " + ("is conditioned: pass conditioning [B, cond_dim="
+                                                       f"{self.cond_dim}]" if self.cond_dim is not None else
+                                                       "takes no conditioning: pass none"))
+        if conditioning is not None and (not isinstance(conditioning, torch.Tensor)
+                                         or tuple(conditioning.shape) != (like.shape[0], self.cond_dim)):
+            raise ValueError(f"conditioning must be [B, cond_dim] = {[like.shape[0], self.cond_dim]}, "
+                             f"got {shape_of(conditioning)}")
 
     def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group, sharded: Sharding,
-                 mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+                 mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                 conditioning: torch.Tensor | None) -> torch.Tensor:
         world, rank = group_size(cp_group), group_rank(cp_group)
         block = self.local_dim // world
         channels = slice(rank * block, (rank + 1) * block)  # of this TP rank's local channels
-        z = k * v if mask is None else k * v * mask
+        z = self.gating.inner(k, v, cp_group if sharded == "sequence" else None, mask)
         if sharded == "channel" or world == 1:
-            return q * self.long_conv(z, channels, cu_seqlens)
+            return self.gating.outer(q, self.long_conv(z, channels, cu_seqlens, conditioning))
         if self.cp_comm == "allgather":
             full = self.geometry.gather_full(z, cp_group)  # B, C, *S
-            y = self.long_conv(full, slice(0, self.local_dim), cu_seqlens)
-            return q * self.geometry.local_part(y, cp_group)
+            y = self.long_conv(full, slice(0, self.local_dim), cu_seqlens, conditioning)
+            return self.gating.outer(q, self.geometry.local_part(y, cp_group))
         y = self.geometry.to_channel_block(z, cp_group)  # B, C/P, *S
-        y = self.geometry.to_shard(self.long_conv(y, channels, cu_seqlens), cp_group)  # B, C, *S_local
-        return q * y
+        y = self.geometry.to_shard(self.long_conv(y, channels, cu_seqlens, conditioning), cp_group)  # B, C, *S_local
+        return self.gating.outer(q, y)
 
     def flop_count(self, spatial: tuple[int, ...]) -> dict[str, float]:
         """Forward FLOP breakdown for one sample of global size ``spatial``."""
@@ -315,8 +363,8 @@ class Hyena(nn.Module):
         return {
             "filter_mlp": self.filter.flop_count(taps),
             "fft_conv": flops.fft_conv(self.hidden_dim, self.num_heads, self.geometry.fft_numel(spatial)),
-            # z = k*v, D*z + conv, q*y: 4 elementwise FLOPs per token-channel
-            "gating": 4 * tokens * self.hidden_dim,
+            # z = k*v, q*y (+ gates and norms), and D*z + conv: elementwise FLOPs per token-channel
+            "gating": self.gating.flop_count(tokens, self.hidden_dim) + 2 * tokens * self.hidden_dim,
         }
 
 

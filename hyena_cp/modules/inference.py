@@ -42,18 +42,24 @@ from hyena_cp.parallel import (broadcast_from, channel_to_seq, check_ranks_agree
 __all__ = ["HyenaCache", "check_decodable"]
 
 
-def check_decodable(mixer: QKVSequenceMixer) -> int:
-    """Raise ``ValueError`` unless ``mixer`` can be decoded step by step; returns its ``max_len``."""
-    if mixer.spatial_dims != 1:
-        raise ValueError("only causal 1-D Hyena mixers (spatial_dims=1) can be decoded token by token")
-    if mixer.cond is not None:
+def check_decodable(mixer: QKVSequenceMixer) -> int | None:
+    """Raise ``ValueError`` unless ``mixer`` can be decoded step by step; returns the longest
+    sequence its filter accepts (None: any)."""
+    hyena = mixer.hyena
+    if hyena.geometry.boundaries != ("causal",):
+        raise ValueError("only causal 1-D Hyena mixers (spatial_dims=1, boundary='causal') can be decoded token by token")
+    if mixer.cond_dim is not None:
         raise ValueError("decoding a mixer with conditioning is not supported; build it with conditioning=None")
-    max_len = mixer.hyena.max_len
-    if max_len is None:
+    if mixer.short_conv is None:
+        raise ValueError("decoding needs a short conv (short_kernel_size >= 1)")
+    if not hyena.gating.token_local:
+        raise ValueError("decoding a Hyena with qk_norm or conv_norm is not supported: under CP a decoding rank "
+                         "holds a block of the channels those norms read together")
+    if not hyena.filter.absolute:
         raise ValueError("decoding needs Hyena filters with a fixed max_len: length-relative filters "
                          "(max_len=None) change with the sequence length, so no prefix of them is the filter "
                          "of the growing sequence; set HyenaMixerConfig.max_len (and train with it)")
-    return max_len
+    return hyena.max_len
 
 
 class HyenaCache:
@@ -72,7 +78,7 @@ class HyenaCache:
     def __init__(self, mixer: QKVSequenceMixer, *, batch_size: int, capacity: int,
                  cp_group: ProcessGroup | None = None):
         self.max_len = check_decodable(mixer)
-        if not 1 <= capacity <= self.max_len:
+        if capacity < 1 or (self.max_len is not None and capacity > self.max_len):
             raise ValueError(f"cache capacity={capacity} must be between 1 and the Hyena filters' max_len="
                              f"{self.max_len}: the filters end there")
         world = group_size(cp_group)
@@ -80,7 +86,7 @@ class HyenaCache:
         self.mixer, self.cp_group, self.capacity = mixer, cp_group, capacity
         self.block = mixer.local_dim // world
         self.channels = slice(group_rank(cp_group) * self.block, (group_rank(cp_group) + 1) * self.block)
-        like = mixer.hyena.skip
+        like = mixer.hyena.dtype_like
         with torch.no_grad():
             taps = mixer.hyena.build_filter((capacity,), mixer.hyena.filter_groups(self.channels))  # G_blk, cap
         self.filter_rev = taps.flip(-1).contiguous()
@@ -144,11 +150,11 @@ class HyenaCache:
         u = rearrange(_project(mixer.in_proj, x), "b l c -> b c l")  # b, 3C_l, s_local
         q, k, v = mixer._short_conv_local(u, self.cp_group).chunk(3, dim=1)  # b, C_l, s_local each
         self._keep_short_state(u)
-        z = seq_to_channel(k * v, self.cp_group, "zigzag")  # b, blk, L
+        z = seq_to_channel(mixer.hyena.gating.inner(k, v), self.cp_group, "zigzag")  # b, blk, L
         self.z[..., :length] = z
         y = channel_to_seq(mixer.hyena.long_conv(z, self.channels), self.cp_group, "zigzag")  # b, C_l, s_local
         self.length = length
-        return self._output(rearrange(q * y, "b c l -> b l c"))
+        return self._output(rearrange(mixer.hyena.gating.outer(q, y), "b c l -> b l c"))
 
     # ------------------------------------------------------------------ step
     def _filter_tail(self, n: int) -> torch.Tensor:
@@ -168,9 +174,10 @@ class HyenaCache:
         if halo:
             self.short = torch.cat([self.short[..., 1:], u], dim=-1)
         q, k, v = qkv[..., 0].chunk(3, dim=1)  # b, blk each
-        self.z[..., self.length] = k * v
+        gating, skip = self.mixer.hyena.gating, self.mixer.hyena.skip
+        self.z[..., self.length] = gating.inner(k, v)
         n = self.length + 1
-        y = causal_conv_step(self.z[..., :n], self._filter_tail(n), self.mixer.hyena.skip[self.channels])
-        y = gather_from_group(q * y, 1, self.cp_group)  # b, C_l: the channel blocks in CP rank order
+        y = causal_conv_step(self.z[..., :n], self._filter_tail(n), None if skip is None else skip[self.channels])
+        y = gather_from_group(gating.outer(q, y), 1, self.cp_group)  # b, C_l: the channel blocks in CP rank order
         self.length = n
         return self._output(y[:, None, :])

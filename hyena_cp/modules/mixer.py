@@ -38,6 +38,7 @@ Inside a network that checked its own input (`hyena_cp.parallel.agreed`) the mix
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -54,7 +55,7 @@ from hyena_cp.ops.packing import document_positions, is_one_document_per_row
 from hyena_cp.parallel import (agreed, channel_to_seq, check_agreement_policy, check_group, check_ranks_agree,
                                group_rank, group_size, seq_to_channel, shape_of, shard_tp)
 
-__all__ = ["QKVSequenceMixer"]
+__all__ = ["QKVSequenceMixer", "init_projection"]
 
 _AGREE_HINT = ("Give every rank of the cp_group its shard of the SAME global batch (hyena_cp.parallel.shard), the "
                "same num_valid_tokens, conditioning and cu_seqlens")
@@ -86,6 +87,23 @@ def _check_num_valid(num_valid: int | None, tokens: int) -> None:
                          f"global tokens per sample: real tokens first, padding after); pass the count of real tokens")
 
 
+def init_projection(layer: nn.Module, kind: str | None, dim: int, num_layers: int | None, name: str) -> None:
+    """Named initialisations of a projection's weight (bias to 0): ``"small"`` ``N(0, 2/(5 dim))``
+    (Nguyen & Salazar 2019) and ``"wang"`` ``N(0, (2/(num_layers sqrt(dim)))^2)`` (GPT-J/NeoX's output
+    scaling); None keeps torch's default."""
+    if kind is None:
+        return
+    if kind not in ("small", "wang"):
+        raise ValueError(f"{name}={kind!r} must be None, 'small' or 'wang'")
+    if kind == "wang" and not num_layers:
+        raise ValueError(f"{name}='wang' needs init_num_layers (the network's depth)")
+    std = math.sqrt(2 / (5 * dim)) if kind == "small" else 2 / (num_layers * math.sqrt(dim))
+    with torch.no_grad():
+        layer.weight.normal_(0.0, std)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.zero_()
+
+
 class QKVSequenceMixer(nn.Module):
     """Hyena token mixer with projections.
 
@@ -94,11 +112,20 @@ class QKVSequenceMixer(nn.Module):
         hyena: the Hyena operator (``hyena.hidden_dim == hidden_dim``); its geometry decides
             whether this mixer takes ``[B, L, C]``, ``[B, H, W, C]`` or ``[B, T, H, W, C]``.
         short_kernel_size: K taps per axis of the short depthwise conv: K back along a causal
-            axis, K centred ("same", K odd) along a linear or circular one.
-        norm: "layernorm", "rmsnorm" or None, applied to ``q * y`` before out_proj (over all C
-            channels, also under TP: see `hyena_cp.modules.norm`).
-        conditioning: None, "film" or "adaln" (adaLN-Zero); needs ``cond_dim``.
-        bias: bias of in_proj, short conv and out_proj.
+            axis, K centred ("same", K odd) along a linear or circular one; None: no short conv.
+        short_conv_boundary: the short conv's boundary when it differs from the long conv's: "linear"
+            zero-pads a circular axis (per axis, or one for all); None: the long conv's.
+        norm: "layernorm", "rmsnorm", "l2" or None, applied to ``σ_o(q) * y`` before out_proj (over
+            all C channels, also under TP: see `hyena_cp.modules.norm`).
+        norm_eps: eps of this mixer's norms (None: torch's defaults); the Hyena's own norms take
+            ``Hyena(norm_eps=)``.
+        conditioning: None, "film" or "adaln" (adaLN-Zero) of ``y`` before out_proj; needs ``cond_dim``.
+            A conditioned Hyena filter (``Hyena(filter=SirenFilter(cond_dim=...))``) receives the same
+            ``conditioning`` tensor.
+        bias: bias of in_proj, short conv and out_proj; ``in_proj_bias``, ``short_conv_bias``,
+            ``out_proj_bias`` override it one by one.
+        in_proj_init, out_proj_init: None (torch's default), "small" (``N(0, 2/(5C))``, Nguyen-Salazar)
+            or "wang" (``N(0, (2/(num_layers sqrt C))^2)``, needs ``init_num_layers``); biases then 0.
         short_conv_cp: "halo" (default) or "a2a", see module docstring.
         in_proj, out_proj: projection modules (C -> 3 * local, local -> C, ``local =
             hyena.local_dim``); default ``nn.Linear``; required under TP (see module docstring).
@@ -106,20 +133,26 @@ class QKVSequenceMixer(nn.Module):
             the first collective of every call; "off" trusts them (see module docstring).
     """
 
-    def __init__(self, *, hidden_dim: int, hyena: Hyena, short_kernel_size: int = 3, norm: str | None = "layernorm",
-                 conditioning: str | None = None, cond_dim: int | None = None, bias: bool = True,
-                 short_conv_cp: Literal["halo", "a2a"] = "halo", in_proj: nn.Module | None = None,
-                 out_proj: nn.Module | None = None, check_agreement: Literal["always", "off"] = "always"):
+    def __init__(self, *, hidden_dim: int, hyena: Hyena, short_kernel_size: int | None = 3,
+                 short_conv_boundary: str | Sequence[str] | None = None, norm: str | None = "layernorm",
+                 norm_eps: float | None = None, conditioning: str | None = None, cond_dim: int | None = None,
+                 bias: bool = True, in_proj_bias: bool | None = None, short_conv_bias: bool | None = None,
+                 out_proj_bias: bool | None = None, in_proj_init: str | None = None, out_proj_init: str | None = None,
+                 init_num_layers: int | None = None, short_conv_cp: Literal["halo", "a2a"] = "halo",
+                 in_proj: nn.Module | None = None, out_proj: nn.Module | None = None,
+                 check_agreement: Literal["always", "off"] = "always"):
         super().__init__()
         self.check_agreement = check_agreement_policy(check_agreement)
         if hyena.hidden_dim != hidden_dim:
             raise ValueError(f"hyena.hidden_dim={hyena.hidden_dim} must equal the mixer's hidden_dim={hidden_dim}")
         if short_conv_cp not in ("halo", "a2a"):
             raise ValueError(f"short_conv_cp={short_conv_cp!r} must be 'halo' or 'a2a'")
-        if short_kernel_size < 1:
-            raise ValueError(f"short_kernel_size={short_kernel_size} must be >= 1")
-        for boundary in hyena.geometry.boundaries:
-            short_conv_reach(short_kernel_size, boundary)  # odd along non-causal axes
+        self.geometry = hyena.geometry.with_short_conv(short_conv_boundary)
+        if short_kernel_size is not None:
+            if short_kernel_size < 1:
+                raise ValueError(f"short_kernel_size={short_kernel_size} must be >= 1 (or None: no short conv)")
+            for boundary in self.geometry.short_boundaries:
+                short_conv_reach(short_kernel_size, boundary)  # odd along non-causal axes
         tp = group_size(hyena.tp_group)
         if tp > 1 and (in_proj is None or out_proj is None):
             raise ValueError("a tensor-parallel Hyena (tp_group of size > 1) needs tensor-parallel in_proj/out_proj "
@@ -127,15 +160,26 @@ class QKVSequenceMixer(nn.Module):
         if tp > 1 and conditioning is not None:
             raise ValueError(f"conditioning={conditioning!r} is not supported with tensor parallelism (TP size {tp}); "
                              f"use conditioning=None")
+        if conditioning is not None and hyena.cond_dim is not None and cond_dim != hyena.cond_dim:
+            raise ValueError(f"cond_dim={cond_dim} must equal the Hyena filter's cond_dim={hyena.cond_dim}: both read the "
+                             f"one conditioning tensor")
         self.hidden_dim, self.spatial_dims, self.local_dim = hidden_dim, hyena.spatial_dims, hyena.local_dim
-        self.geometry = hyena.geometry
         self.short_kernel_size, self.short_conv_cp = short_kernel_size, short_conv_cp
-        self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=bias) if in_proj is None else in_proj
-        self.short_conv = self._build_short_conv(short_kernel_size, bias, hyena)
+        pick = lambda own: bias if own is None else own  # noqa: E731
+        self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=pick(in_proj_bias)) if in_proj is None else in_proj
+        self.short_conv = None if short_kernel_size is None else \
+            self._build_short_conv(short_kernel_size, pick(short_conv_bias), hyena)
         self.hyena = hyena
-        self.norm = build_norm(norm, hidden_dim, hyena.tp_group)  # statistics over all C channels
+        self.norm = build_norm(norm, hidden_dim, hyena.tp_group, norm_eps)  # statistics over all C channels
         self.cond = build_conditioning(conditioning, cond_dim, hidden_dim)
-        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias) if out_proj is None else out_proj
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=pick(out_proj_bias)) if out_proj is None else out_proj
+        init_projection(self.in_proj, in_proj_init, hidden_dim, init_num_layers, "in_proj_init")
+        init_projection(self.out_proj, out_proj_init, hidden_dim, init_num_layers, "out_proj_init")
+
+    @property
+    def cond_dim(self) -> int | None:
+        """Width of the ``conditioning`` tensor this mixer takes (its own FiLM/adaLN or its filter's)."""
+        return self.cond.proj.in_features if self.cond is not None else self.hyena.cond_dim
 
     def _build_short_conv(self, kernel_size: int, bias: bool, hyena: Hyena) -> nn.Module:
         """Depthwise conv over ``[q; k; v]`` of this rank's channels. Only owns and initialises the
@@ -162,7 +206,8 @@ class QKVSequenceMixer(nn.Module):
         self.hyena.check_input(size, world)
         self.hyena.check_packing(cu_seqlens, x.shape[0], size[0])
         _check_num_valid(num_valid_tokens, math.prod(size))
-        self.geometry.check_shard(size, world, self.short_kernel_size, halo=self.short_conv_cp == "halo")
+        self.geometry.check_shard(size, world, self.short_kernel_size or 1,
+                                  halo=self.short_conv_cp == "halo" and self.short_conv is not None)
 
     def _check_tensors(self, x: torch.Tensor, conditioning: torch.Tensor | None) -> None:
         """Layout, dtype and device of ``x`` and ``conditioning`` against the mixer's weights."""
@@ -170,7 +215,7 @@ class QKVSequenceMixer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 + self.spatial_dims or x.shape[-1] != self.hidden_dim:
             raise ValueError(f"x must be {shape} with C=hidden_dim={self.hidden_dim} (channels last); "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        weight = self.hyena.skip
+        weight = self.hyena.dtype_like
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {x.dtype}; convert it (x.to({weight.dtype}))")
         if x.device != weight.device:
@@ -179,12 +224,12 @@ class QKVSequenceMixer(nn.Module):
         if x.dtype != weight.dtype and not _autocast(x):
             raise ValueError(f"x is {x.dtype} but the mixer's parameters are {weight.dtype}; cast x or the mixer "
                              f"(.to(dtype)), or run under torch.autocast")
-        if (conditioning is None) != (self.cond is None):
-            need = "needs" if self.cond is not None else "was built without conditioning and takes no"
+        if (conditioning is None) != (self.cond_dim is None):
+            need = "needs" if self.cond_dim is not None else "was built without conditioning and takes no"
             raise ValueError(f"this mixer {need} `conditioning=` tensor [B, cond_dim]")
         if conditioning is None:
             return
-        want = (x.shape[0], self.cond.proj.in_features)
+        want = (x.shape[0], self.cond_dim)
         if not isinstance(conditioning, torch.Tensor) or tuple(conditioning.shape) != want:
             raise ValueError(f"conditioning must be [B, cond_dim] = {list(want)} (B from x, cond_dim from the mixer's "
                              f"constructor), got {shape_of(conditioning)}")
@@ -209,12 +254,16 @@ class QKVSequenceMixer(nn.Module):
     def _short_conv_local(self, u: torch.Tensor, cp_group, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``u``: this rank's shard ``[B, 3C, *S_loc]``; halo exchange (`Geometry.short_conv`).
         ``positions`` (1-D, packed): ``[B, L_loc]`` offset of each local token in its document."""
+        if self.short_conv is None:
+            return u
         w, b = self._short_conv_weights(None)
         return self.geometry.short_conv(u, w, b, cp_group, positions)
 
     def _short_conv_full(self, u: torch.Tensor, channels: slice, positions: torch.Tensor | None) -> torch.Tensor:
         """``u``: full grid of a channel block of q, k, v ``[B, 3*C_blk, *S]``;
         ``positions`` (1-D, packed): ``[B, L]`` offset of each token in its document."""
+        if self.short_conv is None:
+            return u
         w, b = self._short_conv_weights(channels)
         return self.geometry.short_conv_full(u, w, b, positions)
 
@@ -276,13 +325,14 @@ class QKVSequenceMixer(nn.Module):
         u = _project(self.in_proj, x)
         u = self.geometry.to_channels_first(u)  # B, 3C, *S_local
         if self.short_conv_cp == "a2a" and world > 1:
-            y = self._forward_a2a(u, cp_group, num_valid_tokens, cu_seqlens)
+            y = self._forward_a2a(u, cp_group, num_valid_tokens, cu_seqlens, conditioning)
         else:
             mask = self._valid_mask(spatial, num_valid_tokens, cp_group, False, u)
             u = u if mask is None else u * mask
             positions = self._document_positions(cu_seqlens, x.shape[0], spatial[0] * world, cp_group, False)
             q, k, v = self._short_conv_local(u, cp_group, positions).chunk(3, dim=1)
-            y = self.hyena(q, k, v, cp_group=cp_group, mask=mask, cu_seqlens=cu_seqlens)
+            y = self.hyena(q, k, v, cp_group=cp_group, mask=mask, cu_seqlens=cu_seqlens,
+                           conditioning=conditioning if self.hyena.cond_dim is not None else None)
         y = self.norm(channels_last(y))  # B, *S_local, C
         if self.cond is None:
             return _project(self.out_proj, y)
@@ -291,7 +341,7 @@ class QKVSequenceMixer(nn.Module):
         return out if gate is None else out * broadcast_tokens(gate, out)
 
     def _forward_a2a(self, u: torch.Tensor, cp_group, num_valid: int | None,
-                     cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+                     cu_seqlens: torch.Tensor | None, conditioning: torch.Tensor | None) -> torch.Tensor:
         """Comparison mode: swap q, k, v to channel shards, run everything on the full sequence."""
         world, rank = group_size(cp_group), group_rank(cp_group)
         block = self.local_dim // world
@@ -305,7 +355,8 @@ class QKVSequenceMixer(nn.Module):
         u = u if mask is None else u * mask
         positions = self._document_positions(cu_seqlens, u.shape[0], full[0], cp_group, True)
         q, k, v = self._short_conv_full(u, channels, positions).chunk(3, dim=1)
-        y = self.hyena(q, k, v, cp_group=cp_group, sharded="channel", mask=mask, cu_seqlens=cu_seqlens)  # B, C/P, *full
+        y = self.hyena(q, k, v, cp_group=cp_group, sharded="channel", mask=mask, cu_seqlens=cu_seqlens,
+                       conditioning=conditioning if self.hyena.cond_dim is not None else None)  # B, C/P, *full
         y = channel_to_seq(y.flatten(2), cp_group, self.hyena.layout)  # B, C, S_loc
         return y.reshape(y.shape[0], self.local_dim, *spatial_local)
 
@@ -319,7 +370,8 @@ class QKVSequenceMixer(nn.Module):
         c = self.hidden_dim
         parts = {
             "in_proj": flops.linear(num_tokens, c, 3 * c),
-            "short_conv": flops.depthwise_conv(num_tokens, 3 * c, self.geometry.short_conv_taps(self.short_kernel_size)),
+            "short_conv": 0 if self.short_conv is None else
+            flops.depthwise_conv(num_tokens, 3 * c, self.geometry.short_conv_taps(self.short_kernel_size)),
             **self.hyena.flop_count(spatial),
             "out_proj": flops.linear(num_tokens, c, c),
         }

@@ -30,9 +30,11 @@ def check_boundaries(boundaries: Sequence[str], spatial_dims: int) -> tuple[str,
 
 
 def circular_offsets(n: int) -> range:
-    """The ``n`` offsets of one period, centred: ``-(n//2) .. (n-1)//2`` (odd n: symmetric; even n: the
-    offset ``n/2 == -n/2`` is listed once, as ``-n/2``)."""
-    return range(-(n // 2), (n - 1) // 2 + 1)
+    """The offsets of one period, symmetric about 0: ``-(n-1)//2 .. (n-1)//2``. An odd period has n
+    taps, one per residue; an even one has n-1: the residue ``n/2`` (which is also ``-n/2``) gets no
+    tap, so the kernel stays symmetric in the offset (the convention of nvSubquadratic's circular
+    convs, whose kernels convert exactly)."""
+    return range(-((n - 1) // 2), (n - 1) // 2 + 1)
 
 
 def kernel_offsets(n: int, boundary: str) -> range:

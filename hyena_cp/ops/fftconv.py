@@ -186,7 +186,7 @@ def fft_conv_nd(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None, bounda
     want = tuple(kernel_extent(n, b) for n, b in zip(sizes, boundaries))
     if tuple(k.shape[-dims:]) != want:
         raise ValueError(f"fft_conv_nd: the kernel's taps {tuple(k.shape[-dims:])} must be {want} for a grid "
-                         f"{sizes} with boundaries {boundaries} (causal n, linear 2n-1, circular n per axis)")
+                         f"{sizes} with boundaries {boundaries} (per axis: causal n, linear 2n-1, circular n if odd, n-1 if even)")
     _check_groups(u, k)
     extents = tuple(fft_extent(n, b) for n, b in zip(sizes, boundaries))
     axes = tuple(range(-dims, 0))

@@ -13,10 +13,16 @@ leading) part of the larger one's filter — what a causal LM decoding past its 
 else the actual size at call time (resolution-relative filters, any size accepted). Exceeding a
 configured maximum raises ``ValueError``.
 
-This module holds the generator of the original Hyena (`FourierFilter`: Fourier features ->
-MLP with sin activations -> one output per group) and its window (`ExponentialMask`); the
-other generators and masks of the family live beside it (`hyena_cp.ops.kernels_nd`,
-`hyena_cp.ops.masks`) and take the same grid.
+Every generator has ``num_groups``, ``spatial_dims``, ``reference(size)`` (the per-axis divisors
+that turn integer offsets into coordinates, raising ``ValueError`` for a size it does not accept),
+``absolute`` (True when the coordinates do not depend on the size: then a shorter sequence sees
+exactly the prefix of a longer one's filter — what decoding and packed documents need),
+``forward(grid, groups, conditioning=None)`` and ``flop_count(taps)``. A mask has ``num_groups``,
+``spatial_dims`` and ``forward(grid, groups)``, and is evaluated on the generator's coordinates.
+
+This module holds the generator of the original Hyena (`FourierFilter`: Fourier features -> MLP
+with sin activations -> one output per group); the SIREN family and random Fourier features are in
+`hyena_cp.ops.siren`, the windows in `hyena_cp.ops.masks`.
 """
 from __future__ import annotations
 
@@ -28,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KernelGrid", "kernel_grid", "check_size", "FourierFilter", "ExponentialMask", "Sin", "fourier_features",
-           "decay_rates"]
+__all__ = ["KernelGrid", "kernel_grid", "check_size", "FourierFilter", "Sin", "fourier_features", "decay_rates"]
 
 
 @dataclass(frozen=True)
@@ -111,17 +116,24 @@ class FourierFilter(nn.Module):
     (f = 1..num_bands) of the tap's coordinate, concatenated over axes, through ``depth`` layers
     ``Linear -> Sin`` of ``width`` and a last ``Linear(width, num_groups)``.
 
+    Coordinates are offsets divided by ``max_size`` (one per axis) when given — absolute positions, a
+    smaller grid sees the central (causal: leading) part of the largest one's filter, a larger grid is
+    refused — else by the actual size at call time (size-relative filters, any size accepted).
+
     ``forward(grid, groups)`` -> ``[G_sel, *grid.shape]``.
     """
 
     def __init__(self, num_groups: int, spatial_dims: int, *, num_bands: int = 8, width: int = 64, depth: int = 2,
-                 sin_freq: float = 1.0):
+                 sin_freq: float = 1.0, max_size: Sequence[int] | None = None):
         super().__init__()
         _check_dims(num_groups, spatial_dims, "FourierFilter")
         if depth < 1 or width < 1 or num_bands < 0:
             raise ValueError(f"FourierFilter needs depth, width >= 1 and num_bands >= 0; got {depth}, {width}, {num_bands}")
+        if max_size is not None and len(max_size) != spatial_dims:
+            raise ValueError(f"max_size={tuple(max_size)} must give one size per spatial axis ({spatial_dims})")
         self.num_groups, self.spatial_dims, self.num_bands = num_groups, spatial_dims, num_bands
         self.width, self.depth = width, depth
+        self.max_size = None if max_size is None else tuple(int(n) for n in max_size)
         self.in_features = spatial_dims * (1 + 2 * num_bands)
         layers: list[nn.Module] = []
         for i in range(depth):
@@ -129,9 +141,18 @@ class FourierFilter(nn.Module):
         self.hidden = nn.Sequential(*layers)
         self.out = nn.Linear(width, num_groups)
 
+    @property
+    def absolute(self) -> bool:
+        return self.max_size is not None
+
+    def reference(self, size: Sequence[int]) -> tuple[float, ...]:
+        """Divisors of the offsets: ``max_size`` where set (``ValueError`` beyond it), else the size."""
+        names = ("max_len",) if self.spatial_dims == 1 else tuple(f"max_grid[{a}]" for a in range(self.spatial_dims))
+        return check_size(size, self.max_size, names)
+
     def forward(self, grid: KernelGrid, groups: slice = slice(None), conditioning: torch.Tensor | None = None):
         if conditioning is not None:
-            raise ValueError("FourierFilter takes no conditioning; use a FiLM-conditioned generator")
+            raise ValueError("FourierFilter takes no conditioning; use SirenFilter(cond_dim=...) for FiLM")
         feats = torch.cat([fourier_features(t, self.num_bands) for t in grid.mesh()], dim=-1)  # N, F
         k = F.linear(self.hidden(feats), self.out.weight[groups], self.out.bias[groups])  # N, G_sel
         return k.t().reshape(-1, *grid.shape)
@@ -140,39 +161,3 @@ class FourierFilter(nn.Module):
         """Matmul FLOPs (2 per MAC) of building all groups at ``grid_numel`` taps."""
         macs = self.in_features * self.width + (self.depth - 1) * self.width ** 2 + self.width * self.num_groups
         return 2 * grid_numel * macs
-
-
-class ExponentialMask(nn.Module):
-    """Hyena's decay window ``exp(-rate_g * r)``, per group g, with ``r`` the tap's distance from
-    offset 0 in coordinates: Euclidean over the axes (``"radial"``) or their sum of absolute
-    values (``"per_axis"``, a product of one window per axis). The rates span
-    `decay_rates`: the fastest group falls to ``target`` at ``fast_decay_pct`` of the reference
-    size, the slowest at ``slow_decay_pct``. They are a buffer (fixed, as in Hyena) or, with
-    ``learnable``, a parameter; either way they are in the ``state_dict``.
-    """
-
-    def __init__(self, num_groups: int, spatial_dims: int, *, distance: str = "radial", fast_decay_pct: float = 0.3,
-                 slow_decay_pct: float = 1.5, target: float = 1e-2, learnable: bool = False):
-        super().__init__()
-        _check_dims(num_groups, spatial_dims, "ExponentialMask")
-        if distance not in ("radial", "per_axis"):
-            raise ValueError(f"distance={distance!r} must be 'radial' or 'per_axis'")
-        if not (0 < target < 1 and fast_decay_pct > 0 and slow_decay_pct > 0):
-            raise ValueError(f"ExponentialMask needs 0 < target < 1 and positive decay percentages; got target={target}, "
-                             f"fast_decay_pct={fast_decay_pct}, slow_decay_pct={slow_decay_pct}")
-        self.num_groups, self.spatial_dims, self.distance = num_groups, spatial_dims, distance
-        rates = decay_rates(num_groups, fast_decay_pct, slow_decay_pct, target)
-        if learnable:
-            self.decay = nn.Parameter(rates)
-        else:
-            self.register_buffer("decay", rates)
-
-    def forward(self, grid: KernelGrid, groups: slice = slice(None)) -> torch.Tensor:
-        mesh = grid.mesh()
-        if len(mesh) == 1:
-            r = mesh[0].abs()
-        elif self.distance == "radial":
-            r = torch.sqrt(sum(t * t for t in mesh))
-        else:
-            r = sum(t.abs() for t in mesh)
-        return torch.exp(-self.decay[groups, None].to(r.dtype) * r).reshape(-1, *grid.shape)
