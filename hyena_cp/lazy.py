@@ -1,7 +1,13 @@
 """Python config files on omegaconf: ``LazyCall``, ``LazyConfig``, ``instantiate``.
 
 A config is a ``DictConfig`` tree; a node with ``_target_`` is a call that ``instantiate``
-performs bottom-up. One Python file per experiment; a derived file loads its base and edits::
+performs bottom-up. ``LazyConfig(target)(**kw)`` and ``LazyCall(target)(**kw)`` record the same
+node, so a mixer config reads as the ViT-5 Hyena adapter's API document writes it::
+
+    ViT5HyenaAdapter(inner_mixer_cfg=LazyConfig(QKVSequenceMixer)(
+        hidden_dim=384, hyena=LazyConfig(Hyena)(hidden_dim=384, spatial_dims=2)), grid_w=14)
+
+One Python file per experiment; a derived file loads its base and edits::
 
     # configs/base.py
     model = LazyCall(torch.nn.Linear)(in_features=8, out_features=4, dtype=torch.float64)
@@ -18,15 +24,23 @@ Choices:
   args, e.g. the layers of ``nn.Sequential``), ``_partial_: true`` (return
   ``functools.partial`` instead of calling), ``_recursive_: false`` (pass the children as
   configs, unbuilt: for a constructor that instantiates a template per block itself).
+- ``__target__`` (nvSubquadratic's spelling) is read as ``_target_``, so nested dicts written
+  for nvSubquadratic, e.g. ``{"__target__": "torch.nn.modules.activation.SiLU"}``, load and
+  build; a node with both keys is an error. Unlike nvSubquadratic, nested nodes are built
+  bottom-up (modules included; ``_recursive_: false`` passes them as configs) and strings are
+  never evaluated (``"3 * 48"`` stays a string).
+- ``LazyConfig(target)`` also takes a dotted import string, resolved by ``instantiate``;
+  ``instantiate(LazyConfig(target))`` builds it with no arguments.
 - A ``.py`` config's keys are its dict/DictConfig globals not starting with ``_`` (name an
   intermediate ``_base = LazyConfig.load_rel("base.py")`` to keep it out); other globals
   (imports, ints, functions) are ignored. Each load runs the file again: fresh objects.
-- ``instantiate`` returns a mapping without ``_target_`` as a plain ``dict`` and a list as
+- ``instantiate`` returns a mapping without a target key as a plain ``dict`` and a list as
   a plain ``list`` (children built), so results can be passed on as kwargs.
-- ``save`` writes YAML: a callable ``_target_`` becomes its dotted name; any other object
-  (``nn.GELU``, ``torch.float64``) becomes ``${locate:torch.float64}``, an interpolation
-  that resolves back to the object on access. Objects without an importable name
-  (lambdas, local functions, instances) raise ``ValueError`` naming the key.
+- ``save`` writes YAML: a callable ``_target_`` (or ``__target__``, key kept as written)
+  becomes its dotted name; any other object (``nn.GELU``, ``torch.float64``) becomes
+  ``${locate:torch.float64}``, an interpolation that resolves back to the object on access.
+  Objects without an importable name (lambdas, local functions, instances) raise
+  ``ValueError`` naming the key.
 - Override values are YAML 1.2 scalars: ``3e-4`` is a float, only true/false are bools
   (``no`` stays a string), ``null`` is None, an empty value is ``""``.
 """
@@ -101,13 +115,29 @@ class LazyCall:
         self._target = target
 
     def __call__(self, *args: Any, **kwargs: Any) -> DictConfig:
-        # omegaconf would turn a dataclass *type* into a structured-config node, so a
-        # dataclass target is stored as its import path (resolved again by instantiate).
-        target = self._target
-        if dataclasses.is_dataclass(target) and isinstance(target, type):
-            target = f"{target.__module__}.{target.__qualname__}"
-        node: dict[str, Any] = {"_target_": target, **({"_args_": list(args)} if args else {})}
-        return DictConfig({**node, **kwargs}, flags=_FLAGS)
+        return _call_node(self._target, args, kwargs)
+
+
+def _call_node(target: Callable[..., Any] | str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> DictConfig:
+    """The ``DictConfig`` that records ``target(*args, **kwargs)``."""
+    # omegaconf would turn a dataclass *type* into a structured-config node, so a
+    # dataclass target is stored as its import path (resolved again by instantiate).
+    if dataclasses.is_dataclass(target) and isinstance(target, type):
+        target = f"{target.__module__}.{target.__qualname__}"
+    node: dict[str, Any] = {"_target_": target, **({"_args_": list(args)} if args else {})}
+    return DictConfig({**node, **kwargs}, flags=_FLAGS)
+
+
+_TARGET_KEYS = ("_target_", "__target__")  # ours, nvSubquadratic's
+
+
+def _target_key(items: Mapping[str, Any], path: str) -> str | None:
+    """Which target key a node uses (``None``: a plain mapping); both at once is ambiguous."""
+    present = [k for k in _TARGET_KEYS if k in items]
+    if len(present) > 1:
+        raise ValueError(f"{path or '<root>'} has both _target_ ({items['_target_']!r}) and __target__ "
+                         f"({items['__target__']!r}); keep one (__target__ is nvSubquadratic's _target_)")
+    return present[0] if present else None
 
 
 def _join(path: str, key: Any) -> str:
@@ -139,22 +169,25 @@ def _check_kwargs(target: Any, kwargs: Mapping[str, Any], path: str) -> None:
 
 
 def _build(node: Any, path: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    if isinstance(node, LazyConfig):  # recorded target, never called: a call without arguments
+        node = node()
     if isinstance(node, (DictConfig, Mapping)):
         try:  # resolves interpolations; a missing value ("???") raises here, with its path
             items = {str(k): node[k] for k in node.keys()}
         except Exception as e:
             raise _with_context(e, f"while reading {path or '<root>'}") from e
         items.update(overrides or {})
-        if "_target_" not in items:
+        key = _target_key(items, path)
+        if key is None:
             return {k: _build(v, _join(path, k)) for k, v in items.items()}
-        target, partial = items.pop("_target_"), bool(items.pop("_partial_", False))
+        target, partial = items.pop(key), bool(items.pop("_partial_", False))
         build = _build if items.pop("_recursive_", True) else lambda v, _: v  # False: pass configs
         args = [build(v, _join(path, f"_args_.{i}")) for i, v in enumerate(items.pop("_args_", []))]
         kwargs = {k: build(v, _join(path, k)) for k, v in items.items()}
         try:
             fn = locate(target) if isinstance(target, str) else target
             if not callable(fn):
-                raise TypeError(f"_target_ {fn!r} is not callable")
+                raise TypeError(f"{key} {fn!r} is not callable")
             _check_kwargs(fn, kwargs, path)
             return functools.partial(fn, *args, **kwargs) if partial else fn(*args, **kwargs)
         except Exception as e:
@@ -179,12 +212,12 @@ def _node_path(cfg: Any) -> str:
 def instantiate(cfg: Any, /, **overrides: Any) -> Any:
     """Build ``cfg`` bottom-up; ``overrides`` replace or add top-level kwargs first.
 
-    Non-config values pass through; mappings without ``_target_`` become ``dict``s. Override
-    values may be live objects (a process group) that never enter the config.
+    Non-config values pass through; mappings without ``_target_`` or ``__target__`` become
+    ``dict``s. Override values may be live objects (a process group) that never enter the config.
 
     >>> instantiate(LazyCall(torch.nn.Linear)(in_features=2, out_features=3), bias=False)
     """
-    if overrides and not isinstance(cfg, (DictConfig, Mapping)):
+    if overrides and not isinstance(cfg, (DictConfig, Mapping, LazyConfig)):
         raise TypeError(f"instantiate overrides {sorted(overrides)} need a mapping config, got {type(cfg)}")
     return _build(cfg, _node_path(cfg), overrides)
 
@@ -223,7 +256,7 @@ def _dotted(obj: Any, path: str) -> str:
 
 def _to_plain(node: Any, path: str, strict: bool) -> Any:
     if isinstance(node, dict):
-        return {k: (_dotted(v, _join(path, k)) if k == "_target_" and callable(v)
+        return {k: (_dotted(v, _join(path, k)) if k in _TARGET_KEYS and callable(v)
                     else _to_plain(v, _join(path, k), strict)) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
         return [_to_plain(v, _join(path, i), strict) for i, v in enumerate(node)]
@@ -260,7 +293,24 @@ def _exec_py(path: str) -> dict[str, Any]:
 
 
 class LazyConfig:
-    """Load, derive, override, save and print configs (static methods)."""
+    """``LazyConfig(target)(*args, **kwargs)`` records a call as ``LazyCall`` does; the static
+    methods load, derive, override, save and print config files.
+
+    >>> cfg = LazyConfig(QKVSequenceMixer)(hidden_dim=8, hyena=LazyConfig(Hyena)(hidden_dim=8))
+    >>> mixer = instantiate(cfg)
+    """
+
+    def __init__(self, target: Callable[..., Any] | str) -> None:
+        if not (callable(target) or isinstance(target, str)):
+            raise TypeError(f"LazyConfig target must be a class, a function or a dotted import string, "
+                            f"got {target!r} ({type(target).__name__})")
+        self._target = target
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DictConfig:
+        return _call_node(self._target, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"LazyConfig({self._target!r})"
 
     @staticmethod
     def load(path: str | os.PathLike[str], keys: str | Sequence[str] | None = None) -> Any:

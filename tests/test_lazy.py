@@ -251,3 +251,107 @@ def test_dataclass_target():
     cfg = LazyCall(_Settings)(width=8)
     cfg.depth = 3
     assert instantiate(cfg) == _Settings(width=8, depth=3)
+
+
+def test_lazyconfig_call_records_the_lazycall_node():
+    cfg = LazyConfig(nn.Linear)(in_features=2, out_features=3, bias=False)
+    assert isinstance(cfg, DictConfig) and cfg == LazyCall(nn.Linear)(in_features=2, out_features=3, bias=False)
+    layer = instantiate(cfg)
+    assert isinstance(layer, nn.Linear) and layer.weight.shape == (3, 2) and layer.bias is None
+    seq = instantiate(LazyConfig(nn.Sequential)(LazyConfig(nn.ReLU)(), LazyConfig(nn.Tanh)()))
+    assert [type(m) for m in seq] == [nn.ReLU, nn.Tanh]
+    assert instantiate(LazyConfig(_Settings)(width=8)) == _Settings(width=8)
+    # A dotted string (nvSubquadratic's LazyConfig takes one) is resolved at instantiate.
+    assert isinstance(instantiate(LazyConfig("torch.nn.modules.activation.SiLU")()), nn.SiLU)
+    assert isinstance(instantiate(LazyConfig(nn.SiLU)), nn.SiLU)  # never called: no arguments
+    assert instantiate(LazyConfig(nn.Linear), in_features=2, out_features=4).weight.shape == (4, 2)
+    assert callable(LazyConfig.load) and repr(LazyConfig(nn.SiLU)).startswith("LazyConfig(<class")
+    with pytest.raises(TypeError, match="LazyConfig target must be"):
+        LazyConfig(5)
+
+
+def _adapter_parts(c: int = 8) -> dict[str, object]:
+    return dict(hidden_dim=c, hyena=dict(hidden_dim=c, num_heads=2, spatial_dims=2, filter_width=16))
+
+
+def test_adapter_takes_lazyconfig_as_the_api_document_writes_it():
+    from hyena_cp import Hyena, QKVSequenceMixer, ViT5HyenaAdapter
+
+    parts = _adapter_parts()
+    hyena_kw = parts.pop("hyena")
+    torch.manual_seed(5)
+    adapter = ViT5HyenaAdapter(
+        inner_mixer_cfg=LazyConfig(QKVSequenceMixer)(**parts, hyena=LazyConfig(Hyena)(**hyena_kw)), grid_w=14)
+    torch.manual_seed(5)
+    direct = QKVSequenceMixer(**parts, hyena=Hyena(**hyena_kw))
+    torch.manual_seed(6)
+    other_seed = QKVSequenceMixer(**parts, hyena=Hyena(**hyena_kw))
+    assert isinstance(adapter.inner_mixer, QKVSequenceMixer)
+    mine, ref = adapter.inner_mixer.state_dict(), direct.state_dict()
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    # The weight check can fail: another seed gives other weights.
+    assert not all(torch.equal(v, ref[k]) for k, v in other_seed.state_dict().items())
+
+    adapter, direct = adapter.double(), direct.double()
+    x = torch.randn(2, 28, 8, dtype=torch.float64)  # T = 2 rows x grid_w 14
+    y = adapter(x)
+    assert y.shape == (2, 28, 8)
+    torch.testing.assert_close(y, direct(x.reshape(2, 2, 14, 8)).reshape(2, 28, 8), rtol=0, atol=0)
+
+    # The adapter itself as a config: built bottom-up, the inner mixer arrives as a module.
+    torch.manual_seed(5)
+    built = instantiate(LazyConfig(ViT5HyenaAdapter)(
+        inner_mixer_cfg=LazyConfig(QKVSequenceMixer)(**parts, hyena=LazyConfig(Hyena)(**hyena_kw)), grid_w=14))
+    assert all(torch.equal(v, ref[k]) for k, v in built.inner_mixer.state_dict().items())
+
+
+def test_dunder_target_builds_like_target_bottom_up():
+    plain = {  # nvSubquadratic's plain data: nested dicts with __target__ strings of defining modules
+        "__target__": f"{__name__}.bundle",
+        "act": {"__target__": "torch.nn.modules.activation.SiLU"},
+        "layers": [{"__target__": nn.Linear, "in_features": 2, "out_features": 3}, {"_target_": nn.Tanh}],
+        "inner": LazyCall(scale)(x=LazyConfig(scale)(x=1.0)),
+        "width": "3 * 48",  # nvSubquadratic would evaluate this to 144; here a string stays a string
+    }
+    for cfg in (plain, DictConfig(plain, flags={"allow_objects": True})):
+        out = instantiate(cfg)
+        assert isinstance(out["act"], nn.SiLU) and out["width"] == "3 * 48" and out["inner"] == 4.0
+        assert isinstance(out["layers"][0], nn.Linear) and isinstance(out["layers"][1], nn.Tanh)
+    assert instantiate({"__target__": "torch.nn.Linear", "_partial_": True, "in_features": 2})(
+        out_features=5).weight.shape == (5, 2)
+
+
+def test_both_target_keys_in_one_node_raise_naming_both():
+    cfg = {"model": {"act": {"_target_": "torch.nn.ReLU", "__target__": "torch.nn.SiLU"}}}
+    with pytest.raises(ValueError, match=r"model\.act has both _target_ .*ReLU.* and __target__ .*SiLU"):
+        instantiate(cfg)
+    with pytest.raises(ValueError, match="both _target_"):
+        instantiate(DictConfig({"__target__": "torch.nn.SiLU"}), _target_=nn.ReLU)
+
+
+def test_unknown_dunder_target_names_key_path():
+    cfg = DictConfig({"model": {"mixer": {"__target__": "torch.nn.modules.activation.SiLUU"}}})
+    with pytest.raises(ImportError, match=r"model\.mixer \(torch\.nn\.modules\.activation\.SiLUU\).*'SiLU'"):
+        instantiate(cfg)
+    with pytest.raises(TypeError, match=r"while instantiating m.*__target__ 5 is not callable"):
+        instantiate({"m": {"__target__": 5}})
+
+
+def test_dunder_target_files_load_override_and_save(tmp_path):
+    (tmp_path / "nv.yaml").write_text(
+        "model:\n  __target__: torch.nn.modules.linear.Linear\n  in_features: 2\n  out_features: 3\n"
+        "  dtype: ${locate:torch.float64}\n")
+    (tmp_path / "nv.py").write_text(
+        "model = {'__target__': 'torch.nn.modules.linear.Linear', 'in_features': 2, 'out_features': 3}\n")
+    for name in ("nv.yaml", "nv.py"):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(tmp_path / name), ["model.out_features=4"])
+        assert instantiate(cfg.model).weight.shape == (4, 2)
+    cfg = LazyConfig.load(tmp_path / "nv.yaml")
+    LazyConfig.apply_overrides(cfg, [f"model.__target__={__name__}.bundle"])
+    assert instantiate(cfg.model) == dict(in_features=2, out_features=3, dtype=torch.float64)
+    cfg.model.__target__ = nn.Linear  # a class under __target__ saves as its dotted name
+    LazyConfig.save(cfg, tmp_path / "out.yaml")
+    text = (tmp_path / "out.yaml").read_text()
+    assert "__target__: torch.nn.modules.linear.Linear" in text and "_target_" not in text.replace("__target__", "")
+    layer = instantiate(LazyConfig.load(tmp_path / "out.yaml").model)
+    assert isinstance(layer, nn.Linear) and layer.weight.dtype == torch.float64
