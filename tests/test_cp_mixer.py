@@ -5,6 +5,7 @@ communication of one layer: per-op calls and bytes, both as `count_comm` books t
 measured at the dispatcher (`CollectiveCounter`), against the floor formula."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -13,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
+from hyena_cp.modules import norm as norm_module
+from hyena_cp.ops.masks import AxisExponentialMask, GaussianMask
+from hyena_cp.ops.siren import RandomFourierFilter, SirenFilter
 from hyena_cp.modules import geometry as geometry_module
 from hyena_cp.modules.geometry import Geometry
 from hyena_cp.bench.layer import comm_floor_bytes
@@ -37,6 +41,8 @@ class Case:
     num_valid: int | None = None
     worlds: tuple = (1, 2, 4)
     boundary: str | tuple | None = None
+    hyena: tuple = ()  # (key, value) pairs of further Hyena arguments
+    mixer: tuple = ()  # ... and of QKVSequenceMixer arguments
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -72,6 +78,22 @@ CASES = {
     "3d_circular_padding": Case(3, (1, 4, 3, 4, 8), boundary="circular", num_valid=40, worlds=(2, 4)),
     "3d_a2a_mixed": Case(3, (1, 4, 3, 3, 8), boundary=("circular", "linear", "circular"), mode="a2a", worlds=(2, 4)),
     "3d_allgather": Case(3, (1, 4, 2, 3, 8), cp_comm="allgather", worlds=(2,)),
+    # the operator family: generators, masks, gates and norms
+    "2d_vit_recipe": Case(2, (2, 8, 5, 8), heads=8, norm="rmsnorm", hyena=(
+        ("filter", functools.partial(SirenFilter, L_cache=(8, 5))), ("mask", None), ("inner_gate", "silu"),
+        ("outer_gate", "sigmoid"), ("qk_norm", "l2"), ("conv_norm", "rmsnorm"), ("norm_eps", 1e-6)),
+        mixer=(("bias", False), ("norm_eps", 1e-6))),
+    "2d_film_siren_circular_gauss": Case(2, (2, 8, 7, 8), boundary="circular", hyena=(
+        ("filter", functools.partial(SirenFilter, L_cache=(4, 4), cond_dim=5, film_after_embedding=True,
+                                     film_init="small_random", film_init_std=0.3)),
+        ("mask", functools.partial(GaussianMask, grid_step=1 / 3)), ("inner_gate", "silu")),
+        mixer=(("short_conv_boundary", "linear"),)),
+    "3d_groupnorm_rff_padding": Case(3, (1, 8, 3, 4, 8), num_valid=80, hyena=(
+        ("filter", functools.partial(RandomFourierFilter, L_cache=8, omega_0=1.0)), ("mask", AxisExponentialMask),
+        ("qk_norm", "rmsnorm"), ("conv_norm", "groupnorm"), ("conv_norm_groups", 2))),
+    "1d_siren_gates_no_short_conv_fp32": Case(1, (2, 32, 8), kernel=None, dtype=torch.float32, hyena=(
+        ("filter", functools.partial(SirenFilter, L_cache=64, num_blocks=2, learnable_omega=True)),
+        ("outer_gate", "silu"), ("inner_gate", "sigmoid"), ("skip", False))),
 }
 
 
@@ -79,16 +101,19 @@ def build(case: Case) -> tuple[QKVSequenceMixer, dict]:
     """Same mixer, input, conditioning and upstream grad on every process (seeded)."""
     torch.manual_seed(1234)
     c = case.shape[-1]
-    hyena = Hyena(hidden_dim=c, num_heads=case.heads, spatial_dims=case.dims, boundary=case.boundary, filter_width=16,
-                  cp_comm=case.cp_comm)
+    extra = dict(case.hyena)
+    if "filter" not in extra:
+        extra["filter_width"] = 16
+    hyena = Hyena(hidden_dim=c, num_heads=case.heads, spatial_dims=case.dims, boundary=case.boundary,
+                  cp_comm=case.cp_comm, **extra)
     mixer = QKVSequenceMixer(hidden_dim=c, hyena=hyena, short_kernel_size=case.kernel, norm=case.norm,
                              conditioning=case.cond, cond_dim=5 if case.cond else None,
-                             short_conv_cp=case.mode).to(case.dtype)
+                             short_conv_cp=case.mode, **dict(case.mixer)).to(case.dtype)
     with torch.no_grad():  # zero-initialised parts (adaLN-Zero) would hide gradient bugs
         for p in mixer.parameters():
             p.add_(0.3 * torch.randn_like(p))
     data = {"x": torch.randn(case.shape, dtype=case.dtype), "grad": torch.randn(case.shape, dtype=case.dtype),
-            "cond": torch.randn(case.shape[0], 5, dtype=case.dtype) if case.cond else None}
+            "cond": torch.randn(case.shape[0], mixer.cond_dim, dtype=case.dtype) if mixer.cond_dim else None}
     return mixer, data
 
 
@@ -166,6 +191,23 @@ def test_parity_test_catches_a_halo_without_the_wrap(dist_run, name):
     results = dist_run(worker_run_without_wrap, 2, case)
     with pytest.raises(AssertionError, match="output"):
         check_parity(case, results)
+
+
+def worker_run_with_shard_statistics(case: Case) -> dict:
+    """The mixer with a position group norm that forgets the CP all-reduce (statistics per shard)."""
+    reduce = norm_module.all_reduce_sum
+    norm_module.all_reduce_sum = lambda t, group: t
+    try:
+        return run_mixer(case, dist.group.WORLD)
+    finally:
+        norm_module.all_reduce_sum = reduce
+
+
+def test_parity_test_catches_a_group_norm_with_shard_statistics(dist_run):
+    """Negative twin of the position group norm: statistics must span every rank's positions."""
+    case = CASES["3d_groupnorm_rff_padding"]
+    with pytest.raises(AssertionError, match="output"):
+        check_parity(case, dist_run(worker_run_with_shard_statistics, 2, case))
 
 
 # ------------------------------------------------------------------ bytes sent
