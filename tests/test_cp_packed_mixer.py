@@ -94,7 +94,7 @@ def ignore_boundaries(twin: str | None):
         undo.append(lambda: setattr(QKVSequenceMixer, "_document_positions", original))
     if twin in ("long", "both"):
         long_conv = Hyena.long_conv
-        Hyena.long_conv = lambda self, z, channels, cu_seqlens=None: long_conv(self, z, channels, None)
+        Hyena.long_conv = lambda self, z, channels, cu_seqlens=None, conditioning=None: long_conv(self, z, channels, None)
         undo.append(lambda: setattr(Hyena, "long_conv", long_conv))
     return lambda: [fn() for fn in undo]
 

@@ -38,7 +38,8 @@ OVERRIDES = VISION + ["model.mixers=hyena", "optimizer.weight_decay=0.5"]
 
 def _exempt(name: str) -> bool:
     """The categories the convention exempts, spelled out by name (not by ``ndim``)."""
-    return (name in ("pos_embed", "cls_token", "reg_tokens") or ".filter." in name or name.endswith(".bias")
+    return (name in ("pos_embed", "cls_token", "reg_tokens") or ".filter." in name or ".mask." in name
+            or name.endswith(".bias")
             or name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".gamma", "hyena.skip")))
 
 

@@ -102,7 +102,7 @@ class TrainConfig:
         decays (`hyena_cp.train.optim`).
     no_weight_decay: ``fnmatch`` patterns of parameter names (``named_parameters()`` of the
         model) exempt from decay under "timm"; default: position embedding, CLS and register
-        tokens, Hyena's implicit filter (``*.filter.*``).
+        tokens, Hyena's implicit filter and its mask (``*.filter.*``, ``*.mask.*``).
     precision: "fp32" (the default) or "bf16": the forward and the loss of every training step
         and of evaluation run under ``torch.autocast(device_type, dtype=torch.bfloat16)``;
         backward runs outside it (autograd replays each op in its forward dtype). Parameters,

@@ -6,7 +6,7 @@ filter's sine frequencies (timm's ``param_groups_weight_decay`` and megatron-cor
 and every parameter whose name matches one of the ``no_weight_decay`` patterns
 (`fnmatch`, on the unwrapped model's ``named_parameters()`` names): by default the learned
 position embedding, CLS and register tokens (timm's ``no_weight_decay()`` of a ViT) and all
-parameters of Hyena's implicit filter (safari builds the filter MLP with ``wd=0``): decaying
+parameters of Hyena's implicit filter and its mask (safari builds the filter MLP with ``wd=0``): decaying
 a filter MLP's weights pulls every long filter towards the decay window alone. Embedding and
 projection matrices decay. ``"all"``: one group, every parameter decays (torch's default).
 
@@ -31,7 +31,7 @@ from torch import nn
 __all__ = ["NO_WEIGHT_DECAY", "WEIGHT_DECAY_POLICIES", "decays", "param_groups"]
 
 WEIGHT_DECAY_POLICIES = ("timm", "all")
-NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*reg_tokens", "*.filter.*")
+NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*reg_tokens", "*.filter.*", "*.mask.*")
 
 
 def decays(name: str, param: nn.Parameter, policy: str, no_weight_decay: Iterable[str]) -> bool:
