@@ -166,10 +166,14 @@ def _torch_conv(node: Node, channels: int, dims: int, causal_cls: bool) -> tuple
     node.get("device", None), node.get("dtype", None)
     if mode not in ("zeros", "circular"):
         node.fail("padding_mode", f"{mode!r} must be 'zeros' or 'circular'")
-    if causal_cls and node.get("is_causal", True):
+    if causal_cls:  # pads itself: k - 1 on the left (is_causal) or (k - 1) // 2 on both sides
         if node.get("padding", 0) not in (0, [0]):
             node.fail("padding", "CausalConv1D pads itself; padding must be 0")
-        return k, "causal", bias
+        if node.get("is_causal", True):
+            return k, "causal", bias
+        if k % 2 == 0:
+            node.fail("kernel_size", f"{k}: a non-causal CausalConv1D keeps the length only with an odd kernel")
+        return k, "linear", bias
     padding = node.get("padding", 0)
     pads = [padding] * dims if isinstance(padding, int) else padding
     if k % 2 == 0 or not (padding == "same" or (isinstance(pads, list) and all(p == k // 2 for p in pads))):

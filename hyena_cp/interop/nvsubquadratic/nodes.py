@@ -114,9 +114,9 @@ class Node:
         value = self.get(k, default)
         if value is None:
             return None
-        if target_name(value) is None:
+        if target_name(value) is None and not (isinstance(value, Mapping) and "_target_" in value):
             self.fail(k, f"expected a config node with a __target__, got {value!r}")
-        return Node(value, self.key(k))
+        return Node(value, self.key(k))  # refuses a node spelled with our _target_
 
     def finish(self) -> None:
         """Refuse every key not read: a setting of this node that the conversion would drop."""
