@@ -334,7 +334,7 @@ def worker(name: str) -> dict:
 
 
 CP = [("2d_vit_recipe", 2), ("2d_vit_recipe", 4), ("3d_mixed_learnable_blocks", 2), ("3d_mixed_learnable_blocks", 4),
-      ("2d_circular", 2), ("1d_causal", 2), ("vit_cls", 2)]
+      ("2d_circular", 2), ("1d_causal", 2), ("vit_cls", 2), ("hierarchical", 2)]
 
 
 @pytest.mark.parametrize("name,world", CP, ids=[f"{n}-P{w}" for n, w in CP])
@@ -405,6 +405,11 @@ REFUSALS = {
                                                                "drop_path_schedule": "linear"}, "drop_path_schedule"),
     "other_norm_eps": (lambda: vit_net("cls", 3), _set("norm_cfg.eps", 1e-5), "norm_cfg.eps"),
     "stage_widths": (hier_net, _set("stage_dims", [8, 24]), "stage_dims"),
+    "shared_short_conv_taps": (lambda: case_3d_mixed_learnable_blocks()[0], _set("mixer_cfg.short_conv_cfg.num_groups",
+                                                                                 3), "short_conv_cfg.num_groups"),
+    "torch_default_eps_before_the_conv": (lambda: case_2d_identity_gate_groupnorm()[0], _set(
+        "mixer_cfg.pixelhyena_norm_cfg", node(TORCH + "normalization.RMSNorm", normalized_shape=16)),
+        "mixer_cfg.pixelhyena_norm_cfg"),
 }
 
 

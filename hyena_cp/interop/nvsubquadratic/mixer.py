@@ -130,6 +130,9 @@ def _hyena_norms(node: Node, channels: int, inner_gate: str | None) -> tuple[dic
     if out.kind == "groupnorm":
         node.fail("output_norm_cfg", "a GroupNorm output norm normalises over all positions; our mixer's norm "
                                      "is per position (rmsnorm, layernorm, l2)")
+    if pixel.kind is not None and pixel.eps is None and qk.eps is not None:
+        node.fail("pixelhyena_norm_cfg", "eps=None (torch's dtype default) before the long conv next to a QK-norm "
+                                         "with its own eps does not convert: give the norm an explicit eps")
     hyena = dict(qk_norm=qk.kind, conv_norm=pixel.kind, conv_norm_groups=pixel.groups, norm_eps=qk.eps,
                  conv_norm_eps=pixel.eps)
     state = StateMap()

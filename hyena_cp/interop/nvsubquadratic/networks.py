@@ -130,7 +130,8 @@ def _block(node: Node, dim: int, grid_w: int) -> BlockPlan:
     scale = float(node.get("layer_scale_init", 1e-4))
     if scale <= 0:
         node.fail("layer_scale_init", "a block without LayerScale does not convert (ours always has it)")
-    if node.get("register_pooling_cfg", None) is not None and node.get("num_registers", 0) > 0:
+    pooling, registers = node.get("register_pooling_cfg", None), node.get("num_registers", 0)
+    if pooling is not None and registers > 0:
         node.fail("register_pooling_cfg", "FiLM conditioning from pooled registers does not convert (our blocks "
                                           "pass no conditioning)")
     if node.get("grn_cfg", None) is not None:
@@ -184,13 +185,12 @@ def convert_classification_net(node: Node) -> tuple[DictConfig, StateMap]:
         node.fail("num_registers", f"patches + CLS + {registers} registers leave {(-(grid * grid + cls + registers)) % grid} "
                                    f"padding tokens in the last grid row; nvSubquadratic lets them evolve, ours keeps "
                                    f"padding at zero (choose registers so the row is full)")
-    pattern, block = node.get("layer_pattern", None), node.get("block_cfg", None)
+    pattern, block, types = node.get("layer_pattern", None), node.get("block_cfg", None), node.get("layer_types", None)
     node.get("padding_types", None)  # only matters with padding, refused above
     if pattern is None:
         cfgs = [(block, "block_cfg")] * depth
     else:
-        types = node.get("layer_types")
-        if len(pattern) != depth or block is not None or any(ch not in types for ch in pattern):
+        if types is None or len(pattern) != depth or block is not None or any(ch not in types for ch in pattern):
             node.fail("layer_pattern", f"{pattern!r} needs num_blocks={depth} characters, each a key of layer_types")
         cfgs = [(types[ch], f"layer_types.{ch}") for ch in pattern]
     plans = [_block(Node(cfg, node.key(key)), dim, grid) for cfg, key in cfgs]

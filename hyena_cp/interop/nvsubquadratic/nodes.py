@@ -51,6 +51,8 @@ def _arith(text: str, where: str) -> int | float:
 
 
 def _plain(value: Any, where: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}.{i}") for i, v in enumerate(value)]
     if isinstance(value, str):
         if "${" in value:
             raise ValueError(f"{where}: {value!r} is an unresolved interpolation; resolve the config first "
