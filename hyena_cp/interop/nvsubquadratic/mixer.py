@@ -1,7 +1,7 @@
 """nvSubquadratic's ``QKVSequenceMixer`` + ``Hyena`` (and ``ViT5HyenaAdapter``, bare ``CKConvND``) as ours.
 
-nvSubquadratic's operator is ``y = O(h * P(N_q(q) σ1(N_k(k))) + D ...) σ2(v))`` — QK-norm on q (and
-on k only when σ1 is Identity), σ1 on k inside the long conv, σ2 on v outside it; ours is
+nvSubquadratic's operator is ``y = O((h * z + D z) σ2(v))``, ``z = P(N_q(q) σ1(N_k(k)))`` — QK-norm on q
+(and on k only when σ1 is Identity), σ1 on k inside the long conv, σ2 on v outside it; ours is
 ``y = σ_o(q') (h * z + D z)``, ``z = N_c(N_k(k') σ_i(N_v(v')))`` with ``N_v`` only when there is no
 inner gate. So their (q, k, v) is our (k', v', q'): the ``[q; k; v]`` row blocks of ``qkv_proj`` (and
 its bias) and the 3C channel blocks of the short conv become our ``[v; q; k]`` blocks — the
