@@ -2,6 +2,7 @@
 FLOPs against FlopCounterMode, and bad input (also on every CP rank before communicating)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -15,6 +16,8 @@ from hyena_cp import ViT5ClassificationNet, ViT5HierarchicalClassificationNet, V
 from hyena_cp.models.attention import Attention2d, rope_2d
 from hyena_cp.models.blocks import DropPath
 from hyena_cp.models.layout import StageGrid
+from hyena_cp.ops.filters import FourierFilter
+from hyena_cp.ops.siren import SirenFilter
 from references import rel_err
 
 HYENA = dict(num_heads=4, filter_width=8, filter_bands=2)
@@ -179,10 +182,25 @@ def test_flop_count_matches_flop_counter_mode(make):
     (dict(num_heads=(2, 3, 4)), "num_heads=3"),
     (dict(img_size=21), "divisible by patch_size"),
     (dict(depths=(1, 1)), "num_heads"),
+    (dict(hyena=[HYENA, HYENA]), "one per stage"),
+    (dict(hyena=dict(num_heads=4, filter=functools.partial(FourierFilter))), "must be absolute"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hier(**kwargs)
+
+
+def test_per_stage_hyena_bias_switch_and_no_short_conv():
+    """``hyena``/``mixer`` per stage (a filter with its own L_cache each), ``bias=False`` (patch embedding,
+    MLPs, merges' extra projection, head), a mixer without a short conv."""
+    stage = [dict(num_heads=4, filter=functools.partial(SirenFilter, L_cache=n), mask=None) for n in (6, 3, 2)]
+    net = hier(hyena=stage, mixer=[dict(short_kernel_size=None), {}, {}], bias=False, mixers="hyena")
+    filters = [block.mixer.inner_mixer.hyena.filter for blocks in net.stages for block in blocks]
+    assert [f.L_cache for f in filters] == [(6, 6), (3, 3), (2, 2)]
+    assert net.stages[0][0].mixer.inner_mixer.short_conv is None
+    biased = [k for k in net.state_dict() if k.endswith("bias") and ".mixer." not in k]
+    assert biased == []
+    assert net(torch.randn(2, 3, 20, 20, dtype=torch.float64)).shape == (2, 5)
 
 
 def test_bad_images_raise():

@@ -65,12 +65,12 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(GELU(fc1(x)))``, hidden width ``ratio * dim``."""
+    """``fc2(GELU(fc1(x)))``, hidden width ``ratio * dim``; ``bias``: of both linears."""
 
-    def __init__(self, dim: int, ratio: float):
+    def __init__(self, dim: int, ratio: float, bias: bool = True):
         super().__init__()
         hidden = int(dim * ratio)
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -81,10 +81,12 @@ def build_mixer(kind: str, *, dim: int, grid: StageGrid, attention_heads: int, h
     """The token mixer of one block of a stage with grid ``grid``.
 
     ``"hyena"``: ``ViT5HyenaAdapter(QKVSequenceMixer(Hyena(spatial_dims=2)), grid_w)`` where the
-    network fixes ``hidden_dim``, ``grid_w`` and ``max_grid = (grid.filter_rows(max_cp_size),
-    grid_w)`` — an absolute positional reference, so the filter does not depend on the
-    CP padding — and ``hyena`` / ``mixer`` hold the remaining `Hyena` / `QKVSequenceMixer`
-    keyword arguments. ``"attention"``: `Attention2d` with ``attention_heads`` heads.
+    network fixes ``hidden_dim``, ``grid_w`` and, for the default filter, ``max_grid =
+    (grid.filter_rows(max_cp_size), grid_w)`` — an absolute positional reference, so the filter
+    does not depend on the CP padding — and ``hyena`` / ``mixer`` hold the remaining `Hyena` /
+    `QKVSequenceMixer` keyword arguments. A ``hyena["filter"]`` brings its own reference and must
+    be absolute (e.g. `SirenFilter`: taps at ``offset / (L_cache - 1)`` whatever the grid).
+    ``"attention"``: `Attention2d` with ``attention_heads`` heads.
     """
     if kind == "attention":
         return Attention2d(dim=dim, num_heads=attention_heads, grid_w=grid.grid_w, num_patches=grid.num_patches,
@@ -95,19 +97,25 @@ def build_mixer(kind: str, *, dim: int, grid: StageGrid, attention_heads: int, h
     if clash:
         raise ValueError(f"{clash} are set by the network from each stage's layout; remove them from the "
                          f"hyena=/mixer= config")
-    hyena_cfg = LazyCall(Hyena)(hidden_dim=dim, spatial_dims=2, max_grid=(grid.filter_rows(max_cp_size), grid.grid_w),
-                                **hyena)
-    return ViT5HyenaAdapter(LazyCall(QKVSequenceMixer)(hidden_dim=dim, hyena=hyena_cfg, **mixer), grid_w=grid.grid_w)
+    own_filter = hyena.get("filter") is not None
+    reference = {} if own_filter else {"max_grid": (grid.filter_rows(max_cp_size), grid.grid_w)}
+    hyena_cfg = LazyCall(Hyena)(hidden_dim=dim, spatial_dims=2, **reference, **hyena)
+    adapter = ViT5HyenaAdapter(LazyCall(QKVSequenceMixer)(hidden_dim=dim, hyena=hyena_cfg, **mixer), grid_w=grid.grid_w)
+    if own_filter and not adapter.inner_mixer.hyena.filter.absolute:
+        raise ValueError("hyena['filter'] must be absolute (the same function of the tap offset at every grid size, "
+                         "e.g. SirenFilter): the network pads the grid under context parallelism")
+    return adapter
 
 
 class ViT5Block(nn.Module):
     """Pre-norm residual block with a given token ``mixer`` (see module docstring)."""
 
     def __init__(self, *, dim: int, mixer: nn.Module, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 layer_scale_init: float = 1e-4):
+                 layer_scale_init: float = 1e-4, mlp_bias: bool = True):
         super().__init__()
         self.norm1, self.mixer, self.ls1 = nn.RMSNorm(dim, eps=NORM_EPS), mixer, LayerScale(dim, layer_scale_init)
-        self.norm2, self.mlp, self.ls2 = nn.RMSNorm(dim, eps=NORM_EPS), Mlp(dim, mlp_ratio), LayerScale(dim, layer_scale_init)
+        self.norm2, self.ls2 = nn.RMSNorm(dim, eps=NORM_EPS), LayerScale(dim, layer_scale_init)
+        self.mlp = Mlp(dim, mlp_ratio, mlp_bias)
         self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, *, cp_group=None, num_valid_tokens: int | None = None) -> torch.Tensor:

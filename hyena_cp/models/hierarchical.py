@@ -32,7 +32,7 @@ batch shapes ONCE per forward, before its first collective (one all-gather of a 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,15 +56,15 @@ class PatchMerge(nn.Module):
     """2x2 patch merging between stage layouts, rows sharded over the CP group.
 
     Patches: concat of the 4 tokens (Swin order) -> RMSNorm(4C) -> Linear(4C, C_out, no bias).
-    CLS/registers: RMSNorm(C) -> Linear(C, C_out). Padding of the new layout: zeros.
+    CLS/registers: RMSNorm(C) -> Linear(C, C_out) (``bias``). Padding of the new layout: zeros.
     """
 
-    def __init__(self, dim: int, out_dim: int, num_extra: int):
+    def __init__(self, dim: int, out_dim: int, num_extra: int, bias: bool = True):
         super().__init__()
         self.out_dim = out_dim
         self.norm, self.reduction = nn.RMSNorm(4 * dim, eps=NORM_EPS), nn.Linear(4 * dim, out_dim, bias=False)
         self.extra_norm = nn.RMSNorm(dim, eps=NORM_EPS) if num_extra else None
-        self.extra_proj = nn.Linear(dim, out_dim) if num_extra else None
+        self.extra_proj = nn.Linear(dim, out_dim, bias=bias) if num_extra else None
 
     def forward(self, x: torch.Tensor, old: StageLayout, new: StageLayout, cp_group) -> torch.Tensor:
         """``x: [B, old.local_tokens, C]`` -> ``[B, new.local_tokens, C_out]`` (this rank's blocks)."""
@@ -96,6 +96,18 @@ def _expand_mixers(mixers: str | Sequence[str | Sequence[str]], depths: Sequence
     return out
 
 
+def _per_stage(value: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None, stages: int,
+               name: str) -> list[dict[str, Any]]:
+    """One kwargs dict per stage, from None, one mapping for every stage, or one per stage."""
+    if value is None or isinstance(value, Mapping):
+        return [dict(value or {}) for _ in range(stages)]
+    values = list(value)
+    if len(values) != stages or not all(isinstance(v, Mapping) for v in values):
+        raise ValueError(f"{name} must be one dict of kwargs for every stage or a list of {stages} dicts (one per "
+                         f"stage), got {value!r}")
+    return [dict(v) for v in values]
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -119,7 +131,11 @@ class ViT5HierarchicalClassificationNet(nn.Module):
             as timm's avg pooling), then RMSNorm and the linear head.
         hyena: extra `Hyena` kwargs (``num_heads`` = filter groups, must be divisible by the CP
             size; ``filter_*``); the network sets ``hidden_dim``, ``spatial_dims``, ``max_grid``.
-        mixer: extra `QKVSequenceMixer` kwargs (``short_kernel_size``, ``norm``, ``bias``, ...).
+            One dict for every stage, or a list of one dict per stage.
+        mixer: extra `QKVSequenceMixer` kwargs (``short_kernel_size``, ``norm``, ``bias``, ...), one
+            dict or one per stage.
+        bias: biases of the patch embedding, the MLPs, the merges' CLS/register projection and the
+            head (the Hyena mixers take theirs from ``mixer``).
         rope_theta: RoPE base of attention blocks.
         max_cp_size: largest CP size the model will run with; fixes the Hyena filters'
             positional reference (``max_grid`` height = real rows + max_cp_size - 1), so the
@@ -133,9 +149,10 @@ class ViT5HierarchicalClassificationNet(nn.Module):
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (3, 6, 12, 24), mixers: str | Sequence[str | Sequence[str]] = "hyena",
                  mlp_ratio: float = 4.0, class_token: bool = True, num_registers: int = 4, pool: str = "cls",
-                 drop_path_rate: float = 0.0, layer_scale_init: float = 1e-4, hyena: dict[str, Any] | None = None,
-                 mixer: dict[str, Any] | None = None, rope_theta: float = 100.0, max_cp_size: int = 8,
-                 check_agreement: str = "always"):
+                 drop_path_rate: float = 0.0, layer_scale_init: float = 1e-4,
+                 hyena: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+                 mixer: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None, rope_theta: float = 100.0,
+                 max_cp_size: int = 8, bias: bool = True, check_agreement: str = "always"):
         super().__init__()
         self.check_agreement = check_agreement_policy(check_agreement)
         self.img_size, self.patch_size, self.in_chans = _pair(img_size), int(patch_size), in_chans
@@ -150,21 +167,22 @@ class ViT5HierarchicalClassificationNet(nn.Module):
         for _ in depths[1:]:
             self.grids.append(self.grids[-1].merged())
         dims = [embed_dim * 2**s for s in range(len(depths))]
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=bias)
         self.pos_embed = nn.Parameter(torch.zeros(self.grids[0].num_patches, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, embed_dim)) if class_token else None
         self.reg_tokens = nn.Parameter(torch.zeros(num_registers, embed_dim)) if num_registers else None
-        mixer_kw = dict(hyena=dict(hyena or {}), mixer=dict(mixer or {}), max_cp_size=max_cp_size,
-                        rope_theta=rope_theta)
-        block_kw = dict(mlp_ratio=mlp_ratio, drop_path=drop_path_rate, layer_scale_init=layer_scale_init)
+        hyenas, mixer_kws = _per_stage(hyena, len(depths), "hyena"), _per_stage(mixer, len(depths), "mixer")
+        block_kw = dict(mlp_ratio=mlp_ratio, drop_path=drop_path_rate, layer_scale_init=layer_scale_init, mlp_bias=bias)
         self.stages = nn.ModuleList(
             nn.ModuleList(ViT5Block(dim=dims[s], mixer=build_mixer(kind, dim=dims[s], grid=self.grids[s],
-                                                                   attention_heads=num_heads[s], **mixer_kw), **block_kw)
+                                                                   attention_heads=num_heads[s], hyena=hyenas[s],
+                                                                   mixer=mixer_kws[s], max_cp_size=max_cp_size,
+                                                                   rope_theta=rope_theta), **block_kw)
                           for kind in names[s])
             for s in range(len(depths)))
-        self.merges = nn.ModuleList(PatchMerge(dims[s], dims[s + 1], num_extra) for s in range(len(depths) - 1))
+        self.merges = nn.ModuleList(PatchMerge(dims[s], dims[s + 1], num_extra, bias) for s in range(len(depths) - 1))
         self.norm = nn.RMSNorm(dims[-1], eps=NORM_EPS)
-        self.head = nn.Linear(dims[-1], num_classes)
+        self.head = nn.Linear(dims[-1], num_classes, bias=bias)
         self.init_weights()
 
     @staticmethod
@@ -298,7 +316,7 @@ def _check_hyena(mixer, layout: StageLayout) -> None:
     """The constraints `QKVSequenceMixer` checks at call time, checked up front for a stage."""
     world, grid_w = layout.world, layout.grid.grid_w
     mixer.hyena.check_input((layout.padded_rows, grid_w), world)
-    halo = mixer.short_kernel_size // 2
+    halo = (mixer.short_kernel_size or 1) // 2  # None: no short conv, no halo
     if world > 1 and mixer.short_conv_cp == "halo" and layout.local_rows < halo:
         raise ValueError(f"a stage with grid width {grid_w} has {layout.local_rows} rows per rank, fewer than the "
                          f"short-conv halo K//2={halo}; use a smaller cp_group, larger images or a smaller "
@@ -314,11 +332,11 @@ class ViT5ClassificationNet(ViT5HierarchicalClassificationNet):
                  num_classes: int = 1000, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mixers: str | Sequence[str] = "hyena", mlp_ratio: float = 4.0, class_token: bool = True,
                  num_registers: int = 4, pool: str = "cls", drop_path_rate: float = 0.0,
-                 layer_scale_init: float = 1e-4, hyena: dict[str, Any] | None = None,
-                 mixer: dict[str, Any] | None = None, rope_theta: float = 100.0, max_cp_size: int = 8,
-                 check_agreement: str = "always"):
+                 layer_scale_init: float = 1e-4, hyena: Mapping[str, Any] | None = None,
+                 mixer: Mapping[str, Any] | None = None, rope_theta: float = 100.0, max_cp_size: int = 8,
+                 bias: bool = True, check_agreement: str = "always"):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depths=(depth,), num_heads=(num_heads,), mixers=[mixers],
                          mlp_ratio=mlp_ratio, class_token=class_token, num_registers=num_registers, pool=pool,
                          drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init, hyena=hyena, mixer=mixer,
-                         rope_theta=rope_theta, max_cp_size=max_cp_size, check_agreement=check_agreement)
+                         rope_theta=rope_theta, max_cp_size=max_cp_size, bias=bias, check_agreement=check_agreement)

@@ -44,11 +44,13 @@ def _channels_last(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class Gating(nn.Module):
     """The optional gates and norms of one Hyena operator (module docstring). ``dim``: the layer's
-    channels C; under TP this rank holds ``C / T`` of them (``tp_group``)."""
+    channels C; under TP this rank holds ``C / T`` of them (``tp_group``). ``norm_eps``: eps of the
+    norms (None: torch's defaults); ``conv_norm_eps``: the conv norm's own, when it differs."""
 
     def __init__(self, dim: int, *, inner_gate: str | None = None, outer_gate: str | None = None,
                  qk_norm: str | None = None, conv_norm: str | None = None, conv_norm_groups: int = 1,
-                 norm_eps: float | None = None, tp_group: ProcessGroup | None = None):
+                 norm_eps: float | None = None, conv_norm_eps: float | None = None,
+                 tp_group: ProcessGroup | None = None):
         super().__init__()
         self.inner_gate, self.outer_gate = _gate(inner_gate, "inner_gate"), _gate(outer_gate, "outer_gate")
         self.names = (inner_gate, outer_gate)
@@ -61,10 +63,11 @@ class Gating(nn.Module):
                              "'layernorm' (per token), or no TP")
         self.k_norm = None if qk_norm is None else build_norm(qk_norm, dim, tp_group, norm_eps)
         self.v_norm = None if qk_norm is None or inner_gate is not None else build_norm(qk_norm, dim, tp_group, norm_eps)
+        conv_eps = norm_eps if conv_norm_eps is None else conv_norm_eps
         if conv_norm == "groupnorm":
-            self.conv_norm = PositionGroupNorm(conv_norm_groups, dim, 1e-5 if norm_eps is None else norm_eps)
+            self.conv_norm = PositionGroupNorm(conv_norm_groups, dim, 1e-5 if conv_eps is None else conv_eps)
         else:
-            self.conv_norm = None if conv_norm is None else build_norm(conv_norm, dim, tp_group, norm_eps)
+            self.conv_norm = None if conv_norm is None else build_norm(conv_norm, dim, tp_group, conv_eps)
 
     @property
     def token_local(self) -> bool:

@@ -93,8 +93,8 @@ class Hyena(nn.Module):
             or None for length-relative filters.
         max_grid: default filter, 2-D/3-D; the maximum grid ``(H, W)`` / ``(T, H, W)``, or None.
         skip: the per-channel skip ``D z`` (True) or none.
-        inner_gate, outer_gate, qk_norm, conv_norm, conv_norm_groups, norm_eps: gates and norms
-            (`hyena_cp.modules.gating.Gating`).
+        inner_gate, outer_gate, qk_norm, conv_norm, conv_norm_groups, norm_eps, conv_norm_eps: gates and
+            norms (`hyena_cp.modules.gating.Gating`; ``conv_norm_eps`` None: ``norm_eps``).
         cp_comm: how the long conv crosses ranks under CP: "alltoall" (default, the
             communication floor) or "allgather" — a comparison baseline that all-gathers
             the full ``z`` (forward all-gather + backward reduce-scatter: P/2 times the
@@ -115,6 +115,7 @@ class Hyena(nn.Module):
                  max_len: int | None = None, max_grid: Sequence[int] | None = None, skip: bool = True,
                  inner_gate: str | None = None, outer_gate: str | None = None, qk_norm: str | None = None,
                  conv_norm: str | None = None, conv_norm_groups: int = 1, norm_eps: float | None = None,
+                 conv_norm_eps: float | None = None,
                  cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True,
                  tp_group: ProcessGroup | None = None, check_agreement: Literal["always", "off"] = "always"):
         super().__init__()
@@ -147,6 +148,7 @@ class Hyena(nn.Module):
             raise ValueError("a conditioned filter (cond_dim set) is not supported with tensor parallelism")
         self.gating = Gating(hidden_dim, inner_gate=inner_gate, outer_gate=outer_gate, qk_norm=qk_norm,
                              conv_norm=conv_norm, conv_norm_groups=conv_norm_groups, norm_eps=norm_eps,
+                             conv_norm_eps=conv_norm_eps,
                              tp_group=tp_group)
         # D, per channel; drawn for all C channels so a seed gives the same full operator at any TP size
         d = torch.randn(hidden_dim)[self.channel_offset:self.channel_offset + self.local_dim].clone()
