@@ -11,6 +11,7 @@ reads the full tensors (`load_model_state`) and keeps its TP piece (`load_full_s
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from torch import Tensor, nn
 from hyena_cp.lazy import instantiate
 from hyena_cp.parallel import group_rank, group_size, shard_tp, tp_partition
 from hyena_cp.parallel.dims import destroy_parallel, init_parallel
-from hyena_cp.train.checkpoint import LATEST, load_model_state
+from hyena_cp.train.checkpoint import CheckpointWarning, load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
+from hyena_cp.train.verify import newest_verified
 
 __all__ = ["GenerateConfig", "generate_text", "latest_checkpoint", "load_full_state", "with_generate_defaults"]
 
@@ -62,18 +64,22 @@ def with_generate_defaults(cfg: DictConfig) -> DictConfig:
 
 
 def latest_checkpoint(root: str | Path) -> Path:
-    """The newest complete checkpoint folder under ``root`` (read only): the one the ``latest``
-    pointer names if complete, else the newest ``step_*`` folder with its ``meta.json``."""
+    """The newest checkpoint folder under ``root`` that verifies (read only,
+    `hyena_cp.train.verify.newest_verified`): the one the ``latest`` pointer names, else the
+    newest ``step_*`` folder; a warning names each one skipped and what is wrong with it."""
     root = Path(root)
-    pointer = root / LATEST
-    name = pointer.read_text().strip() if pointer.is_file() else ""
-    if name and (root / name / "meta.json").is_file():
-        return root / name
-    complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / "meta.json").is_file())
-    if not complete:
-        raise FileNotFoundError(f"no complete checkpoint under {root}; train the model first (launch/train.py with "
-                                f"the same config and train.output_dir) or set generate.checkpoint")
-    return complete[-1]
+    choice = newest_verified(root)
+    for problem in filter(None, [choice.pointer_problem]):
+        warnings.warn(f"{problem}: choosing among the step_* folders instead", CheckpointWarning, stacklevel=2)
+    for name, problem in choice.rejected.items():
+        warnings.warn(f"checkpoint {root / name} failed verification: {problem}; skipped", CheckpointWarning,
+                      stacklevel=2)
+    if choice.chosen is None:
+        rejected = f" ({len(choice.rejected)} folders failed verification)" if choice.rejected else ""
+        raise FileNotFoundError(f"no complete checkpoint under {root} verifies{rejected}; train the model first "
+                                f"(launch/train.py with the same config and train.output_dir) or set "
+                                f"generate.checkpoint")
+    return root / choice.chosen
 
 
 def load_full_state(model: nn.Module, state: dict[str, Tensor], tp_group=None) -> None:
