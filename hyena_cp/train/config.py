@@ -95,9 +95,12 @@ class TrainConfig:
         replica r, seeded with ``seed + 1000 * (r + 1)`` -- per REPLICA, not per rank, so the
         CP ranks of a replica draw the same stochastic-depth masks.
     output_dir: run folder (metrics, plot, checkpoints); None: ``outputs/<config name>``.
-    resume: continue from the newest complete checkpoint in ``output_dir`` if there is one
-        (so a torchrun restart or a re-run carries on); False requires a folder without
-        checkpoints (it never overwrites another run).
+    resume: continue from the newest checkpoint in ``output_dir`` that verifies (its checksums,
+        `hyena_cp.train.verify`) if there is one (so a torchrun restart or a re-run carries on);
+        newer ones that fail are named in a warning and set aside, and with none verified the run
+        refuses (`hyena_cp.train.checkpoint.Checkpointer.resume_step`). False requires a folder
+        without a verified checkpoint (it never overwrites another run); unverifiable ones are
+        set aside and the run starts from scratch.
     clip_grad_norm: max global grad norm (0 disables clipping).
     warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio * lr``.
     weight_decay_policy: "timm" (the default): parameters with ``ndim <= 1`` (norms, biases,

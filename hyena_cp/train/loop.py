@@ -59,14 +59,19 @@ from hyena_cp.parallel.liveness import Heartbeat
 from hyena_cp.parallel.reductions import group_sum
 from hyena_cp.parallel.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
-from hyena_cp.train.checkpoint import Checkpointer
+from hyena_cp.train.checkpoint import CheckpointError, Checkpointer
 from hyena_cp.train.config import PRECISIONS, ParallelConfig, TrainConfig, check_sections, lr_factor
 from hyena_cp.train.metrics import MetricsLog, memory_line, plot_curves, progress_bar
-from hyena_cp.train.nonfinite import NonFiniteGuard
+from hyena_cp.train.nonfinite import NonFiniteError, NonFiniteGuard
 from hyena_cp.train.optim import param_groups
 from hyena_cp.train.tasks import Task
 
 __all__ = ["ScheduleWarning", "Trainer", "compile_blocks", "train"]
+
+
+# Errors that every rank raises together, from one agreed verdict (`NonFiniteGuard`, the
+# checkpoint choice broadcast by rank 0), so a barrier before leaving cannot wait for a dead peer.
+AGREED_ERRORS = (NonFiniteError, CheckpointError)
 
 
 def restart_count() -> int:
@@ -383,6 +388,9 @@ def train(cfg: DictConfig, *, name: str) -> dict[str, Any]:
         trainer = Trainer.build(cfg, groups, out, name)
         trainer.resume()
         summary = trainer.run()
+    except AGREED_ERRORS:  # every rank raised it at the same point: end together (a clean gloo exit)
+        destroy_parallel(groups)
+        raise
     except BaseException:
         destroy_parallel(groups, clean=False)  # peers may be gone: no barrier
         raise
