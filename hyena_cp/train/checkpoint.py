@@ -45,14 +45,15 @@ tensors, which DCP writes once. Contents, all tensors (no pickled Python objects
 - ``rng/dp<r>/cpu`` (and ``/cuda``): the RNG state of data-parallel replica ``r``; the CP and
   TP ranks of a replica share it (stochastic depth must agree across them).
 
-``meta.json`` (plain JSON, written last) holds the step, the mesh (``world``, ``dp``, ``cp``,
+``meta.json`` (plain JSON, written after the shards) holds the step, the mesh (``world``, ``dp``, ``cp``,
 ``tp``, ``dp_mode``), the progress, the learning-rate ``schedule`` (the loop's ``info``), and
 ``tp_partitions``: ``{key: [dim, stride]}`` of every TP-sharded item, so the folded layout
 (`hyena_cp.train.checkpoint_items`) can be undone without the model (`load_model_state`).
 ``checksums.json`` (written last, `hyena_cp.train.verify`) holds the size and SHA-256 of every
 other file.
 
-Trust model: a checkpoint folder is as trusted as code. DCP writes its ``.metadata`` (the index
+Trust model: a checkpoint folder is as trusted as code (the checksums catch accidental damage,
+not tampering: see `hyena_cp.train.verify`). DCP writes its ``.metadata`` (the index
 of items, shards and files) with ``pickle.dump`` and reads it with a plain ``pickle.load`` (torch's
 ``FileSystemReader.read_metadata``) before anything here can look at it, so a crafted
 ``.metadata`` runs code on load: resume, generate from and export only checkpoints you (or
