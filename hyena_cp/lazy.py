@@ -207,7 +207,7 @@ def _declared_types(fn: Any) -> dict[str, Any]:
         hint = p.annotation
         if isinstance(hint, str):
             try:
-                hint = eval(hint, namespace)  # noqa: S307  (source annotations, as typing.get_type_hints does)
+                hint = eval(hint, namespace)  # the source's own annotation, as typing.get_type_hints does
             except Exception:
                 continue
         if hint is not p.empty:

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from hyena_cp.parallel.decisions import broadcast_text
 from hyena_cp.parallel.dims import barrier, destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import CheckpointError, Checkpointer, load_model_state
 from hyena_cp.train.verify import verify_folder
@@ -184,3 +185,17 @@ def test_load_model_state_refuses_a_damaged_folder_naming_it(three, tmp_path):
     damage(root / "step_00000002", "no_metadata")
     with pytest.raises(CheckpointError, match=r"step_00000002 failed verification: \.metadata is missing"):
         load_model_state(root / "step_00000002")
+
+
+def _broadcast_texts() -> list[str]:
+    groups = init_parallel(1)
+    try:
+        return [broadcast_text(f"{text} from rank {groups.rank}" if text else "", groups)
+                for text in ("", "step_00000003: meta.json is missing; é")]
+    finally:
+        destroy_parallel(groups)
+
+
+def test_rank_0s_decision_text_reaches_every_rank_even_when_empty(dist_run):
+    """The resume's outcome travels as rank 0's text (`broadcast_text`), "" included."""
+    assert dist_run(_broadcast_texts, 2) == [["", "step_00000003: meta.json is missing; é from rank 0"]] * 2

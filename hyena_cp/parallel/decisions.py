@@ -39,9 +39,9 @@ def broadcast_text(text: str, groups: ParallelGroups) -> str:
     size = torch.tensor([len(data)], dtype=torch.int64, device=groups.device)
     dist.broadcast(size, src=0)
     buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=groups.device)
-    if groups.rank == 0:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    if buf.numel():
+    if buf.numel():  # "" is a decision too (e.g. "nothing went wrong"): its size says it all
+        if groups.rank == 0:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         dist.broadcast(buf, src=0)
     sent = (world - 1) * (nbytes(size) + nbytes(buf)) if groups.rank == 0 else 0
     record("broadcast", sent)

@@ -235,17 +235,23 @@ class Checkpointer:
         if not resume and choice.chosen is not None:
             raise ValueError(f"{self.root} already holds checkpoints (newest verified: {choice.chosen}); pass "
                              f"train.resume=true to continue that run or choose another train.output_dir")
-        if self.groups.rank == 0:
-            outcome = f"resuming from {choice.chosen}" if choice.chosen is not None else "starting from scratch"
-            for name, problem in choice.rejected.items():
-                moved = set_aside(self.root / name, "unverified")
-                warnings.warn(f"checkpoint {self.root / name} failed verification: {problem}; kept as {moved.name} "
-                              f"for inspection (never read; delete it when done); {outcome}", CheckpointWarning,
-                              stacklevel=2)
-            if choice.chosen is not None and (choice.rejected or choice.pointer_problem):
-                _write_atomic(self.root / LATEST, choice.chosen + "\n")
-        barrier(self.groups)
+        failed = self._on_rank0(lambda: self._set_aside_rejected(choice))
+        if failed:
+            raise CheckpointError(f"setting aside the checkpoints in {self.root} that failed verification failed on "
+                                  f"rank 0: {json.loads(failed)['error']}")
         return _step_of(choice.chosen) if choice.chosen is not None else -1
+
+    def _set_aside_rejected(self, choice: Choice) -> str:
+        """Rank 0: rename each rejected folder ``step_N.unverified-K``, warning, and point
+        ``latest`` at the chosen one; "" when done."""
+        outcome = f"resuming from {choice.chosen}" if choice.chosen is not None else "starting from scratch"
+        for name, problem in choice.rejected.items():
+            moved = set_aside(self.root / name, "unverified")
+            warnings.warn(f"checkpoint {self.root / name} failed verification: {problem}; kept as {moved.name} for "
+                          f"inspection (never read; delete it when done); {outcome}", CheckpointWarning, stacklevel=4)
+        if choice.chosen is not None and (choice.rejected or choice.pointer_problem):
+            _write_atomic(self.root / LATEST, choice.chosen + "\n")
+        return ""
 
     def path(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"

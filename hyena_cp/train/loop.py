@@ -11,7 +11,9 @@ all-gathers each block's parameters) -> this rank's loss SHARE -> backward of ``
 (FSDP reduce-scatters each block's gradients with a MEAN over dp x cp: with the factor
 cp, summed over CP and averaged over DP for each TP shard, `hyena_cp.parallel.fsdp`) ->
 clip by the norm of the FULL gradient (`hyena_cp.parallel.grad_norm`: FSDP shards and TP
-shards summed, replicas counted once) -> optimizer step on this rank's shards.
+shards summed, replicas counted once) -> the non-finite guard: one verdict on the loss and the
+norm, agreed over all ranks, stops or skips the step (`hyena_cp.train.nonfinite`,
+``train.nonfinite``) -> optimizer step on this rank's shards.
 
 The dp x tp x cp invariant this keeps: the ranks of one TP shard hold the same (reduced)
 gradients, so the sharded model takes the single-process step; the TP ranks of a (dp, cp)
@@ -142,7 +144,7 @@ class Trainer:
         if meta["dp"] != self.groups.dims.dp:  # the per-replica streams do not map
             torch.manual_seed(hash((self.cfg.seed, self.groups.dp_rank, self.step)) % 2**63)
         if self.groups.rank == 0:
-            _warn_if_schedule_changed(self.checkpointer.path(latest), meta.get("schedule"), self.schedule())
+            _warn_if_schedule_changed(self.checkpointer.path(latest), latest, meta.get("schedule"), self.schedule())
 
     def schedule(self) -> dict[str, Any]:
         """The learning-rate schedule's settings (`lr_factor` of the base rates), as stored in
@@ -261,10 +263,7 @@ class Trainer:
         if stepped:
             window.append(loss)
         elif log:
-            log.write({"event": "nonfinite", "step": self.step, "loss": loss, "grad_norm": grad_norm,
-                       "action": "skipped", "in_a_row": self.guard.skipped_in_a_row})
-            bar.write(f"step {self.step}: loss {loss}, gradient norm {grad_norm}: not finite, step skipped "
-                      f"({self.guard.skipped_in_a_row} in a row; train.nonfinite_max_skips={cfg.nonfinite_max_skips})")
+            self._log_skipped(log, bar, loss, grad_norm)
         bar.update(1)
         bar.set_postfix({"loss": f"{loss:.4f}", f"{self.task.unit}/s": f"{rate:.0f}"}, refresh=False)
         if log and window and cfg.due(cfg.log_every, self.step):  # mean loss since the last record
@@ -277,6 +276,13 @@ class Trainer:
         if cfg.due(cfg.ckpt_every, self.step):
             self.save()
         return window
+
+    def _log_skipped(self, log: MetricsLog, bar, loss: float, grad_norm: float) -> None:
+        skipped, limit = self.guard.skipped_in_a_row, self.cfg.nonfinite_max_skips
+        log.write({"event": "nonfinite", "step": self.step, "loss": loss, "grad_norm": grad_norm, "action": "skipped",
+                   "in_a_row": skipped})
+        bar.write(f"step {self.step}: loss {loss}, gradient norm {grad_norm}: not finite, step skipped ({skipped} in a "
+                  f"row; train.nonfinite_max_skips={limit})")
 
     def _banner(self) -> str:
         dims = self.groups.dims  # the full model's parameters: a TP shard is 1/tp of its tensor
@@ -305,24 +311,21 @@ class Trainer:
         (self.output_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
-def _warn_if_schedule_changed(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+class ScheduleWarning(UserWarning):
+    """A resume whose learning-rate schedule settings differ from its checkpoint's."""
+
+
+def _warn_if_schedule_changed(path: Path, step: int, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
     """A resume under other schedule settings changes the learning rate of every later step:
-    allowed (e.g. to train longer), but said, with which settings are used from here on."""
+    allowed (e.g. to train longer), but said, with which settings are used from here on.
+    ``saved`` is None for a checkpoint that does not record its schedule."""
     changed = [k for k in current if saved is not None and k in saved and saved[k] != current[k]]
     if changed:
         was = ", ".join(f"{k}={saved[k]}" for k in changed)
         now = ", ".join(f"{k}={current[k]}" for k in changed)
         warnings.warn(f"checkpoint {path} was trained with {was}; this run has {now}: the learning-rate schedule "
-                      f"of this run's config ({now}) is used from step {_step_of_path(path)} on, so the steps after "
-                      f"it do not follow the schedule the checkpoint was on", ScheduleWarning, stacklevel=3)
-
-
-class ScheduleWarning(UserWarning):
-    """A resume whose learning-rate schedule settings differ from its checkpoint's."""
-
-
-def _step_of_path(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
+                      f"of this run's config ({now}) is used from step {step} on, so the steps after it do not "
+                      f"follow the schedule the checkpoint was on", ScheduleWarning, stacklevel=3)
 
 
 def _check_tensor_parallel(model: nn.Module, tp: int) -> None:
