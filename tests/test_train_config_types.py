@@ -15,6 +15,8 @@ import torch
 from hyena_cp.lazy import LazyConfig, check_types
 from hyena_cp.train import loop
 from hyena_cp.train.config import with_defaults
+from hyena_cp.train.export import ExportConfig
+from hyena_cp.train.generate import GenerateConfig
 from hyena_cp.value_types import check_value
 from train_helpers import CONFIGS, VISION, load_config
 
@@ -46,6 +48,13 @@ def test_a_mistyped_value_is_refused_before_any_process_group(monkeypatch, tmp_p
     with pytest.raises(ValueError) as error:
         loop.train(cfg, name="typed")
     assert str(error.value).startswith(f"{shown}: {expected}")
+
+
+def test_the_generate_and_export_sections_are_typed_the_same_way():
+    with pytest.raises(ValueError, match=r"^generate.max_new_tokens=2.5: expected int \(a whole number\), got float"):
+        GenerateConfig(max_new_tokens=2.5)
+    with pytest.raises(ValueError, match=r"^export.out=3: expected str \| None, got int"):
+        ExportConfig(out=3)
 
 
 ACCEPTED = ["parallel.timeout_s=30", "optimizer.lr=1", "train.fault_step=null", "train.output_dir=runs/a",

@@ -42,7 +42,8 @@ __all__ = ["CheckpointItems", "check_partitions", "empty_like_meta", "read_tenso
 
 def read_tensor_metadata(path: str | os.PathLike[str]) -> dict[str, TensorStorageMetadata]:
     """Key -> size/dtype of every item of a DCP checkpoint; refuses non-tensor (pickled) items.
-    Reading the metadata itself unpickles DCP's ``.metadata`` file (see "Trust model" in `hyena_cp.train.checkpoint`)."""
+    Reading the metadata itself unpickles DCP's ``.metadata`` file (see "Trust model" in
+    `hyena_cp.train.checkpoint`)."""
     metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
     out = {}
     for key, item in metadata.state_dict_metadata.items():

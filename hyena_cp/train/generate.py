@@ -4,7 +4,7 @@
 
 The experiment config that trained the model supplies ``model`` and ``parallel``; the
 ``generate`` section (`GenerateConfig`) adds the prompt and the sampling settings. The
-newest complete checkpoint under ``<train.output_dir>/checkpoints`` is loaded (or
+newest verified checkpoint under ``<train.output_dir>/checkpoints`` is loaded (or
 ``generate.checkpoint``). Checkpoints store every tensor as its FULL (single-process)
 tensor, so a model trained at any CP/TP size runs at the size of this launch: each rank
 reads the full tensors (`load_model_state`) and keeps its TP piece (`load_full_state`).
@@ -25,6 +25,7 @@ from hyena_cp.parallel.dims import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import CheckpointWarning, load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
 from hyena_cp.train.verify import newest_verified
+from hyena_cp.value_types import check_fields
 
 __all__ = ["GenerateConfig", "generate_text", "latest_checkpoint", "load_full_state", "with_generate_defaults"]
 
@@ -39,7 +40,8 @@ class GenerateConfig:
     top_k: sample among the k most likely bytes only (None: all 256).
     num_samples: continuations of the prompt decoded together (one batch).
     seed: sampling seed (the same on every rank).
-    checkpoint: a ``step_*`` folder; None: the newest complete one of the training run.
+    checkpoint: a ``step_*`` folder (verified before it is read); None: the newest verified one of the
+        training run.
     """
 
     prompt: str = "def "
@@ -51,6 +53,7 @@ class GenerateConfig:
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "generate")  # first: the checks below compare values
         if not self.prompt:
             raise ValueError("generate.prompt must not be empty: the model needs a token to continue")
         if self.num_samples < 1 or self.max_new_tokens < 0:

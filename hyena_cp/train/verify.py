@@ -14,8 +14,8 @@ trusted as code (see "Trust model" in `hyena_cp.train.checkpoint`).
 
 `newest_verified` is the choice every reader of a run folder makes: the checkpoint the
 ``latest`` pointer names if it verifies, else the newest ``step_N`` folder that does, with
-what was wrong with every folder it looked at on the way. Only folders named exactly
-``step_<digits>`` are candidates; ``*.tmp`` (saves in progress) and folders set aside
+what was wrong with every folder it looked at on the way. Only folders named exactly as
+checkpoints are saved, ``step_<8 or more digits>``, are candidates; ``*.tmp`` (saves in progress) and folders set aside
 (`set_aside`: ``step_N.unverified-K``, ``step_N.replaced-K``) are not.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ CHECKSUMS = "checksums.json"
 LATEST = "latest"
 META = "meta.json"
 REQUIRED = (".metadata", META)  # what every checkpoint has besides its shards (DCP's index, ours)
-_STEP = re.compile(r"step_(\d+)")
+_STEP = re.compile(r"step_(\d{8,})")  # the names `Checkpointer.path` gives
 _HASH_THREADS = 8  # hashlib releases the GIL: files hash in parallel (I/O and SHA-256 overlap)
 
 
