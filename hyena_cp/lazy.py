@@ -28,7 +28,9 @@ Choices:
   that resolves back to the object on access. Objects without an importable name
   (lambdas, local functions, instances) raise ``ValueError`` naming the key.
 - Override values are YAML 1.2 scalars: ``3e-4`` is a float, only true/false are bools
-  (``no`` stays a string), ``null`` is None, an empty value is ``""``.
+  (``no`` stays a string), ``null`` is None, an empty value is ``""``. ``check_types`` holds
+  each plain argument of a call to the type its parameter declares (``optimizer.lr=abc`` is
+  refused with the key, `hyena_cp.value_types`) without calling anything.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from hyena_cp.parallel.decisions import broadcast_text
 from hyena_cp.parallel.dims import barrier, destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import CheckpointError, Checkpointer, load_model_state
-from hyena_cp.train.verify import verify_folder
+from hyena_cp.train.verify import read_pointer, verify_folder
 from train_helpers import DAMAGE, damage, tiny_model_and_optimizer, tiny_steps
 
 PROGRESS = {"epoch": 0, "global_batch_size": 8}
@@ -127,6 +127,20 @@ def test_a_pointer_that_is_not_text_is_reported_and_the_folders_scanned(dist_run
     (warning,) = r0["warnings"]
     assert str(root / "latest") in warning and "not UTF-8" in warning and "step_* folders" in warning
     assert (root / "latest").read_text() == "step_00000003\n"  # repaired
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"\xff\xfe\x00step\x80", "is not UTF-8 text (8 bytes, starting b'\\xff\\xfe\\x00step\\x80')"),
+    (b"hello world\n", "does not name a checkpoint folder (it holds 'hello world', not step_<N>)"),
+    (b"step_00000009\n", "names step_00000009, which does not exist"),
+    (b"step_00000002\n", None),
+])
+def test_the_pointer_is_read_as_text_naming_an_existing_folder(tmp_path, content, problem):
+    (tmp_path / "step_00000002").mkdir()
+    (tmp_path / "latest").write_bytes(content)
+    name, found = read_pointer(tmp_path)
+    assert found == (None if problem is None else f"{tmp_path / 'latest'} {problem}")
+    assert name == (None if problem else "step_00000002")
 
 
 def test_with_none_verified_the_resume_refuses_on_every_rank_and_moves_nothing(dist_run, three, tmp_path):
