@@ -42,7 +42,9 @@ Choices:
   Objects without an importable name (lambdas, local functions, instances) raise
   ``ValueError`` naming the key.
 - Override values are YAML 1.2 scalars: ``3e-4`` is a float, only true/false are bools
-  (``no`` stays a string), ``null`` is None, an empty value is ``""``.
+  (``no`` stays a string), ``null`` is None, an empty value is ``""``. ``check_types`` holds
+  each plain argument of a call to the type its parameter declares (``optimizer.lr=abc`` is
+  refused with the key, `hyena_cp.value_types`) without calling anything.
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ from typing import Any
 import yaml
 from omegaconf import Container, DictConfig, ListConfig, OmegaConf
 
-__all__ = ["LazyCall", "LazyConfig", "instantiate", "locate"]
+from hyena_cp.value_types import check_value
+
+__all__ = ["LazyCall", "LazyConfig", "check_types", "instantiate", "locate"]
 
 _FLAGS = {"allow_objects": True}  # callables, dtypes and classes are legal config values
 _counter = itertools.count()
@@ -220,6 +224,72 @@ def instantiate(cfg: Any, /, **overrides: Any) -> Any:
     if overrides and not isinstance(cfg, (DictConfig, Mapping, LazyConfig)):
         raise TypeError(f"instantiate overrides {sorted(overrides)} need a mapping config, got {type(cfg)}")
     return _build(cfg, _node_path(cfg), overrides)
+
+
+def _declared_types(fn: Any) -> dict[str, Any]:
+    """Parameter name -> declared type of ``fn`` (a class: its constructor's). Each string
+    annotation (``from __future__ import annotations``) is evaluated on its own in the module of
+    its definition, as ``typing.get_type_hints`` would, so one that cannot be resolved (a name
+    imported only for type checkers) leaves just that parameter unchecked."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    owner = inspect.unwrap(fn.__init__ if inspect.isclass(fn) else fn)
+    namespace = getattr(owner, "__globals__", {})
+    declared = {}
+    for name, p in params.items():
+        hint = p.annotation
+        if isinstance(hint, str):
+            try:
+                hint = eval(hint, namespace)  # the source's own annotation, as typing.get_type_hints does
+            except Exception:
+                continue
+        if hint is not p.empty:
+            declared[name] = hint
+    return declared
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _plain(value: Any) -> Any:
+    """A scalar, or a list of scalars, as plain Python; anything else (a call, an object): None."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(v, _SCALARS) for v in value):
+        return list(value)
+    return None
+
+
+def check_types(cfg: Any, path: str = "") -> None:
+    """Check every plain argument (scalar or list of scalars) of every call in ``cfg`` against
+    the type its parameter declares (`hyena_cp.value_types.check_value`), calling nothing; a
+    ValueError names the key, the value and the type, e.g. ``optimizer.lr='abc': expected
+    float | Tensor, got str``. Values this cannot read (a missing ``???``, an interpolation
+    that does not resolve) are left for `instantiate` to report."""
+    path = path or _node_path(cfg)
+    if isinstance(cfg, (DictConfig, Mapping)):
+        items = {}
+        for key in cfg.keys():
+            try:
+                items[str(key)] = cfg[key]
+            except Exception:
+                continue
+        target = items.get("_target_")
+        if target is not None:
+            fn = locate(target) if isinstance(target, str) else target
+            declared = _declared_types(fn)
+            for key, value in items.items():
+                plain = _plain(value)
+                if key in declared and not key.startswith("_") and (plain is not None or value is None):
+                    check_value(_join(path, key), plain, declared[key])
+        for key, value in items.items():
+            if key != "_target_":
+                check_types(value, _join(path, key))
+    elif isinstance(cfg, (ListConfig, list, tuple)):
+        for i, value in enumerate(cfg):
+            check_types(value, _join(path, i))
 
 
 class _YamlLoader(yaml.SafeLoader):

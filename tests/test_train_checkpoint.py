@@ -12,45 +12,31 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 
 from hyena_cp.parallel.dims import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import Checkpointer, load_model_state, read_tensor_metadata
+from train_helpers import tiny_model_and_optimizer, tiny_steps
 
 PROGRESS = {"step": 2, "epoch": 0, "global_batch_size": 8}
-
-
-def _model_and_optimizer(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3))
-    model.register_buffer("counter", torch.arange(3.0))
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-
-
-def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int) -> None:
-    for i in range(n):
-        optimizer.zero_grad()
-        model(torch.full((2, 4), float(i + 1))).square().sum().backward()
-        optimizer.step()
 
 
 def _roundtrip(root: str, cp: int) -> dict:
     groups = init_parallel(cp)
     try:
-        model, optimizer = _model_and_optimizer(0)
-        _steps(model, optimizer, 2)
+        model, optimizer = tiny_model_and_optimizer(0)
+        tiny_steps(model, optimizer, 2)
         torch.manual_seed(100 + groups.dp_rank)
         ckpt = Checkpointer(root, groups)
         ckpt.save(2, model, optimizer, PROGRESS)
         draw = torch.rand(3)  # what the RNG gives right after the saved state
-        _steps(model, optimizer, 1)
+        tiny_steps(model, optimizer, 1)
         reference = [p.detach().clone() for p in model.parameters()]
 
-        fresh, fresh_opt = _model_and_optimizer(7)  # other weights, no optimizer state
+        fresh, fresh_opt = tiny_model_and_optimizer(7)  # other weights, no optimizer state
         torch.manual_seed(999)
         progress = ckpt.load(ckpt.latest_step(), fresh, fresh_opt)
         restored_draw = torch.rand(3)
-        _steps(fresh, fresh_opt, 1)  # Adam moments and step count must be restored too
+        tiny_steps(fresh, fresh_opt, 1)  # Adam moments and step count must be restored too
         return {"progress": progress, "draws": (draw, restored_draw), "reference": reference,
                 "resumed": [p.detach() for p in fresh.parameters()], "buffer": fresh.counter}
     finally:
@@ -79,12 +65,12 @@ class Crash(Exception):
 def _crash_mid_save(root: str) -> dict:
     groups = init_parallel(1)  # dp=2
     try:
-        model, optimizer = _model_and_optimizer(0)
-        _steps(model, optimizer, 1)
+        model, optimizer = tiny_model_and_optimizer(0)
+        tiny_steps(model, optimizer, 1)
         ckpt = Checkpointer(root, groups)
         ckpt.save(1, model, optimizer, PROGRESS)
         good = [p.detach().clone() for p in model.parameters()]
-        _steps(model, optimizer, 1)
+        tiny_steps(model, optimizer, 1)
 
         def crash() -> None:
             raise Crash
@@ -99,7 +85,7 @@ def _crash_mid_save(root: str) -> dict:
         dist.barrier()
         restarted = Checkpointer(root, groups)  # a new attempt removes stale partial saves
         listing = sorted(p.name for p in root_path.iterdir())
-        fresh, fresh_opt = _model_and_optimizer(3)
+        fresh, fresh_opt = tiny_model_and_optimizer(3)
         restarted.load(restarted.latest_step(), fresh, fresh_opt)
         same = all(torch.equal(a, b) for a, b in zip(good, fresh.parameters()))
         restarted.save(2, model, optimizer, PROGRESS)
@@ -120,7 +106,7 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(dist_run, tmp_path):
 def _save_steps(root: str, steps: list[int], keep: int) -> None:
     groups = init_parallel(1)
     try:
-        model, optimizer = _model_and_optimizer(0)
+        model, optimizer = tiny_model_and_optimizer(0)
         ckpt = Checkpointer(root, groups, keep=keep)
         for step in steps:
             ckpt.save(step, model, optimizer, {**PROGRESS, "step": step})
@@ -154,7 +140,7 @@ def test_pruning_pointer_and_fallback(dist_run, tmp_path):
 def _load_with_other_dp(root: str) -> dict:
     groups = init_parallel(1)
     try:
-        model, optimizer = _model_and_optimizer(7)
+        model, optimizer = tiny_model_and_optimizer(7)
         torch.manual_seed(123 + groups.dp_rank)
         before = torch.get_rng_state()
         ckpt = Checkpointer(root, groups)
@@ -169,8 +155,8 @@ def _load_with_other_dp(root: str) -> dict:
 def _save_trained(root: str) -> dict:
     groups = init_parallel(1)
     try:
-        model, optimizer = _model_and_optimizer(0)
-        _steps(model, optimizer, 2)
+        model, optimizer = tiny_model_and_optimizer(0)
+        tiny_steps(model, optimizer, 2)
         Checkpointer(root, groups).save(2, model, optimizer, PROGRESS)
         return {"params": [p.detach() for p in model.parameters()],
                 "optim": [{k: v for k, v in optimizer.state[p].items()} for p in model.parameters()]}

@@ -7,11 +7,12 @@ DeviceMesh, `parallel.fsdp` shards the model and reduces gradients with FSDP2,
 """
 from __future__ import annotations
 
-from .checkpoint import Checkpointer, load_model_state, load_optimizer_state
+from .checkpoint import CheckpointError, Checkpointer, load_model_state, load_optimizer_state
 from .config import ParallelConfig, TrainConfig, with_defaults
 from .loop import Trainer, train
+from .nonfinite import NonFiniteError
 from .tasks import ImageClassification, LanguageModeling, Task
 
-__all__ = ["Checkpointer", "ImageClassification", "LanguageModeling", "ParallelConfig", "Task", "TrainConfig",
-           "Trainer", "load_model_state", "load_optimizer_state", "train",
+__all__ = ["CheckpointError", "Checkpointer", "ImageClassification", "LanguageModeling", "NonFiniteError",
+           "ParallelConfig", "Task", "TrainConfig", "Trainer", "load_model_state", "load_optimizer_state", "train",
            "with_defaults"]

@@ -2,14 +2,28 @@
 
 Layout under ``root`` (a folder every rank can reach, e.g. ``<output_dir>/checkpoints``)::
 
-    step_00000040/      complete checkpoint: DCP shards + .metadata + meta.json
+    step_00000040/      complete checkpoint: DCP shards + .metadata + meta.json + checksums.json
     step_00000050.tmp/  being written, or left by a crash: never read, removed on the next save
+    step_00000030.unverified-1/  failed verification when a run resumed: set aside, never read
+    step_00000060.replaced-1/    was in the way of a new save of its step: set aside, never read
     latest              text file naming the newest complete checkpoint ("step_00000040")
 
-Save protocol: every rank writes into ``step_N.tmp/`` (DCP, collective) -> barrier -> rank 0
-writes ``meta.json``, renames the folder to ``step_N/``, then replaces ``latest`` atomically
-(temporary file + ``os.replace``) -> barrier. A crash at any point leaves the previous
-complete checkpoint and ``latest`` untouched.
+Save protocol: the state is checked finite on every rank (one agreed verdict: a non-finite
+model raises `NonFiniteError` and writes nothing) -> every rank writes into ``step_N.tmp/``
+(DCP, collective) and records the size and SHA-256 of the shard files it wrote -> barrier ->
+rank 0 writes ``meta.json`` and ``checksums.json`` (every file of the folder,
+`hyena_cp.train.verify`), sets aside a ``step_N/`` already there, renames the folder to
+``step_N/``, then replaces ``latest`` atomically (temporary file + ``os.replace``) and deletes
+the checkpoints beyond ``keep`` (of those not newer than ``step_N``) -> barrier. A crash at any
+point leaves the previous complete checkpoint and ``latest`` untouched.
+
+Resume protocol (`Checkpointer.resume_step`): rank 0 verifies the checkpoint the pointer names,
+else the newest ``step_N`` folder, going back until one verifies (`hyena_cp.train.verify`), and
+broadcasts the outcome, so every rank loads the same one. Each folder that fails is named with
+what is wrong in a `CheckpointWarning` and set aside; with none verified the run stops with a
+`CheckpointError` naming the folder, or, under ``train.resume=false``, sets them aside and
+starts from scratch. A ``latest`` that is not a checkpoint name (not UTF-8, garbage, a missing
+folder) is reported and the folders are scanned instead.
 
 What is stored comes from ``torch.distributed.checkpoint.state_dict.get_state_dict`` (and goes
 back through ``set_model_state_dict`` / ``set_optimizer_state_dict``): under FSDP
@@ -31,11 +45,15 @@ tensors, which DCP writes once. Contents, all tensors (no pickled Python objects
 - ``rng/dp<r>/cpu`` (and ``/cuda``): the RNG state of data-parallel replica ``r``; the CP and
   TP ranks of a replica share it (stochastic depth must agree across them).
 
-``meta.json`` (plain JSON, written last) holds the step, the mesh (``world``, ``dp``, ``cp``,
-``tp``, ``dp_mode``), the progress, and ``tp_partitions``: ``{key: [dim, stride]}`` of every
-TP-sharded item, so the folded layout below can be undone without the model (`load_model_state`).
+``meta.json`` (plain JSON, written after the shards) holds the step, the mesh (``world``, ``dp``, ``cp``,
+``tp``, ``dp_mode``), the progress, the learning-rate ``schedule`` (the loop's ``info``), and
+``tp_partitions``: ``{key: [dim, stride]}`` of every TP-sharded item, so the folded layout
+(`hyena_cp.train.checkpoint_items`) can be undone without the model (`load_model_state`).
+``checksums.json`` (written last, `hyena_cp.train.verify`) holds the size and SHA-256 of every
+other file.
 
-Trust model: a checkpoint folder is as trusted as code. DCP writes its ``.metadata`` (the index
+Trust model: a checkpoint folder is as trusted as code (the checksums catch accidental damage,
+not tampering: see `hyena_cp.train.verify`). DCP writes its ``.metadata`` (the index
 of items, shards and files) with ``pickle.dump`` and reads it with a plain ``pickle.load`` (torch's
 ``FileSystemReader.read_metadata``) before anything here can look at it, so a crafted
 ``.metadata`` runs code on load: resume, generate from and export only checkpoints you (or
@@ -52,22 +70,8 @@ and tp2 <-> tp1 to identical full parameters and optimizer state. The RNG stream
 replica: they are restored when ``dp`` is unchanged, and `load` reports when it is not (the
 loop then reseeds the replicas, `hyena_cp.train.loop.Trainer.resume`).
 
-Tensor parallelism (the dp x tp x cp invariant: every item is stored once, as the full
-tensor). DCP de-duplicates items that several ranks save under one key, assuming replicas;
-that holds for the replicated tensors (the DP, CP and TP ranks hold the same values), but
-the TP ranks hold different SHARDS of a TP-sharded parameter (megatron's
-``tensor_model_parallel`` attributes, `hyena_cp.parallel.tp_partition`). Those, and their
-optimizer state of the parameter's shape, are saved as DTensors whose global value is the
-full tensor (`hyena_cp.parallel.stored_view`: over the TP mesh, or under FSDP over the
-``(tp, dp_cp)`` mesh; a strided partition is stored "folded", ``[..., stride, full / stride,
-...]``, so that each shard is one plain chunk). The DP/CP replicas of a shard then save the
-same chunk, which DCP writes once. 0-dim optimizer state (``step``) is the same on every TP
-rank and is stored as a replica. State of any other shape (e.g. Adafactor's factored
-statistics) has no known partition: it is saved as is at tp=1, where nothing collides, and
-refused under TP (on save, and on loading such a checkpoint at tp > 1), with a ValueError on
-every rank before any I/O. The folded layout depends only on the model (its partition
-strides), so checkpoints of models without strided partitions are unchanged from before TP
-existed, and checkpoints from before FSDP load as they are.
+Tensor parallelism: every item is stored once, as the full tensor, TP shards included
+(`hyena_cp.train.checkpoint_items`).
 """
 from __future__ import annotations
 
@@ -75,28 +79,36 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 
-from hyena_cp.parallel.dims import ParallelGroups, barrier, broadcast_int
-from hyena_cp.parallel.tp_dtensor import stored_view, tp_unfold
-from hyena_cp.parallel.tp_layout import TPPartition, tp_partition
+from hyena_cp.parallel.decisions import any_rank, broadcast_text
+from hyena_cp.parallel.dims import ParallelGroups, barrier
+from hyena_cp.parallel.tp_dtensor import tp_unfold
+from hyena_cp.parallel.tp_layout import TPPartition
+from hyena_cp.train.checkpoint_items import (CheckpointItems, check_partitions, empty_like_meta,
+                                             read_tensor_metadata, saved_partitions)
+from hyena_cp.train.nonfinite import NonFiniteError
+from hyena_cp.train.verify import (LATEST, Choice, digest_files, newest_verified, set_aside, step_folders,
+                                   verify_folder, write_checksums)
 
-__all__ = ["Checkpointer", "load_model_state", "load_optimizer_state", "read_tensor_metadata", "saved_partitions"]
+__all__ = ["CheckpointError", "CheckpointWarning", "Checkpointer", "load_model_state", "load_optimizer_state",
+           "read_tensor_metadata", "saved_partitions"]
 
-LATEST = "latest"
+
+class CheckpointError(ValueError):
+    """No checkpoint that verifies where one is needed (raised on every rank)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint folder or pointer that failed verification and was skipped (rank 0 only)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,34 +129,21 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def read_tensor_metadata(path: str | os.PathLike[str]) -> dict[str, TensorStorageMetadata]:
-    """Key -> size/dtype of every item of a DCP checkpoint; refuses non-tensor (pickled) items.
-    Reading the metadata itself unpickles DCP's ``.metadata`` file (see "Trust model" above)."""
-    metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata()
-    out = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if not isinstance(item, TensorStorageMetadata):
-            raise ValueError(f"checkpoint {path} holds a non-tensor item {key!r}; refusing to unpickle it")
-        out[key] = item
-    return out
+def _step_of(name: str) -> int:
+    return int(name.removeprefix("step_"))
 
 
-def _empty_like_meta(item: TensorStorageMetadata) -> Tensor:
-    return torch.empty(tuple(item.size), dtype=item.properties.dtype)
-
-
-def saved_partitions(path: str | os.PathLike[str]) -> dict[str, TPPartition]:
-    """Key -> TP partition of every item a checkpoint stores as a TP-sharded full tensor
-    (``meta.json``'s ``tp_partitions``; empty for checkpoints written before TP existed)."""
-    meta = Path(path) / "meta.json"
-    recorded = json.loads(meta.read_text()).get("tp_partitions", {}) if meta.is_file() else {}
-    return {key: TPPartition(*value) for key, value in recorded.items()}
+_OWN_DIGESTS = ".sha256-rank"  # per-rank digests inside step_N.tmp/, merged into checksums.json
 
 
 def _load_full(path: str | os.PathLike[str], prefix: str) -> dict[str, Tensor]:
-    """The items under ``prefix`` of a checkpoint folder as FULL (tp=1) tensors, in one process."""
+    """The items under ``prefix`` of a checkpoint folder as FULL (tp=1) tensors, in one process,
+    after verifying the folder's checksums."""
+    problem = verify_folder(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} failed verification: {problem}; use another checkpoint")
     meta = read_tensor_metadata(path)
-    state = {k: _empty_like_meta(v) for k, v in meta.items() if k.startswith(prefix)}
+    state = {k: empty_like_meta(v) for k, v in meta.items() if k.startswith(prefix)}
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=os.fspath(path), no_dist=True)
@@ -164,108 +163,6 @@ def load_optimizer_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return _load_full(path, "optim/")
 
 
-def _check_partitions(path: Path, current: dict[str, TPPartition], saved: dict[str, TPPartition]) -> None:
-    """The stored layout of a strided item is folded by its stride (see the module docstring),
-    so a model with other strides cannot read it; stride-1 items are full tensors either way."""
-    for key in sorted(current.keys() | {k for k in saved if k.startswith("model/")}):
-        mine, theirs = current.get(key), saved.get(key)
-        if (mine is not None and mine.stride > 1 or theirs is not None and theirs.stride > 1) and mine != theirs:
-            raise ValueError(f"checkpoint {path} stores {key} with TP partition {theirs} but the model has {mine}: "
-                             "the strided (folded) layouts differ; load it into the model that wrote it")
-
-
-class _Items:
-    """The stored form of a model and optimizer (from ``get_state_dict``): ``state`` (key ->
-    tensor or view for DCP), the TP ``partitions`` by key, ``finish`` (copies loaded buffers into
-    the state dicts) and the state dicts themselves, for ``set_*_state_dict``.
-
-    Loading (``saved``: the checkpoint's items and ``stored`` partitions): optimizer state the
-    checkpoint holds but a fresh optimizer lacks (e.g. a factored statistic) is loaded too, as is."""
-
-    def __init__(self, groups: ParallelGroups, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 saved: dict[str, TensorStorageMetadata] | None = None, stored: dict[str, TPPartition] | None = None):
-        self.model_sd, self.optim_sd = get_state_dict(model, optimizer)  # initialises an empty optimizer state
-        self.groups, self.loading, self.stored = groups, saved is not None, stored or {}
-        self.state: dict[str, Tensor] = {}
-        self.partitions: dict[str, TPPartition] = {}
-        self.finish: list[Callable[[], None]] = []
-        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-        self.params = dict(named)
-        self._check_tensors()
-        if saved is not None:
-            self._add_saved_optimizer_state(saved)
-        self._check_tp()  # before any collective: every rank raises alike
-        for name, value in self.model_sd.items():
-            if value is not None:  # megatron-core's empty _extra_state
-                self._add(f"model/{name}", value, tp_partition(self.params[name]) if name in self.params else None)
-        for name, entries in self.optim_sd["state"].items():
-            for key, value in entries.items():
-                self._add(f"optim/{name}/{key}", value, self._optimizer_partition(name, key, value))
-
-    def _add(self, key: str, value: Tensor, part: TPPartition | None) -> None:
-        g = self.groups
-        self.state[key], finish = stored_view(value, part, g.tp_mesh, g.tp_dp_cp_mesh, loading=self.loading)
-        if part is not None:
-            self.partitions[key] = part
-        if finish is not None:
-            self.finish.append(finish)
-
-    def _optimizer_partition(self, name: str, key: str, value: Tensor) -> TPPartition | None:
-        """Stored like its parameter when of the parameter's shape and the parameter is TP-sharded
-        (unless the checkpoint being loaded stored it as is); 0-dim state (``step``) as a
-        replica; other shapes as is (tp=1 only, see `_check_tp`)."""
-        part = tp_partition(self.params[name])
-        if part is None or value.dim() == 0 or value.shape != self.params[name].shape:
-            return None
-        if self.loading and f"optim/{name}/{key}" not in self.stored:
-            return None
-        return part
-
-    def _add_saved_optimizer_state(self, saved: dict[str, TensorStorageMetadata]) -> None:
-        """Match the fresh optimizer's state (``get_state_dict`` makes one with a zero-gradient
-        step for EVERY parameter) to the checkpoint's: a parameter the checkpoint holds no state
-        for had none when it was saved (never stepped: its gradient was always None), so it
-        gets none now either; state keys the checkpoint adds are loaded as they are."""
-        with_state = {item.removeprefix("optim/").rsplit("/", 1)[0] for item in saved if item.startswith("optim/")}
-        for name in [n for n in self.optim_sd["state"] if n not in with_state]:
-            del self.optim_sd["state"][name]
-        for item, meta in saved.items():
-            if not item.startswith("optim/"):
-                continue
-            name, key = item.removeprefix("optim/").rsplit("/", 1)
-            entries = self.optim_sd["state"].get(name)
-            if entries is not None and key not in entries:  # a parameter this model lacks: ignored
-                entries[key] = _empty_like_meta(meta)
-
-    def _check_tensors(self) -> None:
-        for name, value in self.model_sd.items():
-            if value is not None and not isinstance(value, Tensor):
-                raise TypeError(f"model state {name} is a {type(value).__name__}, not a tensor; only tensor state "
-                                "can be checkpointed without pickling")
-        for name, entries in self.optim_sd["state"].items():
-            for key, value in entries.items():
-                if not isinstance(value, Tensor):
-                    raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}, not a tensor; "
-                                    "only tensor state can be checkpointed without pickling")
-
-    def _check_tp(self) -> None:
-        tp = self.groups.dims.tp
-        for name, entries in self.optim_sd["state"].items():
-            param = self.params[name]
-            for key, value in entries.items():
-                if tp == 1 or tp_partition(param) is None or value.dim() == 0:
-                    continue
-                if self.loading and f"optim/{name}/{key}" not in self.stored:
-                    raise ValueError(f"the checkpoint holds optim/{name}/{key} of shape {tuple(value.shape)}, not "
-                                     f"stored like its TP-sharded parameter, so it cannot be split over tp={tp}; "
-                                     "resume it with parallel.tp=1")
-                if value.shape != param.shape:
-                    raise ValueError(f"optimizer state {name}.{key} has shape {tuple(value.shape)}, its TP-sharded "
-                                     f"parameter {tuple(param.shape)}: under tensor parallelism only state of the "
-                                     "parameter's shape (sharded like it) or 0-dim state can be checkpointed; use "
-                                     "an optimizer like AdamW or tp=1")
-
-
 class Checkpointer:
     """Save/resume for one run; every rank constructs it and calls `save`/`load` together.
 
@@ -273,7 +170,8 @@ class Checkpointer:
         root: checkpoint folder (shared by all ranks).
         groups: this rank's parallel groups (for the rank, the DP replica, the meshes of the
             TP-sharded tensors and the barriers).
-        keep: complete checkpoints to keep (older ones are deleted after each save).
+        keep: complete checkpoints to keep (older ones are deleted after each save; never one
+            newer than the one just saved, nor a folder set aside).
         dp_mode: recorded in ``meta.json`` (any mode loads any other's checkpoints).
     """
 
@@ -281,28 +179,79 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"checkpoint keep={keep} must be >= 1")
         self.root, self.groups, self.keep, self.dp_mode = Path(root), groups, keep, dp_mode
+        self._verified: set[str] = set()  # folder names verified (or written) by this instance
         if groups.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("step_*.tmp"):  # partial saves of a crashed attempt
                 shutil.rmtree(stale)
         barrier(groups)
 
-    # ------------------------------------------------------------------ paths
-    def _complete(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step_*") if p.suffix != ".tmp" and (p / "meta.json").is_file())
+    # ----------------------------------------------------------------- choose
+    def _on_rank0(self, decide: Callable[[], str]) -> str:
+        """Rank 0's ``decide()`` on every rank; an exception there reaches every rank too (as
+        text), so no rank waits in the broadcast for a rank 0 that failed."""
+        text = ""
+        if self.groups.rank == 0:
+            try:
+                text = decide()
+            except Exception as e:
+                text = json.dumps({"error": f"{type(e).__name__}: {e}"})
+        return broadcast_text(text, self.groups)
+
+    def survey(self) -> Choice:
+        """The newest verified checkpoint and what is wrong with the folders rejected on the way
+        (`hyena_cp.train.verify.newest_verified`, run on rank 0), the same on every rank
+        (collective). Moves nothing; rank 0 warns about a bad ``latest`` pointer."""
+        data = json.loads(self._on_rank0(lambda: newest_verified(self.root).to_json()))
+        if "error" in data:
+            raise CheckpointError(f"choosing a checkpoint in {self.root} failed on rank 0: {data['error']}")
+        choice = Choice(**data)
+        if choice.chosen is not None:
+            self._verified.add(choice.chosen)
+        if self.groups.rank == 0 and choice.pointer_problem:
+            warnings.warn(f"{choice.pointer_problem}: choosing among the step_* folders instead", CheckpointWarning,
+                          stacklevel=2)
+        return choice
 
     def latest_step(self) -> int:
-        """Step of the newest complete checkpoint (-1 if none), the same on every rank: the
-        ``latest`` pointer if it names a complete checkpoint, else the newest complete folder."""
-        step = -1
-        if self.groups.rank == 0:
-            pointer = self.root / LATEST
-            name = pointer.read_text().strip() if pointer.is_file() else ""
-            if name and (self.root / name / "meta.json").is_file():
-                step = int(name.removeprefix("step_"))
-            elif self._complete():
-                step = int(self._complete()[-1].name.removeprefix("step_"))
-        return broadcast_int(step, self.groups)
+        """Step of the newest verified checkpoint (-1 if none), the same on every rank (`survey`)."""
+        choice = self.survey()
+        return _step_of(choice.chosen) if choice.chosen is not None else -1
+
+    def resume_step(self, resume: bool = True) -> int:
+        """The step a run continues from (-1: from scratch), the same on every rank (collective).
+
+        ``resume=True``: the newest verified checkpoint (`survey`); each folder that failed on
+        the way is set aside (``step_N.unverified-K``) with a `CheckpointWarning` naming it and
+        what is wrong. With none verified: `CheckpointError` naming the folder and each problem,
+        moving nothing. ``resume=False``: a verified checkpoint is refused (a run never continues
+        or overwrites another); folders that fail are set aside and the run starts from scratch."""
+        choice = self.survey()
+        if resume and choice.chosen is None and choice.rejected:
+            problems = "; ".join(f"{name}: {problem}" for name, problem in choice.rejected.items())
+            raise CheckpointError(f"no checkpoint in {self.root} verifies ({problems}); restore a good copy of one, or "
+                                  f"pass train.resume=false to start afresh (the folders are then kept, renamed "
+                                  f"step_N.unverified-K), or choose another train.output_dir")
+        if not resume and choice.chosen is not None:
+            raise ValueError(f"{self.root} already holds checkpoints (newest verified: {choice.chosen}); pass "
+                             f"train.resume=true to continue that run or choose another train.output_dir")
+        failed = self._on_rank0(lambda: self._set_aside_rejected(choice))
+        if failed:
+            raise CheckpointError(f"setting aside the checkpoints in {self.root} that failed verification failed on "
+                                  f"rank 0: {json.loads(failed)['error']}")
+        return _step_of(choice.chosen) if choice.chosen is not None else -1
+
+    def _set_aside_rejected(self, choice: Choice) -> str:
+        """Rank 0: rename each rejected folder ``step_N.unverified-K``, warning, and point
+        ``latest`` at the chosen one; "" when done."""
+        outcome = f"resuming from {choice.chosen}" if choice.chosen is not None else "starting from scratch"
+        for name, problem in choice.rejected.items():
+            moved = set_aside(self.root / name, "unverified")
+            warnings.warn(f"checkpoint {self.root / name} failed verification: {problem}; kept as {moved.name} for "
+                          f"inspection (never read; delete it when done); {outcome}", CheckpointWarning, stacklevel=4)
+        if choice.chosen is not None and (choice.rejected or choice.pointer_problem):
+            _write_atomic(self.root / LATEST, choice.chosen + "\n")
+        return ""
 
     def path(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -317,13 +266,26 @@ class Checkpointer:
             state[f"{prefix}/cuda"] = torch.cuda.get_rng_state(self.groups.device)
         return state
 
+    def _check_finite(self, step: int, state: dict[str, Tensor]) -> None:
+        """Refuse to write a non-finite model or optimizer state (one verdict for all ranks: under
+        DCP's de-duplication a replica's bad copy might otherwise never reach the disk, or be the
+        only one that does)."""
+        bad = [k for k, v in state.items() if v.is_floating_point()
+               and not bool(torch.isfinite(v.to_local() if isinstance(v, DTensor) else v).all())]
+        if any_rank(bool(bad), self.groups):
+            where = f"{bad[:3]} on rank {self.groups.rank}" if bad else "on another rank"
+            raise NonFiniteError(f"checkpoint {self.path(step)} not written: the state is not finite ({where}); "
+                                 f"the newest finite checkpoint stays the newest")
+
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, int],
-             before_commit: Callable[[], None] | None = None) -> Path:
+             before_commit: Callable[[], None] | None = None, info: Mapping[str, Any] | None = None) -> Path:
         """Write checkpoint ``step`` atomically (collective). ``before_commit`` runs on every
-        rank after the data is written and before it is committed (fault-injection hook)."""
+        rank after the data is written and before it is committed (fault-injection hook);
+        ``info``: more JSON entries for ``meta.json`` (e.g. the learning-rate schedule)."""
         final = self.path(step)
         tmp = final.with_name(final.name + ".tmp")
-        items = _Items(self.groups, model, optimizer)  # raises on every rank alike
+        items = CheckpointItems(self.groups, model, optimizer)  # raises on every rank alike
+        self._check_finite(step, items.state)
         items.state.update(self._extras(progress))
         if self.groups.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
@@ -331,25 +293,45 @@ class Checkpointer:
         dcp.save(items.state, checkpoint_id=os.fspath(tmp))
         if before_commit is not None:
             before_commit()
+        self._record_own_digests(tmp)
         barrier(self.groups)
         if self.groups.rank == 0:
-            self._commit(step, tmp, final, progress, items.partitions)
+            self._commit(step, tmp, final, progress, items.partitions, info or {})
         barrier(self.groups)
+        self._verified.add(final.name)
         return final
 
+    def _record_own_digests(self, tmp: Path) -> None:
+        """Each rank hashes the shard files it wrote (DCP names them ``__<rank>_<i>.distcp``), so
+        no rank reads the whole checkpoint back; rank 0 hashes whatever no rank claims."""
+        mine = sorted(p.name for p in tmp.glob(f"__{self.groups.rank}_*") if p.is_file())
+        _write_atomic(tmp / f"{_OWN_DIGESTS}{self.groups.rank}.json", json.dumps(digest_files(tmp, mine)))
+
     def _commit(self, step: int, tmp: Path, final: Path, progress: dict[str, int],
-                partitions: dict[str, TPPartition]) -> None:
+                partitions: dict[str, TPPartition], info: Mapping[str, Any]) -> None:
         dims = self.groups.dims
         meta = {"step": step, "world": dims.world, "dp": dims.dp, "cp": dims.cp, "tp": dims.tp,
-                "dp_mode": self.dp_mode, **progress,
+                "dp_mode": self.dp_mode, **progress, **info,
                 "tp_partitions": {k: list(v) for k, v in sorted(partitions.items())}}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
-        if final.exists():  # left by a crash between an earlier rename and its pointer update
-            shutil.rmtree(final)
+        digests = {}
+        for own in sorted(tmp.glob(f"{_OWN_DIGESTS}*.json")):
+            digests.update(json.loads(own.read_text()))
+            own.unlink()
+        unclaimed = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name not in digests)
+        digests.update(digest_files(tmp, unclaimed))
+        write_checksums(tmp, digests)
+        _fsync_dir(tmp)
+        if final.exists():  # another timeline's (``latest`` set back, or a crash before its pointer update)
+            moved = set_aside(final, "replaced")
+            warnings.warn(f"checkpoint {final} was in the way of a new save of step {step}: kept as {moved.name} "
+                          f"(never read; delete it when done)", CheckpointWarning, stacklevel=2)
         os.rename(tmp, final)
         _fsync_dir(self.root)
         _write_atomic(self.root / LATEST, final.name + "\n")
-        for old in self._complete()[:-self.keep]:
+        # later steps belong to another timeline: they are set aside when their step is saved again
+        done = [p for p in step_folders(self.root) if _step_of(p.name) <= step]
+        for old in done[:-self.keep]:
             shutil.rmtree(old)
 
     # ------------------------------------------------------------------- load
@@ -363,18 +345,23 @@ class Checkpointer:
         tp and dp_mode may differ from the saving run's; at another dp the RNG is left as it is
         (the saved streams are per replica; see ``meta(step)["dp"]``)."""
         path = self.path(step)
+        if path.name not in self._verified:  # `survey` verified the one it chose
+            problem = self._on_rank0(lambda: verify_folder(path) or "")
+            if problem:
+                raise CheckpointError(f"checkpoint {path} failed verification: {problem}")
+            self._verified.add(path.name)
         meta_items = read_tensor_metadata(path)
         saved = self.meta(step)
         stored = saved_partitions(path)
-        items = _Items(self.groups, model, optimizer, saved=meta_items, stored=stored)
-        _check_partitions(path, {k: v for k, v in items.partitions.items() if k.startswith("model/")}, stored)
+        items = CheckpointItems(self.groups, model, optimizer, saved=meta_items, stored=stored)
+        check_partitions(path, {k: v for k, v in items.partitions.items() if k.startswith("model/")}, stored)
         missing = sorted(items.state.keys() - meta_items.keys())
         if missing:  # every rank reads the same files, so all raise alike
             raise ValueError(f"checkpoint {path} lacks {len(missing)} items of this model/optimizer, e.g. "
                              f"{missing[:3]}; resume it with the model and optimizer that wrote it")
         rng_restored = saved["dp"] == self.groups.dims.dp
         prefixes = ("progress/", f"rng/dp{self.groups.dp_rank}/") if rng_restored else ("progress/",)
-        extras = {k: _empty_like_meta(v) for k, v in meta_items.items() if k.startswith(prefixes)}
+        extras = {k: empty_like_meta(v) for k, v in meta_items.items() if k.startswith(prefixes)}
         dcp.load({**items.state, **extras}, checkpoint_id=os.fspath(path))
         for finish in items.finish:
             finish()

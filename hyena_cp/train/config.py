@@ -16,8 +16,10 @@ from omegaconf import DictConfig
 
 from hyena_cp.parallel.fsdp import DP_MODES, MIXED_PRECISION
 from hyena_cp.train.optim import NO_WEIGHT_DECAY, WEIGHT_DECAY_POLICIES
+from hyena_cp.value_types import check_fields
 
-__all__ = ["PRECISIONS", "ParallelConfig", "TrainConfig", "check_sections", "lr_factor", "with_defaults"]
+__all__ = ["NONFINITE_POLICIES", "PRECISIONS", "ParallelConfig", "TrainConfig", "check_sections", "lr_factor",
+           "with_defaults"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ParallelConfig:
     mixed_precision: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "parallel")  # first: the checks below compare values
         for name in ("cp", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
@@ -78,7 +81,8 @@ class ParallelConfig:
         return dp_cp > 1 or self.mixed_precision is not None
 
 
-FAULT_MODES = ("exit", "hang")
+FAULT_MODES = ("exit", "hang", "nan")
+NONFINITE_POLICIES = ("stop", "skip")
 # train.precision -> the autocast dtype of forward and loss (None: no autocast)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -91,9 +95,12 @@ class TrainConfig:
         replica r, seeded with ``seed + 1000 * (r + 1)`` -- per REPLICA, not per rank, so the
         CP ranks of a replica draw the same stochastic-depth masks.
     output_dir: run folder (metrics, plot, checkpoints); None: ``outputs/<config name>``.
-    resume: continue from the newest complete checkpoint in ``output_dir`` if there is one
-        (so a torchrun restart or a re-run carries on); False requires a folder without
-        checkpoints (it never overwrites another run).
+    resume: continue from the newest checkpoint in ``output_dir`` that verifies (its checksums,
+        `hyena_cp.train.verify`) if there is one (so a torchrun restart or a re-run carries on);
+        newer ones that fail are named in a warning and set aside, and with none verified the run
+        refuses (`hyena_cp.train.checkpoint.Checkpointer.resume_step`). False requires a folder
+        without a verified checkpoint (it never overwrites another run); unverifiable ones are
+        set aside and the run starts from scratch.
     clip_grad_norm: max global grad norm (0 disables clipping).
     warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio * lr``.
     weight_decay_policy: "timm" (the default): parameters with ``ndim <= 1`` (norms, biases,
@@ -126,10 +133,19 @@ class TrainConfig:
         system compiler): the tiny digits config in one process compiled in ~55 s on a busy
         2-core CPU (eager: 3 s) and gave the eager losses; it warns that complex ops (the FFT
         product) fall back to eager. Evaluation runs eager under any backend (`Trainer.evaluate`).
+    nonfinite: what a step whose loss or gradient norm is not finite (nan, inf) does; every rank
+        takes the same decision (`hyena_cp.train.nonfinite`). "stop" (the default): the run
+        raises `NonFiniteError` naming the step, before the optimizer step, so the parameters,
+        the optimizer state and every checkpoint stay finite. "skip": the step is skipped (no
+        optimizer step, the batch is consumed, the schedule moves on, a ``nonfinite`` record
+        goes to the log) unless it is the ``nonfinite_max_skips + 1``-th such step in a row,
+        which stops the run as "stop" does.
+    nonfinite_max_skips: the most consecutive steps "skip" skips.
     fault_step, fault_rank, fault_mode: testing only -- global rank ``fault_rank`` fails when it
         reaches step ``fault_step`` in the first attempt of a torchrun job: ``fault_mode``
         "exit" exits with status 1; "hang" stops responding (sleeps, never exits), so its
-        peers' next collective times out after ``parallel.timeout_s``.
+        peers' next collective times out after ``parallel.timeout_s``; "nan" makes its loss
+        share of that step nan (a non-finite step, see ``nonfinite``).
     """
 
     steps: int
@@ -148,15 +164,18 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     compile_backend: str = "inductor"
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 5
     fault_step: int | None = None
     fault_rank: int = 0
     fault_mode: str = "exit"
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self, "train")  # first: the checks below compare values
         if self.steps < 1:
             raise ValueError(f"train.steps={self.steps} must be >= 1")
-        for name in ("log_every", "eval_every", "ckpt_every", "warmup_steps"):
+        for name in ("log_every", "eval_every", "ckpt_every", "warmup_steps", "nonfinite_max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -164,13 +183,11 @@ class TrainConfig:
         if self.weight_decay_policy not in WEIGHT_DECAY_POLICIES:
             raise ValueError(f"train.weight_decay_policy={self.weight_decay_policy!r} must be one of "
                              f"{list(WEIGHT_DECAY_POLICIES)}")
-        if isinstance(self.no_weight_decay, str) or not all(isinstance(p, str) for p in self.no_weight_decay):
-            raise ValueError(f"train.no_weight_decay={self.no_weight_decay!r} must be a list of name patterns")
         object.__setattr__(self, "no_weight_decay", tuple(self.no_weight_decay))  # a list from the config
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} must be one of {list(PRECISIONS)}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"train.compile={self.compile!r} must be true or false")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"train.nonfinite={self.nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
         if self.fault_mode not in FAULT_MODES:
             raise ValueError(f"train.fault_mode={self.fault_mode!r} must be one of {list(FAULT_MODES)}")
 

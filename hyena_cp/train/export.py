@@ -4,7 +4,7 @@
 
 A training checkpoint is a DCP folder whose ``.metadata`` is a pickle that DCP unpickles on
 load, so it is for runs you trust (see "Trust model" in `hyena_cp.train.checkpoint`). The
-export reads the newest complete checkpoint of the run (any dp x cp x tp layout: checkpoints
+export reads the newest verified checkpoint of the run (any dp x cp x tp layout: checkpoints
 store FULL tensors, `load_model_state`) and writes to ``export.out`` (default
 ``<train.output_dir>/export``):
 
@@ -33,6 +33,7 @@ from hyena_cp.lazy import LazyConfig, instantiate
 from hyena_cp.train.checkpoint import load_model_state
 from hyena_cp.train.config import fill_section_defaults
 from hyena_cp.train.generate import latest_checkpoint
+from hyena_cp.value_types import check_fields
 
 __all__ = ["ExportConfig", "export_model", "load_exported", "with_export_defaults"]
 
@@ -47,11 +48,15 @@ class ExportConfig:
     """``export`` section.
 
     out: folder for ``model.safetensors`` and ``model.yaml``; None: ``<train.output_dir>/export``.
-    checkpoint: a ``step_*`` folder; None: the newest complete one of the training run.
+    checkpoint: a ``step_*`` folder (verified before it is read); None: the newest verified one of the
+        training run.
     """
 
     out: str | None = None
     checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "export")
 
 
 def with_export_defaults(cfg: DictConfig) -> DictConfig:

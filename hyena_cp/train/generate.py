@@ -4,13 +4,14 @@
 
 The experiment config that trained the model supplies ``model`` and ``parallel``; the
 ``generate`` section (`GenerateConfig`) adds the prompt and the sampling settings. The
-newest complete checkpoint under ``<train.output_dir>/checkpoints`` is loaded (or
+newest verified checkpoint under ``<train.output_dir>/checkpoints`` is loaded (or
 ``generate.checkpoint``). Checkpoints store every tensor as its FULL (single-process)
 tensor, so a model trained at any CP/TP size runs at the size of this launch: each rank
 reads the full tensors (`load_model_state`) and keeps its TP piece (`load_full_state`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from torch import Tensor, nn
 from hyena_cp.lazy import instantiate
 from hyena_cp.parallel import group_rank, group_size, shard_tp, tp_partition
 from hyena_cp.parallel.dims import destroy_parallel, init_parallel
-from hyena_cp.train.checkpoint import LATEST, load_model_state
+from hyena_cp.train.checkpoint import CheckpointWarning, load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
+from hyena_cp.train.verify import newest_verified
+from hyena_cp.value_types import check_fields
 
 __all__ = ["GenerateConfig", "generate_text", "latest_checkpoint", "load_full_state", "with_generate_defaults"]
 
@@ -37,7 +40,8 @@ class GenerateConfig:
     top_k: sample among the k most likely bytes only (None: all 256).
     num_samples: continuations of the prompt decoded together (one batch).
     seed: sampling seed (the same on every rank).
-    checkpoint: a ``step_*`` folder; None: the newest complete one of the training run.
+    checkpoint: a ``step_*`` folder (verified before it is read); None: the newest verified one of the
+        training run.
     """
 
     prompt: str = "def "
@@ -49,6 +53,7 @@ class GenerateConfig:
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "generate")  # first: the checks below compare values
         if not self.prompt:
             raise ValueError("generate.prompt must not be empty: the model needs a token to continue")
         if self.num_samples < 1 or self.max_new_tokens < 0:
@@ -62,18 +67,22 @@ def with_generate_defaults(cfg: DictConfig) -> DictConfig:
 
 
 def latest_checkpoint(root: str | Path) -> Path:
-    """The newest complete checkpoint folder under ``root`` (read only): the one the ``latest``
-    pointer names if complete, else the newest ``step_*`` folder with its ``meta.json``."""
+    """The newest checkpoint folder under ``root`` that verifies (read only,
+    `hyena_cp.train.verify.newest_verified`): the one the ``latest`` pointer names, else the
+    newest ``step_*`` folder; a warning names each one skipped and what is wrong with it."""
     root = Path(root)
-    pointer = root / LATEST
-    name = pointer.read_text().strip() if pointer.is_file() else ""
-    if name and (root / name / "meta.json").is_file():
-        return root / name
-    complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / "meta.json").is_file())
-    if not complete:
-        raise FileNotFoundError(f"no complete checkpoint under {root}; train the model first (launch/train.py with "
-                                f"the same config and train.output_dir) or set generate.checkpoint")
-    return complete[-1]
+    choice = newest_verified(root)
+    for problem in filter(None, [choice.pointer_problem]):
+        warnings.warn(f"{problem}: choosing among the step_* folders instead", CheckpointWarning, stacklevel=2)
+    for name, problem in choice.rejected.items():
+        warnings.warn(f"checkpoint {root / name} failed verification: {problem}; skipped", CheckpointWarning,
+                      stacklevel=2)
+    if choice.chosen is None:
+        rejected = f" ({len(choice.rejected)} folders failed verification)" if choice.rejected else ""
+        raise FileNotFoundError(f"no complete checkpoint under {root} verifies{rejected}; train the model first "
+                                f"(launch/train.py with the same config and train.output_dir) or set "
+                                f"generate.checkpoint")
+    return root / choice.chosen
 
 
 def load_full_state(model: nn.Module, state: dict[str, Tensor], tp_group=None) -> None:

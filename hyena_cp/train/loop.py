@@ -11,7 +11,9 @@ all-gathers each block's parameters) -> this rank's loss SHARE -> backward of ``
 (FSDP reduce-scatters each block's gradients with a MEAN over dp x cp: with the factor
 cp, summed over CP and averaged over DP for each TP shard, `hyena_cp.parallel.fsdp`) ->
 clip by the norm of the FULL gradient (`hyena_cp.parallel.grad_norm`: FSDP shards and TP
-shards summed, replicas counted once) -> optimizer step on this rank's shards.
+shards summed, replicas counted once) -> the non-finite guard: one verdict on the loss and the
+norm, agreed over all ranks, stops or skips the step (`hyena_cp.train.nonfinite`,
+``train.nonfinite``) -> optimizer step on this rank's shards.
 
 The dp x tp x cp invariant this keeps: the ranks of one TP shard hold the same (reduced)
 gradients, so the sharded model takes the single-process step; the TP ranks of a (dp, cp)
@@ -41,6 +43,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +53,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from hyena_cp.lazy import LazyConfig, instantiate
+from hyena_cp.lazy import LazyConfig, check_types, instantiate
 from hyena_cp.parallel.dims import ParallelGroups, destroy_parallel, init_parallel
 from hyena_cp.parallel.fsdp import apply_data_parallel, block_modules, full_parameters, loss_scale
 from hyena_cp.parallel.grad_norm import clip_grad_norm
@@ -58,13 +61,19 @@ from hyena_cp.parallel.liveness import Heartbeat
 from hyena_cp.parallel.reductions import group_sum
 from hyena_cp.parallel.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
-from hyena_cp.train.checkpoint import Checkpointer
+from hyena_cp.train.checkpoint import CheckpointError, Checkpointer
 from hyena_cp.train.config import PRECISIONS, ParallelConfig, TrainConfig, check_sections, lr_factor
 from hyena_cp.train.metrics import MetricsLog, memory_line, plot_curves, progress_bar
+from hyena_cp.train.nonfinite import NonFiniteError, NonFiniteGuard
 from hyena_cp.train.optim import param_groups
 from hyena_cp.train.tasks import Task
 
-__all__ = ["Trainer", "compile_blocks", "train"]
+__all__ = ["ScheduleWarning", "Trainer", "compile_blocks", "train"]
+
+
+# Errors that every rank raises together, from one agreed verdict (`NonFiniteGuard`, the
+# checkpoint choice broadcast by rank 0), so a barrier before leaving cannot wait for a dead peer.
+AGREED_ERRORS = (NonFiniteError, CheckpointError)
 
 
 def restart_count() -> int:
@@ -86,6 +95,7 @@ class Trainer:
     output_dir: Path
     name: str
     heartbeat: Heartbeat
+    guard: NonFiniteGuard
     step: int = 0
     resumed_from: int | None = None
     losses: list[float] = field(default_factory=list)
@@ -115,57 +125,75 @@ class Trainer:
         torch.manual_seed(settings.seed + 1000 * (groups.dp_rank + 1))  # per replica, see TrainConfig
         checkpointer = Checkpointer(output_dir / "checkpoints", groups, keep=settings.keep_checkpoints,
                                     dp_mode=parallel.dp_mode)
-        return cls(settings, parallel, groups, model, optimizer, task, checkpointer, output_dir, name, heartbeat)
+        guard = NonFiniteGuard(settings.nonfinite, settings.nonfinite_max_skips, groups)
+        return cls(settings, parallel, groups, model, optimizer, task, checkpointer, output_dir, name, heartbeat, guard)
 
     # ----------------------------------------------------------------- resume
     def resume(self) -> None:
-        """Load the newest complete checkpoint if ``train.resume``; refuse to mix runs otherwise."""
-        latest = self.checkpointer.latest_step()
+        """Load the newest verified checkpoint if ``train.resume``; refuse to mix runs otherwise
+        (`Checkpointer.resume_step`)."""
+        latest = self.checkpointer.resume_step(self.cfg.resume)
         if latest < 0:
             return
-        if not self.cfg.resume:
-            raise ValueError(f"{self.checkpointer.root} already holds checkpoints (newest: step {latest}); pass "
-                             f"train.resume=true to continue that run or choose another train.output_dir")
         progress = self.checkpointer.load(latest, self.model, self.optimizer)
         if progress["global_batch_size"] != self.task.sampler.global_batch_size:
             raise ValueError(f"checkpoint step {latest} was trained with global_batch_size="
                              f"{progress['global_batch_size']}; the data position needs the same value")
         self.step = self.resumed_from = progress["step"]
-        if self.checkpointer.meta(latest)["dp"] != self.groups.dims.dp:  # the per-replica streams do not map
+        meta = self.checkpointer.meta(latest)
+        if meta["dp"] != self.groups.dims.dp:  # the per-replica streams do not map
             torch.manual_seed(hash((self.cfg.seed, self.groups.dp_rank, self.step)) % 2**63)
+        if self.groups.rank == 0:
+            _warn_if_schedule_changed(self.checkpointer.path(latest), latest, meta.get("schedule"), self.schedule())
 
-    def _maybe_fail(self) -> None:
-        """Fault injection for the recovery tests (first attempt only, see TrainConfig)."""
+    def schedule(self) -> dict[str, Any]:
+        """The learning-rate schedule's settings (`lr_factor` of the base rates), as stored in
+        each checkpoint's ``meta.json``."""
+        return {"train.steps": self.cfg.steps, "train.warmup_steps": self.cfg.warmup_steps,
+                "train.min_lr_ratio": self.cfg.min_lr_ratio,
+                "optimizer.lr": [float(g["initial_lr"]) for g in self.optimizer.param_groups]}
+
+    def _maybe_fail(self) -> bool:
+        """Fault injection for the recovery tests (first attempt only, see TrainConfig); True:
+        poison this step's loss ("nan")."""
         cfg = self.cfg
         if self.step == cfg.fault_step and self.groups.rank == cfg.fault_rank and restart_count() == 0:
-            verb = "exits" if cfg.fault_mode == "exit" else "hangs"
+            verb = {"exit": "exits", "hang": "hangs", "nan": "makes its loss nan"}[cfg.fault_mode]
             print(f"[fault injection] rank {self.groups.rank} {verb} at step {self.step}", file=sys.stderr, flush=True)
             if cfg.fault_mode == "exit":
                 os._exit(1)
-            while True:  # "hang": alive but silent, until torchrun (or the test) ends the process
+            while cfg.fault_mode == "hang":  # alive but silent, until torchrun (or the test) ends the process
                 time.sleep(60)
+            return True
+        return False
 
     # ------------------------------------------------------------------- step
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step; returns (global mean loss, global grad norm)."""
+    def train_step(self, poison: bool = False) -> tuple[float, float, bool]:
+        """One step; returns (global mean loss, global grad norm, whether the optimizer stepped:
+        False for a non-finite step skipped under ``train.nonfinite=skip``, see `NonFiniteGuard`).
+        ``poison``: make this rank's loss nan (fault injection)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         g = self.groups
         with self.autocast():
             share = self.task.loss_share(self.model, self.task.batch(self.step))
+        if poison:
+            share = share * float("nan")
         # FSDP averages the gradients over dp x cp in backward; x cp makes that "sum over CP, mean over DP"
         (share * loss_scale(g.dims.cp)).backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")
-        grad_norm = clip_grad_norm(params, max_norm, g.tp_group)  # the same norm on every rank
-        factor = lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        self.optimizer.step()
-        self.step += 1
+        grad_norm = float(clip_grad_norm(params, max_norm, g.tp_group))  # the same norm on every rank
         # shares add up over CP; the TP ranks hold the same share, so TP is not summed over
-        loss = group_sum(share.detach().double(), g.grad_group) / g.dims.dp
-        return float(loss), float(grad_norm)
+        loss = float(group_sum(share.detach().double(), g.grad_group) / g.dims.dp)
+        stepped = self.guard.step_is_finite(self.step + 1, loss, grad_norm)  # the same verdict on every rank
+        if stepped:
+            factor = lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            self.optimizer.step()
+        self.step += 1
+        return loss, grad_norm, stepped
 
     def autocast(self) -> AbstractContextManager:
         """``torch.autocast`` in ``train.precision``'s dtype on this rank's device (a no-op for fp32)."""
@@ -177,7 +205,9 @@ class Trainer:
         # full parameters: no collectives per forward, so replicas may run unequal batches; eager even
         # under train.compile: no_grad and eval mode would recompile every compiled frame for a rare call
         with full_parameters(self.model), self.autocast(), torch.compiler.set_stance("force_eager"):
-            self.evals = self.task.evaluate(self.model)
+            evals = self.task.evaluate(self.model)
+        self.guard.check_evaluation(self.step, evals)  # a diverged model is an error, never a result
+        self.evals = evals
         return self.evals
 
     def measure_memory(self) -> dict[str, dict[str, int]]:
@@ -191,7 +221,7 @@ class Trainer:
     def save(self) -> None:
         progress = {"step": self.step, "epoch": self.task.sampler.epoch(self.step),
                     "global_batch_size": self.task.sampler.global_batch_size}
-        self.checkpointer.save(self.step, self.model, self.optimizer, progress)
+        self.checkpointer.save(self.step, self.model, self.optimizer, progress, info={"schedule": self.schedule()})
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -221,19 +251,22 @@ class Trainer:
     def _step_and_log(self, log: MetricsLog | None, bar, start: float, window: list[float]) -> list[float]:
         """One step of `run` with its logging, evaluation and checkpoint; returns the loss window."""
         cfg = self.cfg
-        self._maybe_fail()
+        poison = self._maybe_fail()
         self.heartbeat.beat(self.step)
         tic = time.perf_counter()
-        loss, grad_norm = self.train_step()
+        loss, grad_norm, stepped = self.train_step(poison)
         rate = self.task.items_per_step / (time.perf_counter() - tic)
         if not self.memory:  # after the first step: gradients and optimizer state exist
             self._log_memory(log, bar)
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
-        window.append(loss)
+        if stepped:
+            window.append(loss)
+        elif log:
+            self._log_skipped(log, bar, loss, grad_norm)
         bar.update(1)
         bar.set_postfix({"loss": f"{loss:.4f}", f"{self.task.unit}/s": f"{rate:.0f}"}, refresh=False)
-        if log and cfg.due(cfg.log_every, self.step):  # mean loss since the last record
+        if log and window and cfg.due(cfg.log_every, self.step):  # mean loss since the last record
             log.write({"step": self.step, "loss": sum(window) / len(window),
                        "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                        f"{self.task.unit}_per_s": rate, "time_s": time.perf_counter() - start})
@@ -243,6 +276,13 @@ class Trainer:
         if cfg.due(cfg.ckpt_every, self.step):
             self.save()
         return window
+
+    def _log_skipped(self, log: MetricsLog, bar, loss: float, grad_norm: float) -> None:
+        skipped, limit = self.guard.skipped_in_a_row, self.cfg.nonfinite_max_skips
+        log.write({"event": "nonfinite", "step": self.step, "loss": loss, "grad_norm": grad_norm, "action": "skipped",
+                   "in_a_row": skipped})
+        bar.write(f"step {self.step}: loss {loss}, gradient norm {grad_norm}: not finite, step skipped ({skipped} in a "
+                  f"row; train.nonfinite_max_skips={limit})")
 
     def _banner(self) -> str:
         dims = self.groups.dims  # the full model's parameters: a TP shard is 1/tp of its tensor
@@ -269,6 +309,23 @@ class Trainer:
         plot_curves(MetricsLog.read(log.path), self.output_dir / "curves.png", self.name)
         summary = {"step": self.step, **self.evals, "memory": self.memory}
         (self.output_dir / "final.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+class ScheduleWarning(UserWarning):
+    """A resume whose learning-rate schedule settings differ from its checkpoint's."""
+
+
+def _warn_if_schedule_changed(path: Path, step: int, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """A resume under other schedule settings changes the learning rate of every later step:
+    allowed (e.g. to train longer), but said, with which settings are used from here on.
+    ``saved`` is None for a checkpoint that does not record its schedule."""
+    changed = [k for k in current if saved is not None and k in saved and saved[k] != current[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved[k]}" for k in changed)
+        now = ", ".join(f"{k}={current[k]}" for k in changed)
+        warnings.warn(f"checkpoint {path} was trained with {was}; this run has {now}: the learning-rate schedule "
+                      f"of this run's config ({now}) is used from step {step} on, so the steps after it do not "
+                      f"follow the schedule the checkpoint was on", ScheduleWarning, stacklevel=3)
 
 
 def _check_tensor_parallel(model: nn.Module, tp: int) -> None:
@@ -323,6 +380,7 @@ def train(cfg: DictConfig, *, name: str) -> dict[str, Any]:
     process group, or creates one from torchrun's environment (a world of one without it).
     Outputs go to ``train.output_dir`` (default ``outputs/<name>``)."""
     _, parallel = _sections(cfg)  # a bad config raises here, before any process group exists
+    check_types(cfg)  # the calls' arguments too (optimizer.lr, task.global_batch_size, ...)
     groups = init_parallel(parallel.cp, tp=parallel.tp, backend=parallel.backend, timeout_s=parallel.timeout_s,
                            megatron=parallel.megatron)
     try:
@@ -333,6 +391,9 @@ def train(cfg: DictConfig, *, name: str) -> dict[str, Any]:
         trainer = Trainer.build(cfg, groups, out, name)
         trainer.resume()
         summary = trainer.run()
+    except AGREED_ERRORS:  # every rank raised it at the same point: end together (a clean gloo exit)
+        destroy_parallel(groups)
+        raise
     except BaseException:
         destroy_parallel(groups, clean=False)  # peers may be gone: no barrier
         raise
