@@ -38,7 +38,7 @@ from hyena_cp.ops import kernels
 from hyena_cp.ops.boundary import fft_extent, kernel_extent, kernel_offsets
 from hyena_cp.ops.packing import DocumentBuckets, is_one_document_per_row
 
-__all__ = ["fft_causal_conv1d", "fft_conv_nd", "fft_conv2d", "centered_to_circular", "fft_size"]
+__all__ = ["fft_causal_conv1d", "fft_conv_nd", "fft_conv2d", "fft_size"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -193,37 +193,36 @@ def fft_conv_nd(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None, bounda
     dtype = _compute_dtype(u, k)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_f = torch.fft.rfftn(u.to(dtype), s=extents, dim=axes)
-        k_f = torch.fft.rfftn(offsets_to_fft_grid(k.to(dtype), sizes, boundaries), s=extents, dim=axes)
+        k, starts = _fft_layout(k.to(dtype), sizes, boundaries)
+        k_f = torch.fft.rfftn(k, s=extents, dim=axes)
         y = torch.fft.irfftn(_grouped_product(u_f, k_f), s=extents, dim=axes)
-        y = y[(..., *(slice(0, n) for n in sizes))]
+        y = y[(..., *(slice(start, start + n) for start, n in zip(starts, sizes)))]
         if d is not None:
             y = y + u.to(dtype) * d.to(dtype).reshape(-1, *([1] * dims))
     return y.to(u.dtype)
 
 
-def offsets_to_fft_grid(k: torch.Tensor, sizes: Sequence[int], boundaries: Sequence[str]) -> torch.Tensor:
-    """A kernel in offset layout ``[..., *K]`` -> on the FFT grid ``[..., *N]``: per axis zero-padded
-    to ``fft_extent`` and rolled so offset ``o`` sits at index ``o mod N`` (offset 0 at index 0:
-    the product of spectra then needs no shift)."""
-    dims = len(sizes)
+def _fft_layout(k: torch.Tensor, sizes: Sequence[int], boundaries: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+    """A kernel in offset layout ``[..., *K]`` made ready for the FFT product, and where each axis's
+    output starts in the product.
+
+    A circular axis rolls the kernel so offset ``o`` sits at index ``o mod n`` (the product is then
+    the conv itself). A causal or linear axis leaves the kernel as it is (`rfftn` zero-pads it) and
+    shifts the OUTPUT window instead: with offset ``first`` at index 0, ``y[i]`` is the product at
+    ``i - first``, and the 2n padding keeps that window free of wrapped terms. Cropping the output
+    is a view, while rolling a padded kernel copies it twice — and the kernel is ``2^dims`` times the
+    size of a channel's grid."""
+    dims, starts = len(sizes), []
     for axis, (n, b) in enumerate(zip(sizes, boundaries)):
-        dim = k.dim() - dims + axis
-        extra = fft_extent(n, b) - k.shape[dim]
-        if extra:
-            k = F.pad(k, (0, 0) * (k.dim() - 1 - dim) + (0, extra))
         first = kernel_offsets(n, b)[0]
-        if first:
-            k = torch.roll(k, shifts=first, dims=dim)
-    return k
-
-
-def centered_to_circular(k: torch.Tensor, n_h: int, n_w: int) -> torch.Tensor:
-    """Place a centred ``[..., 2H-1, 2W-1]`` kernel on an ``n_h x n_w`` FFT grid (``n_h >= 2H-1``):
-    offset ``(dy, dx)`` goes to ``(dy mod n_h, dx mod n_w)``."""
-    kh, kw = k.shape[-2:]
-    h, w = (kh + 1) // 2, (kw + 1) // 2
-    padded = F.pad(k, (0, n_w - kw, 0, n_h - kh))
-    return torch.roll(padded, shifts=(-(h - 1), -(w - 1)), dims=(-2, -1))
+        if b != "circular":
+            starts.append(-first)
+            continue
+        dim = k.dim() - dims + axis
+        k = F.pad(k, (0, 0) * (k.dim() - 1 - dim) + (0, n - k.shape[dim]))
+        k = torch.roll(k, shifts=first, dims=dim) if first else k
+        starts.append(0)
+    return k, starts
 
 
 def fft_conv2d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:

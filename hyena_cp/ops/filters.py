@@ -31,10 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KernelGrid", "kernel_grid", "check_size", "FourierFilter", "Sin", "fourier_features", "decay_rates"]
+__all__ = ["KernelGrid", "kernel_grid", "check_size", "FourierFilter", "Sin", "fourier_features", "decay_rates",
+           "group_major"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,14 @@ def decay_rates(num_groups: int, fast_decay_pct: float, slow_decay_pct: float, t
     return torch.linspace(fast, slow, num_groups)
 
 
+def group_major(out: nn.Linear, groups: slice, h: torch.Tensor) -> torch.Tensor:
+    """The output layer of a generator for ``groups``, group-major: ``h [..., N, W] -> [..., G_sel, N]``.
+    ``W_out @ h^T`` rather than ``(h @ W_out^T)^T``: the kernel (2^dims times a channel's grid) is then
+    born contiguous in the layout the FFT conv reads, instead of being transposed by a copy."""
+    k = torch.matmul(out.weight[groups], h.transpose(-1, -2))
+    return k if out.bias is None else k + out.bias[groups, None]
+
+
 def _check_dims(num_groups: int, spatial_dims: int, what: str) -> None:
     if num_groups < 1 or spatial_dims not in (1, 2, 3):
         raise ValueError(f"{what} needs num_groups >= 1 and spatial_dims in (1, 2, 3); got {num_groups}, {spatial_dims}")
@@ -154,8 +162,7 @@ class FourierFilter(nn.Module):
         if conditioning is not None:
             raise ValueError("FourierFilter takes no conditioning; use SirenFilter(cond_dim=...) for FiLM")
         feats = torch.cat([fourier_features(t, self.num_bands) for t in grid.mesh()], dim=-1)  # N, F
-        k = F.linear(self.hidden(feats), self.out.weight[groups], self.out.bias[groups])  # N, G_sel
-        return k.t().reshape(-1, *grid.shape)
+        return group_major(self.out, groups, self.hidden(feats)).reshape(-1, *grid.shape)
 
     def flop_count(self, grid_numel: int) -> int:
         """Matmul FLOPs (2 per MAC) of building all groups at ``grid_numel`` taps."""

@@ -26,10 +26,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hyena_cp.ops.filters import KernelGrid
+from hyena_cp.ops.filters import KernelGrid, group_major
 
 __all__ = ["SirenFilter", "RandomFourierFilter", "KernelFiLM", "omega_schedule"]
 
@@ -99,9 +98,9 @@ class _GridGenerator(nn.Module):
         return math.sqrt(1.0 / math.prod(self.L_cache))
 
     def _output(self, h: torch.Tensor, groups: slice, grid: KernelGrid) -> torch.Tensor:
-        """``h [N, W]`` or ``[B, N, W]`` -> ``[G_sel, *K]`` or ``[B, G_sel, *K]``."""
-        k = F.linear(h, self.out.weight[groups], None if self.out.bias is None else self.out.bias[groups])
-        return k.transpose(-1, -2).reshape(*k.shape[:-2], -1, *grid.shape)
+        """``h [N, W]`` or ``[B, N, W]`` -> ``[G_sel, *K]`` or ``[B, G_sel, *K]``, computed as
+        ``W_out @ h^T`` so the kernel comes out group-major without a transposing copy."""
+        return group_major(self.out, groups, h).reshape(*h.shape[:-2], -1, *grid.shape)
 
 
 class SirenFilter(_GridGenerator):
