@@ -53,6 +53,10 @@ if [[ -z $head_node ]]; then
     fi
 fi
 
+# the config, its overrides and the layout (dp x cp x tp == nodes x ranks per node) are checked here,
+# before any node starts a process: a mistake costs seconds, not a queued allocation
+(cd "$repo" && "$python" -m hyena_cp.train.cli "$((nnodes * nproc))" "$@") || exit 2
+
 cmd=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1
      "$python" -m torch.distributed.run
      --nnodes="$nnodes" --nproc-per-node="$nproc"

@@ -3,6 +3,7 @@ world of one without torchrun) and ``launch/slurm.sh`` (its dry run prints the c
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 
@@ -45,3 +46,37 @@ def test_slurm_dry_run_prints_one_srun_torchrun_command():
     assert out[-3:] == [str(ROOT / "launch" / "train.py"), "configs/lm_tiny.py", "parallel.cp=4"]
     usage = subprocess.run(["bash", "launch/slurm.sh"], cwd=ROOT, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_slurm_dry_run_checks_the_layout_and_the_config_before_starting_anything():
+    """nproc x nodes must divide by tp x cp, and the config must exist: refused with the reason (exit 2)."""
+    env = {**os.environ, "DRY_RUN": "1", "NPROC_PER_NODE": "1"}
+    bad = subprocess.run(["bash", "launch/slurm.sh", "configs/lm_tiny.py", "parallel.tp=4", "parallel.cp=2"], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "must divide the world size 1" in bad.stderr and not bad.stdout
+    missing = subprocess.run(["bash", "launch/slurm.sh", "configs/nope.py"], cwd=ROOT, env=env, capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "configs/nope.py does not exist" in missing.stderr
+    assert "digits_hyena_tiny.py" in missing.stderr  # the configs that do exist are listed
+
+
+def test_a_user_error_is_printed_once_by_rank_zero_and_recorded_for_torchrun(tmp_path, monkeypatch, capsys):
+    from hyena_cp.train.cli import run_launcher
+
+    def fails() -> int:
+        raise ValueError("train.steps='abc': expected int, got str")
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_launcher(fails) == 1
+        err = capsys.readouterr().err
+        assert ("error: ValueError: train.steps='abc'" in err) == printed and "Traceback" not in err
+        assert "train.steps='abc'" in json.loads(error_file.read_text())["message"]["message"]
+
+    def bug() -> int:
+        raise ZeroDivisionError("a bug keeps its traceback")
+
+    with pytest.raises(ZeroDivisionError):
+        run_launcher(bug)

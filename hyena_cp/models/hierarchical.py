@@ -101,6 +101,10 @@ def _per_stage(value: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None, st
     """One kwargs dict per stage, from None, one mapping for every stage, or one per stage."""
     if value is None or isinstance(value, Mapping):
         return [dict(value or {}) for _ in range(stages)]
+    hint = {"mixer": "; the kind of token mixer of each block is `mixers` (e.g. mixers='hyena')",
+            "hyena": "; the kind of token mixer of each block is `mixers` (e.g. mixers='hyena')"}.get(name, "")
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be a dict of keyword arguments (or one per stage), got the string {value!r}{hint}")
     values = list(value)
     if len(values) != stages or not all(isinstance(v, Mapping) for v in values):
         raise ValueError(f"{name} must be one dict of kwargs for every stage or a list of {stages} dicts (one per "
