@@ -1,9 +1,10 @@
-"""hyena_cp: context-parallel Hyena (1-D causal and 2-D) with exact-adjoint backward."""
+"""hyena_cp: context-parallel Hyena over 1, 2 or 3 axes (causal, linear or circular each) with exact-adjoint backward."""
 from setuptools import find_packages, setup
 
 setup(
     name="hyena_cp",
     version="0.1.0",
+    license="Apache-2.0",
     description="Context-parallel Hyena operators, ViT-5 Hyena models and megatron-core integration",
     packages=find_packages(include=["hyena_cp", "hyena_cp.*"]),
     python_requires=">=3.10",

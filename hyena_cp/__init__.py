@@ -1,4 +1,5 @@
-"""hyena_cp: context-parallel Hyena (1-D causal and 2-D) with exact-adjoint backward."""
+"""hyena_cp: context-parallel Hyena over 1, 2 or 3 axes (causal, linear or circular each) with exact-adjoint
+backward (README.md, docs/)."""
 from hyena_cp.lazy import LazyCall, LazyConfig, instantiate
 from hyena_cp.models.adapter import ViT5HyenaAdapter
 from hyena_cp.models.hierarchical import ViT5ClassificationNet, ViT5HierarchicalClassificationNet

@@ -3,12 +3,13 @@ efficiency on CPU, LM quality, packed sequences, cached decoding, parameter/grad
 bytes per rank (FSDP2), speed (eager vs compiled, fp32 vs bf16, vs SDPA and a reference Hyena
 layer), and one GPU where CUDA is present.
 
-    python launch/bench.py --out DIR [--quick] [--sections comm,memory,scaling,cp,lm,packing,gen,sharding,speed,gpu] [--threads N]
+    python launch/bench.py [--out DIR] [--quick] [--sections comm,memory,scaling,cp,lm,packing,gen,sharding,speed,gpu] [--threads N]
 
 One command, no torchrun: the multi-rank sections start their own gloo groups of P = 1, 2, 4
 local processes (from a fork server, `hyena_cp.bench.ranks`). Writes DIR/bench.md (tables), DIR/bench.json (raw
-numbers) and DIR/*.png (plots), and prints the Markdown. ``--quick`` is the CI smoke run
-(tiny sizes, about a minute on 2 cores).
+numbers) and DIR/*.png (plots), and prints the Markdown. DIR defaults to outputs/bench, or
+outputs/bench_quick with ``--quick`` (so a smoke run never overwrites a full one). ``--quick`` is
+the CI smoke run (tiny sizes, about a minute on 2 cores).
 """
 from __future__ import annotations
 
@@ -27,15 +28,22 @@ from hyena_cp.bench.ranks import RankPools
 from hyena_cp.bench.report import section_markdown, write_report
 from hyena_cp.host_memory import tune_host_memory
 
+# relative to the working directory, like the trainer's outputs/<config>/
+DEFAULT_OUT, QUICK_OUT = Path("outputs/bench"), Path("outputs/bench_quick")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder for bench.md, bench.json, *.png")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder for bench.md, bench.json, *.png (default: {DEFAULT_OUT}, or {QUICK_OUT} "
+                             f"with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every section")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch intra-op threads of the single-process CPU sections (default: usable cores)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:

@@ -1,4 +1,4 @@
-"""ViT5HyenaAdapter against every sentence of shared/spec/vit5_hyena_adapter_api.txt."""
+"""ViT5HyenaAdapter against every sentence of the API document of nvSubquadratic's ViT5HyenaAdapter."""
 from __future__ import annotations
 
 import inspect

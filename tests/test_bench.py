@@ -21,11 +21,22 @@ from hyena_cp.bench.scaling import crossover
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _bench_main():
+def _bench_launcher():
     spec = importlib.util.spec_from_file_location("bench_launcher", ROOT / "launch" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def _bench_main():
+    return _bench_launcher().main
+
+
+def test_out_defaults_to_a_folder_of_its_own_for_quick_and_full_runs():
+    parse = _bench_launcher().parse_args
+    assert parse(["--quick"]).out == Path("outputs/bench_quick")
+    assert parse([]).out == Path("outputs/bench")
+    assert parse(["--quick", "--out", "x"]).out == Path("x")
 
 
 @pytest.fixture(scope="module")

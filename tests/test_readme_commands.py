@@ -1,11 +1,14 @@
-"""Every shell command in README.md works: each is extracted from the ``bash`` blocks and the
-inline code spans, and either RUN in a smoke form (the training commands at two processes
-with ``train.steps=2``, the CP example, the export, the SLURM dry run) or checked to parse
-where running is too slow (4+ processes, a cluster, the benchmarks): the script and config
-exist, every override key exists (`LazyConfig.apply_overrides`), the ``train`` / ``parallel``
-sections validate, and the layout fits the world (dp x cp x tp and the head divisibility the
-model checks at construction). A README command that no rule here covers fails the test.
-Inline ``key=value`` spans must name keys of a shipped config."""
+"""Every shell command in README.md and docs/*.md works: each is extracted from the ``bash``
+blocks and the inline code spans, and either RUN in a smoke form (the training commands at two
+processes with ``train.steps=2``, the CP example, the export, the SLURM dry run) or checked to
+parse where running is too slow (4+ processes, a cluster, the benchmarks): the script and
+config exist, every override key exists (`LazyConfig.apply_overrides`), the ``train`` /
+``parallel`` sections validate, and the layout fits the world (dp x cp x tp and the head
+divisibility the model checks at construction). A command that no rule here covers fails the
+test. A command shown on several pages is checked once (`doc_pages`). A script the docs show
+whole (``# name.py: torchrun ...`` as its first line) is run by tests/test_readme_snippets.py;
+here its command must be the one the script names. Inline ``key=value`` spans must name keys
+of a shipped config."""
 from __future__ import annotations
 
 import functools
@@ -26,9 +29,9 @@ from hyena_cp.parallel.dims import ParallelDims
 from hyena_cp.train.config import ParallelConfig, TrainConfig, with_defaults
 from hyena_cp.train.export import with_export_defaults
 from hyena_cp.train.generate import with_generate_defaults
+from doc_pages import PAGES, page_name, read, script_blocks
 from train_helpers import CONFIGS, ROOT
 
-README = ROOT / "README.md"
 TEMPLATE = ("CONFIG.py", "...", "…", "[key=value")  # placeholders: only the script is checked
 PROGRAMS = ("torchrun ", "python ", "pip ", "sbatch ", "bash ", "launch/", ". ", "DRY_RUN=")
 SMOKE = ["train.steps=2", "train.warmup_steps=0", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false"]
@@ -43,14 +46,29 @@ def inline_spans(text: str) -> list[str]:
 
 
 def readme_commands(text: str) -> list[str]:
-    """Shell commands: the non-comment lines of ``bash`` blocks (split at ``&&``) and inline
-    spans that start with a program and have arguments; in README order, each once."""
+    """Shell commands of one page: the non-comment lines of ``bash`` blocks (split at ``&&``) and
+    inline spans that start with a program and have arguments; in page order, each once."""
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [line.strip() for b in blocks for line in b.splitlines() if line.strip() and not line.startswith("#")]
     inline = inline_spans(text)
     commands = [part.strip() for line in lines for part in line.split("&&")]
     commands += [s for s in inline if s.startswith(PROGRAMS) and " " in s]
     return list(dict.fromkeys(commands))
+
+
+def normalized(command: str) -> str:
+    """One spelling per command: shell words without comments or extra blanks."""
+    return shlex.join(shlex.split(command, comments=True))
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """``(page, command)`` for every command of README.md and docs/*.md, each command once (its
+    first page), however it is spaced or commented."""
+    seen: dict[str, tuple[str, str]] = {}
+    for page in PAGES:
+        for command in readme_commands(read(page)):
+            seen.setdefault(normalized(command), (page_name(page), command))
+    return list(seen.values())
 
 
 def override_spans(text: str) -> list[str]:
@@ -131,7 +149,7 @@ class Checker:
             assert env.get("DRY_RUN") == "1" and os.access(ROOT / program, os.X_OK), command
             self.slurm_dry_run(["configs/digits_hyena_tiny.py"] if any(t in args for t in TEMPLATE) else args, {})
         else:
-            raise AssertionError(f"no rule in tests/test_readme_commands.py covers the README command {command!r}")
+            raise AssertionError(f"no rule in tests/test_readme_commands.py covers the command {command!r}")
 
     def pip(self, args: list[str]) -> None:
         assert args[0] == "install", args
@@ -145,6 +163,10 @@ class Checker:
 
     def torchrun(self, args: list[str]) -> None:
         script = next((i for i, a in enumerate(args) if a.endswith(".py")), None)
+        if script is not None and args[script] in SCRIPTS:  # shown whole in the docs; the snippet test runs it
+            command = SCRIPTS[args[script]][0]
+            assert normalized(shlex.join(["torchrun", *args])) == normalized(command), (args, command)
+            return
         options = [re.sub(r"=N$", "=1", a) for a in (args if script is None else args[:script])]
         parsed = get_args_parser().parse_args([*options, "x.py"])  # unknown options raise SystemExit
         if script is not None:
@@ -198,7 +220,7 @@ class Checker:
                 printed = _run([sys.executable, script, args[0], f"train.output_dir={run}"])
                 assert (Path(run) / "export" / "model.safetensors").is_file(), printed
         else:
-            raise AssertionError(f"no rule in tests/test_readme_commands.py covers the README script {script}")
+            raise AssertionError(f"no rule in tests/test_readme_commands.py covers the script {script}")
 
 
 @functools.cache
@@ -209,7 +231,8 @@ def _bench_parse_args():
     return module.parse_args
 
 
-COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+SCRIPTS = script_blocks()
+COMMANDS = doc_commands()
 
 
 @pytest.fixture(scope="module")
@@ -217,14 +240,19 @@ def checker(tmp_path_factory):
     return Checker(tmp_path_factory.mktemp("readme"))
 
 
-def test_the_readme_has_the_commands_this_test_expects():
-    assert len(COMMANDS) >= 12, COMMANDS
-    assert any("launch/train.py configs/digits_hyena_tiny.py" in c for c in COMMANDS)
-    assert any(c.startswith("sbatch") for c in COMMANDS) and any(c.startswith("DRY_RUN=1") for c in COMMANDS)
+def test_the_docs_have_the_commands_this_test_expects():
+    commands = [c for _, c in COMMANDS]
+    assert len(commands) >= 12, commands
+    readme = [c for page, c in COMMANDS if page == "README.md"]
+    assert any("launch/train.py configs/digits_hyena_tiny.py" in c for c in readme)
+    assert any(c.startswith("sbatch") for c in commands) and any(c.startswith("DRY_RUN=1") for c in commands)
+    assert "launch/bench.py --quick" in " ".join(commands)
+    assert any(c.startswith("torchrun") and c.split()[-1] in SCRIPTS for c in readme), "the cp_group script's command"
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[f"{i:02d}-{c.split()[0]}" for i, c in enumerate(COMMANDS)])
-def test_readme_command(checker, command):
+@pytest.mark.parametrize("page,command", COMMANDS,
+                         ids=[f"{i:02d}-{page}-{c.split()[0]}" for i, (page, c) in enumerate(COMMANDS)])
+def test_doc_command(checker, page, command):
     checker(command)
 
 
@@ -233,16 +261,17 @@ def test_readme_overrides_name_keys_of_a_shipped_config():
     for config in CONFIGS.glob("*.py"):
         cfg = with_export_defaults(with_generate_defaults(with_defaults(LazyConfig.load(config))))
         keys.update(_flat_keys(OmegaConf.to_container(cfg, resolve=False)))
-    spans = override_spans(README.read_text(encoding="utf-8"))
-    assert spans, "no inline overrides found"
-    for span in spans:
-        for item in span.split():
-            assert item.partition("=")[0] in keys, f"README override {item!r} names no key of configs/*.py"
+    for page in PAGES:
+        for span in override_spans(read(page)):
+            for item in span.split():
+                assert item.partition("=")[0] in keys, f"{page_name(page)}: override {item!r} names no key of configs/*.py"
 
 
 @pytest.mark.parametrize("command,error", [
     ("torchrun --standalone --nproc_per_node=2 launch/train.py configs/no_such.py", "does not exist"),
     ("torchrun --standalone --nproc_per_node=2 launch/trian.py configs/lm_tiny.py", "does not exist"),
+    ("torchrun --standalone --nproc_per_node=2 cp_hallo.py", "does not exist"),  # no such script shown whole
+    ("torchrun --standalone --nproc_per_node=4 cp_hello.py", "cp_hello.py"),  # not the command the script names
     ("torchrun --standalone --nproc_per_node=2 launch/train.py configs/lm_tiny.py parallel.cpp=2", "no key"),
     ("torchrun --standalone --nproc_per_node=4 launch/train.py configs/lm_tiny.py parallel.cp=3", "divide"),
     # issue 12: the README's cluster command once was this (4 filter groups over cp=8)

@@ -5,8 +5,7 @@ Supported: megatron-core 0.16.x (what pip installs on Python 3.11; CI tests it) 
 0.19.2 (Python 3.12, torch 2.11). The rest of `hyena_cp.megatron` imports megatron names
 only from here, so a renamed module or a changed signature is fixed in this file.
 
-What megatron-core needs on CPU and what differs between versions, found by running it
-(see also PLATFORM_NOTES):
+What megatron-core needs on CPU and what differs between versions, found by running it:
 
 - ``TransformerConfig(use_cpu_initialization=True)``: weights are initialised on the CPU
   from torch's default generator, so ``torch.manual_seed`` makes a model reproducible on

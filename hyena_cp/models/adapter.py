@@ -1,6 +1,6 @@
 """ViT5HyenaAdapter: ViT-5's ``[B, T, C]`` token sequences <-> a 2-D mixer's ``[B, H, W, C]``.
 
-Implements ``shared/spec/vit5_hyena_adapter_api.txt`` to the letter: a parameter-free
+Implements the API document of nvSubquadratic's ViT5HyenaAdapter to the letter: a parameter-free
 reshape around an inner mixer; ``flop_count`` delegates; forward kwargs go through verbatim.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ Policy (``check_agreement=`` of `QKVSequenceMixer`, `Hyena` and the ViT-5 networ
 
 - ``"always"`` (default): check on every call. Cost: one all-gather of ``2 + 10 * fields``
   int64 (< 1 KiB) per outermost call, plus, with NCCL, one host sync to read the result.
-  On gloo/CPU it is a few percent of even a small layer's forward (see README).
+  On gloo/CPU it is a few percent of even a small layer's forward (docs/design.md).
 - ``"off"``: no check, no cost; for runs whose data path is known to hand every rank the
   same shapes. Disagreeing ranks then fail as described above.
 

@@ -16,7 +16,7 @@ nets' blocks (``stages[s][i]``) and patch merges, and the megatron-core LM's
 parameters are plain tensors (TP is megatron's, not DTensor), FSDP shards each TP rank's
 local shard over the ``dp_cp`` ranks of that TP rank.
 
-The gradient invariant (DESIGN.md: SUM over CP, MEAN over DP) is met Megatron's way: FSDP2
+The gradient invariant (SUM over CP, MEAN over DP; docs/design.md) is met Megatron's way: FSDP2
 reduces with its default, the MEAN over the ``dp * cp`` ranks (as torchtitan does), and each
 rank backpropagates its loss share multiplied by ``cp`` (`loss_scale`): the mean over dp x cp of
 ``cp`` times the CP shares is their sum over CP, averaged over DP. (FSDP2's

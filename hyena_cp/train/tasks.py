@@ -1,8 +1,8 @@
 """What the training loop trains on: batches for a step, this rank's loss share, evaluation.
 
-Both tasks follow DESIGN.md's invariant: each rank's loss is its SHARE, the shares of the CP
-ranks of one data-parallel replica add up to that replica's loss, and the loop then sums
-gradients over CP and averages them over DP (FSDP2, `hyena_cp.parallel.fsdp`).
+Both tasks follow the gradient invariant (docs/design.md): each rank's loss is its SHARE, the
+shares of the CP ranks of one data-parallel replica add up to that replica's loss, and the loop
+then sums gradients over CP and averages them over DP (FSDP2, `hyena_cp.parallel.fsdp`).
 
 - `ImageClassification` (ViT-5 models): every CP rank of a replica gets the same FULL image
   batch ``[B, C, H, W]``; the model shards rows itself and returns logits ``[B, classes]``
