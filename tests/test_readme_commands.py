@@ -147,7 +147,9 @@ class Checker:
             self.launch(args[0], args[1:], world=1)
         elif program == "launch/slurm.sh":
             assert env.get("DRY_RUN") == "1" and os.access(ROOT / program, os.X_OK), command
-            self.slurm_dry_run(["configs/digits_hyena_tiny.py"] if any(t in args for t in TEMPLATE) else args, {})
+            if any(t in args for t in TEMPLATE):  # a placeholder: the quick-start config, on the 2 ranks it needs
+                args, env = ["configs/digits_hyena_tiny.py"], {**env, "NPROC_PER_NODE": "2"}
+            self.slurm_dry_run(args, env)
         else:
             raise AssertionError(f"no rule in tests/test_readme_commands.py covers the command {command!r}")
 
