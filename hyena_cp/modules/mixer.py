@@ -203,7 +203,7 @@ class QKVSequenceMixer(nn.Module):
         """Every rank runs this before any collective, so bad input raises everywhere."""
         self._check_tensors(x, conditioning)
         size = self.geometry.global_size(x.shape[1:-1], world)
-        self.hyena.check_input(size, world)
+        self.hyena.check_input(size, world, "channel" if self.short_conv_cp == "a2a" and world > 1 else "sequence")
         self.hyena.check_packing(cu_seqlens, x.shape[0], size[0])
         _check_num_valid(num_valid_tokens, math.prod(size))
         self.geometry.check_shard(size, world, self.short_kernel_size or 1,
