@@ -107,6 +107,11 @@ class SafariFilter(nn.Module):
     def absolute(self) -> bool:
         return True
 
+    @property
+    def max_size(self) -> tuple[int]:
+        """The longest sequence: the table's rows (what decoding may reach)."""
+        return (self.l_max,)
+
     def reference(self, size: Sequence[int]) -> tuple[float, ...]:
         """Integer offsets (divisor 1); ``ValueError`` beyond the table's ``l_max`` rows."""
         if len(size) != 1 or not 1 <= size[0] <= self.l_max:
