@@ -58,7 +58,8 @@ def random_evo2_checkpoint(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
             k = cfg["hcm_filter_length"]
             decay = torch.exp(-torch.arange(k, dtype=torch.float64) / 20)
             sd[p + "filter.h"] = (rnd(cfg["hcm_filter_groups"], k, scale=0.3) * decay)[:, None]
-            sd[p + "filter.D"] = rnd(d)
+            if k >= 128:  # vortex: only a filter of 128 taps or more has the skip D
+                sd[p + "filter.D"] = rnd(d)
         else:
             sd[p + "filter.h"] = rnd(cfg["hcs_filter_groups"], 1, cfg["hcs_filter_length"], scale=0.4)
     return sd
@@ -97,12 +98,12 @@ def _evo2_hyena(x, sd, i, kind, cfg):
             z = z + sd[p + "filter.short_filter_bias"][:, None]
         q, k, v = z[0::3], z[1::3], z[2::3]  # interleaved rows 3c + {post-gate, pre-gate, value}
         u = k * v
-        if kind == "hcs":
-            taps = sd[p + "filter.h"][:, 0].flip(-1).repeat_interleave(d // cfg["hcs_filter_groups"], 0)
-            y = causal_sum(u, taps)
-        elif kind == "hcm":
-            taps = sd[p + "filter.h"][:, 0].repeat_interleave(d // cfg["hcm_filter_groups"], 0)
-            y = causal_sum(u, taps) + sd[p + "filter.D"][:, None] * u
+        if kind in ("hcs", "hcm") and cfg[f"{kind}_filter_length"] < 128:  # vortex's rule: SE-like below 128 taps
+            taps = sd[p + "filter.h"][:, 0].flip(-1).repeat_interleave(d // cfg[f"{kind}_filter_groups"], 0)
+            y = causal_sum(u, taps)  # cross-correlation order, no skip
+        elif kind in ("hcs", "hcm"):
+            taps = sd[p + "filter.h"][:, 0].repeat_interleave(d // cfg[f"{kind}_filter_groups"], 0)
+            y = causal_sum(u, taps) + sd[p + "filter.D"][:, None] * u  # convolution order, skip
         else:
             t = torch.arange(u.shape[1], dtype=torch.float64)
             h = (sd[p + "filter.residues"][:, :, None] * torch.exp(sd[p + "filter.log_poles"] * t)).sum(1)

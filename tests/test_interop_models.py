@@ -70,6 +70,7 @@ def evo2_case(**changes) -> tuple[dict, dict]:
     ({}, 150),  # L > 128: the whole MR filter
     ({}, 37),  # L < 128
     ({"qkv_proj_bias": True, "short_filter_bias": True}, 40),
+    ({"hcm_filter_length": 16}, 40),  # vortex decides by length: a 16-tap "medium" filter is SE-like
     ({"use_interpolated_rotary_pos_emb": True, "rotary_emb_scaling_factor": 4, "rotary_emb_base": 1e6}, 40),
 ])
 def test_evo2_logits_equal_the_reference(dist_run, changes, length):
