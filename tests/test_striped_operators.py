@@ -120,7 +120,11 @@ def test_modal_mixer_equals_direct_sum(parametrization):
     assert rel_err(mixer(x), mixer_reference(mixer, x, wrong)) > 1e-3
 
 
-def test_modal_kernel_adjoint():
+@pytest.mark.parametrize("chunk", [None, 3])  # one chunk of positions, and 7 chunks (the last one shorter)
+def test_modal_kernel_adjoint(monkeypatch, chunk):
+    from hyena_cp.ops import modal
+    if chunk is not None:
+        monkeypatch.setattr(modal, "_chunk", lambda groups, modes: chunk)
     torch.manual_seed(1)
     poles = (-torch.rand(3, 4, dtype=torch.float64) * 0.3).requires_grad_()
     residues = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)

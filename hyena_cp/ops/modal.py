@@ -17,7 +17,8 @@ Both initialise ``R ~ 0.1 N(0, 1/S)`` and (``"poles"``) λ from the same distrib
 
 `modal_kernel` evaluates the filter with its adjoint written out: autograd would keep the
 ``[G, S, N]`` exponentials for backward (16x the filter itself, gigabytes at 1M tokens); this
-keeps nothing of size N and recomputes one ``[G, N]`` exponential per mode in backward.
+keeps nothing of size N, works through the positions in chunks of about 2^20 exponentials (each
+chunk reduced over the modes by one batched matmul) and recomputes them in backward.
 """
 from __future__ import annotations
 
@@ -39,27 +40,34 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 class _ModalKernel(torch.autograd.Function):
-    """``h = sum_s R[:, s, None] * exp(λ[:, s, None] * t)``, one mode at a time; backward recomputes
-    each mode's exponential: ``dR_s = <g, e_s>``, ``dλ_s = R_s <g, t e_s>``."""
+    """``h = sum_s R[:, s, None] * exp(λ[:, s, None] * t)``, a chunk of positions at a time (the
+    ``[G, S, chunk]`` exponentials reduced over S by one batched matmul); backward recomputes each
+    chunk's exponentials: ``dR = sum_n g e``, ``dλ = R * sum_n g t e``."""
 
     @staticmethod
     def forward(ctx, log_poles, residues, t):
-        h = torch.zeros(log_poles.shape[0], t.shape[0], dtype=t.dtype, device=t.device)
-        for s in range(log_poles.shape[1]):
-            h.addcmul_(residues[:, s, None], torch.exp(log_poles[:, s, None] * t))
+        chunk = _chunk(*log_poles.shape)
+        pieces = [torch.einsum("gs,gsn->gn", residues, torch.exp(log_poles[:, :, None] * t[a:a + chunk]))
+                  for a in range(0, t.shape[0], chunk)]
         ctx.save_for_backward(log_poles, residues, t)
-        return h
+        return torch.cat(pieces, dim=1) if pieces else log_poles.new_zeros(log_poles.shape[0], 0)
 
     @staticmethod
     def backward(ctx, grad):
         log_poles, residues, t = ctx.saved_tensors
-        grad_poles, grad_residues = torch.empty_like(log_poles), torch.empty_like(residues)
-        weighted = grad * t  # G, N
-        for s in range(log_poles.shape[1]):
-            e = torch.exp(log_poles[:, s, None] * t)  # G, N
-            grad_residues[:, s] = (grad * e).sum(-1)
-            grad_poles[:, s] = residues[:, s] * (weighted * e).sum(-1)
-        return grad_poles, grad_residues, None
+        grad_residues, moments = torch.zeros_like(residues), torch.zeros_like(log_poles)
+        chunk = _chunk(*log_poles.shape)
+        for a in range(0, t.shape[0], chunk):
+            e = torch.exp(log_poles[:, :, None] * t[a:a + chunk])  # G, S, n
+            g = grad[:, a:a + chunk]
+            grad_residues += torch.einsum("gn,gsn->gs", g, e)
+            moments += torch.einsum("gn,gsn->gs", g * t[a:a + chunk], e)
+        return residues * moments, grad_residues, None
+
+
+def _chunk(groups: int, modes: int, elements: int = 1 << 20) -> int:
+    """Positions per chunk: about ``elements`` exponentials (4 MiB in float32) at a time."""
+    return max(1, elements // max(1, groups * modes))
 
 
 def modal_kernel(log_poles: torch.Tensor, residues: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
