@@ -92,7 +92,8 @@ class Hyena(nn.Module):
             ``filter(num_groups=num_heads, spatial_dims=spatial_dims)`` (a class, a
             ``functools.partial``, or a config with ``_partial_: true``), or a built module with
             those two attributes. None: the original Hyena's `FourierFilter` from ``filter_*`` and
-            ``max_len`` / ``max_grid``.
+            ``max_len`` / ``max_grid``. A generator with ``fir_length`` (`hyena_cp.ops.explicit`)
+            runs as a direct causal conv (see the module docstring).
         filter_bands, filter_width, filter_depth, filter_sin_freq: that default filter's MLP.
         mask: the window multiplied into the kernel, a factory or module like ``filter``, or None
             for no window. Default: `ExponentialMask` (Hyena's decay, radial over the axes).
