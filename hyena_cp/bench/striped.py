@@ -197,7 +197,7 @@ def evo2_1b_memory(fits: dict[str, tuple[float, float]], worlds: list[int], leng
 def run(ctx: BenchContext) -> Section:
     channels, length, repeats = (32, 512, 2) if ctx.quick else (256, 16384, 5)
     (times,) = ctx.pools.run(1, layer_times, channels, length, repeats, ctx.threads)
-    base = next(r["seconds"] for r in times if r["operator"].startswith("Hyena"))
+    base = next(r["seconds"] for r in times if r["operator"].startswith("Hyena:"))
     layers = Table(f"Layer forward + backward, one process (fp32, B=1, C={channels}, L={length})",
                    ["operator", "ms", "x Hyena (Fourier)", "forward GFLOP"])
     for r in times:
