@@ -28,10 +28,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hyena_cp.ops.filters import KernelGrid
+from hyena_cp.ops.filters import KernelGrid, group_major
 
 __all__ = ["SafariFilter", "safari_positional_table", "safari_decays"]
 
@@ -124,11 +123,11 @@ class SafariFilter(nn.Module):
         a = self.z[rows].to(self.out.weight.dtype)  # N, emb_dim
         for layer in self.layers:
             a = torch.sin(self.freq * layer(a))
-        h = F.linear(a, self.out.weight[groups])  # N, G_sel
+        h = group_major(self.out, groups, a)  # G_sel, N
         if self.modulate:
-            window = torch.exp(-self.t[rows, None].to(h.dtype) * self.deltas[groups].abs().to(h.dtype)) + self.shift
+            window = torch.exp(-self.deltas[groups, None].abs().to(h.dtype) * self.t[rows].to(h.dtype)) + self.shift
             h = h * window
-        return h.t()  # G_sel, N
+        return h
 
     def flop_count(self, taps: int) -> int:
         """Matmul FLOPs (2 per MAC) of building all groups at ``taps`` positions."""
