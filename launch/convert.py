@@ -18,6 +18,7 @@ import sys
 
 from hyena_cp.interop import evo2, hyenadna
 from hyena_cp.interop.files import DTYPES, finetune_config, read_config, read_state_dict, write_converted
+from hyena_cp.train.cli import run_launcher
 
 USAGE = ("usage: python launch/convert.py {evo2,hyenadna} config=PATH checkpoint=PATH out=DIR "
          "[dtype=float32|bfloat16|float64] [seq_len=N] [shift=0.05 (hyenadna)]")
@@ -53,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_launcher(main))

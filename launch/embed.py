@@ -17,7 +17,7 @@ import sys
 
 from hyena_cp.host_memory import tune_host_memory
 from hyena_cp.lazy import LazyConfig
-from hyena_cp.train.cli import config_args
+from hyena_cp.train.cli import config_args, run_launcher
 from hyena_cp.train.embed import embed_sequences, with_embed_defaults
 
 USAGE = "usage: torchrun [torchrun options] launch/embed.py CONFIG [key=value ...]"
@@ -36,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
-    sys.exit(main())
+    sys.exit(run_launcher(main))

@@ -32,6 +32,7 @@ from hyena_cp.train.checkpoint import load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
 from hyena_cp.train.export import load_initial_weights
 from hyena_cp.train.generate import latest_checkpoint, load_full_state
+from hyena_cp.value_types import check_fields
 
 __all__ = ["EmbedConfig", "ALPHABETS", "embed_sequences", "read_sequences", "tokenize", "with_embed_defaults"]
 
@@ -58,6 +59,13 @@ class EmbedConfig:
     layers: tuple[int, ...] = (-1,)
     pooling: str = "mean"
     alphabet: str = "bytes"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "embed")
+        if self.alphabet not in ALPHABETS:
+            raise ValueError(f"embed.alphabet={self.alphabet!r} must be one of {ALPHABETS}")
+        if not self.sequences:
+            raise ValueError("embed.sequences is empty: name the file of sequences to embed (FASTA or one per line)")
 
 
 def with_embed_defaults(cfg: DictConfig) -> DictConfig:
