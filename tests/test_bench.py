@@ -278,3 +278,39 @@ def test_speed_section_quick(tmp_path):
     assert all(v > 0 for values in section.data["ratios"].values() for v in values)
     assert any(n.startswith(f"Targets at L={lengths[-1]}") for n in section.notes)
     assert any("ours compiled fp32:" in n for n in section.notes)
+
+
+def test_quick_run_striped_section(quick_run):
+    """StripedHyena 2: SE/MR/LI decode states do not grow with the context; the byte model's fit
+    predicts held-out measurements; optimizer state is 16 bytes per parameter over the CP ranks."""
+    section = quick_run[1]["StripedHyena 2 and HyenaDNA operators"]
+    fixed = [r["cache_bytes"] for r in section.data["decode"] if r["pattern"] == "SDH"]
+    assert len(fixed) >= 2 and len(set(fixed)) == 1
+    assert section.data["fit_check"] < 0.1
+    for row in section.data["memory"]:
+        assert row["states"] == 16 * row["params"] // row["cp"]
+
+
+def worker_parameter_count() -> tuple[int, int]:
+    import copy
+
+    from megatron.core import parallel_state
+
+    from hyena_cp import instantiate
+    from hyena_cp.bench.striped import _parameters
+    from hyena_cp.interop import evo2
+    from striped_references import EVO2_TINY, random_evo2_checkpoint
+
+    parallel_state.initialize_model_parallel()
+    try:
+        cfg, _ = evo2.convert(EVO2_TINY, random_evo2_checkpoint(EVO2_TINY))
+        model = instantiate(copy.deepcopy(cfg))
+        shape = dict(hidden=8, ffn=12, vocab=64, groups=4, heads=2, state=4, pattern=cfg["layer_pattern"])
+        return sum(p.numel() for p in model.parameters()), _parameters(shape)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_byte_model_counts_the_parameters_of_a_converted_evo2(dist_run):
+    counted, formula = dist_run(worker_parameter_count, 1)[0]
+    assert counted == formula

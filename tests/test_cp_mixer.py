@@ -15,7 +15,10 @@ import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
 from hyena_cp.modules import norm as norm_module
+from hyena_cp.ops.explicit import ExplicitFilter
 from hyena_cp.ops.masks import AxisExponentialMask, GaussianMask
+from hyena_cp.ops.modal import ModalFilter
+from hyena_cp.ops.safari import SafariFilter
 from hyena_cp.ops.siren import RandomFourierFilter, SirenFilter
 from hyena_cp.modules import geometry as geometry_module
 from hyena_cp.modules.geometry import Geometry
@@ -94,6 +97,22 @@ CASES = {
     "1d_siren_gates_no_short_conv_fp32": Case(1, (2, 32, 8), kernel=None, dtype=torch.float32, hyena=(
         ("filter", functools.partial(SirenFilter, L_cache=64, num_blocks=2, learnable_omega=True)),
         ("outer_gate", "silu"), ("inner_gate", "sigmoid"), ("skip", False))),
+    # StripedHyena 2 (Evo 2) and safari/HyenaDNA operators. The explicit FIRs run as direct convs with
+    # a K-1 halo (P=4: zigzag chunks exactly K-1 long); groups are not split by CP (2 groups on 4 ranks)
+    "1d_evo2_se_fir7": Case(1, (2, 48, 8), norm=None, heads=2, hyena=(
+        ("filter", functools.partial(ExplicitFilter, length=7)), ("mask", None), ("skip", False)),
+        mixer=(("bias", False), ("out_proj_bias", True))),
+    "1d_evo2_mr_fir15_decay_fp32": Case(1, (1, 112, 8), dtype=torch.float32, norm=None, hyena=(
+        ("filter", functools.partial(ExplicitFilter, length=15, decay="savanna", L_cache=112)), ("mask", None))),
+    "1d_evo2_se_fir5_a2a": Case(1, (2, 48, 8), mode="a2a", hyena=(
+        ("filter", functools.partial(ExplicitFilter, length=5)), ("mask", None))),
+    "1d_evo2_li_modal": Case(1, (2, 48, 8), heads=8, norm=None, hyena=(
+        ("filter", functools.partial(ModalFilter, state_size=4)), ("mask", None))),
+    "1d_evo2_li_savanna_fp32": Case(1, (2, 48, 8), heads=8, dtype=torch.float32, hyena=(
+        ("filter", functools.partial(ModalFilter, state_size=3, parametrization="savanna")), ("mask", None))),
+    "1d_hyenadna_safari": Case(1, (2, 48, 8), heads=8, norm=None, hyena=(
+        ("filter", functools.partial(SafariFilter, l_max=64, emb_dim=5, width=12, sin_freq=10.0, shift=0.05)),
+        ("mask", None))),
 }
 
 
@@ -210,17 +229,45 @@ def test_parity_test_catches_a_group_norm_with_shard_statistics(dist_run):
         check_parity(case, dist_run(worker_run_with_shard_statistics, 2, case))
 
 
+def worker_run_without_fir_halo(case: Case) -> dict:
+    """The mixer with an explicit filter whose direct conv gets zeros instead of the halo (the
+    short conv keeps its own)."""
+    halo = geometry_module.causal_halo_1d
+    geometry_module.causal_halo_1d = lambda x, n, group: halo(x, n, group) if n < 6 else \
+        torch.zeros(*x.shape[:-1], 2, n, dtype=x.dtype)
+    try:
+        return run_mixer(case, dist.group.WORLD)
+    finally:
+        geometry_module.causal_halo_1d = halo
+
+
+def test_parity_test_catches_an_explicit_filter_without_its_halo(dist_run):
+    """Negative twin of the explicit FIR under CP: the K-1 tokens before each chunk are needed."""
+    case = CASES["1d_evo2_se_fir7"]
+    with pytest.raises(AssertionError, match="output"):
+        check_parity(case, dist_run(worker_run_without_fir_halo, 2, case))
+
+
 # ------------------------------------------------------------------ bytes sent
+def fir_length(case: Case) -> int | None:
+    return build(case)[0].hyena.fir_length
+
+
 def predicted_bytes(case: Case, world: int, rank: int) -> int:
     """4 AllToAlls of B*(L/P)*C*(P-1)/P elements (2 forward, 2 backward) + the halos (forward
-    values, backward gradients) of 3C channels: the one formula the benchmarks report too."""
-    return comm_floor_bytes(case.shape, case.kernel, world, rank, torch.finfo(case.dtype).bits // 8, case.geometry)
+    values, backward gradients) of 3C channels: the one formula the benchmarks report too.
+    An explicit filter: its K-1 halo of the C channels of z instead of the AllToAlls."""
+    return comm_floor_bytes(case.shape, case.kernel, world, rank, torch.finfo(case.dtype).bits // 8, case.geometry,
+                            fir_length=fir_length(case))
 
 
 def predicted_calls(case: Case, world: int, rank: int) -> dict[str, int]:
     """Exactly 4 AllToAlls (z forward and back, then their adjoints) and one point-to-point
-    send per halo neighbour, forward (values) and backward (gradients); nothing else."""
+    send per halo neighbour, forward (values) and backward (gradients); nothing else. An
+    explicit filter: no AllToAll, a second halo exchange (of z) instead."""
     peers, _, _ = case.geometry.halo_traffic(case.kernel, world, rank)
+    if fir_length(case) is not None:
+        return {"p2p": 4 * peers} if peers else {}
     return {"all_to_all": 4, **({"p2p": 2 * peers} if peers else {})}
 
 
@@ -229,13 +276,14 @@ def predicted_wire_calls(case: Case, world: int, rank: int) -> dict[str, int]:
     receives from the neighbours it sends to), plus the one all-gather of the cross-rank
     agreement check (control traffic, `hyena_cp.parallel.agreement`) in forward."""
     calls = predicted_calls(case, world, rank)
-    p2p = calls.pop("p2p", 0)
-    return {"alltoall_base_": calls.pop("all_to_all"), **({"send": p2p, "recv_": p2p} if p2p else {}),
+    p2p, a2a = calls.pop("p2p", 0), calls.pop("all_to_all", 0)
+    return {**({"alltoall_base_": a2a} if a2a else {}), **({"send": p2p, "recv_": p2p} if p2p else {}),
             "_allgather_base_": 1, **calls}
 
 
 @pytest.mark.parametrize("name", ["1d_k3", "1d_k7_adaln", "2d_k3", "2d_k5_fp32_film", "2d_circular", "2d_causal_zigzag",
-                                  "3d_k3", "3d_causal_x_circular_fp32_film"])
+                                  "3d_k3", "3d_causal_x_circular_fp32_film", "1d_evo2_se_fir7",
+                                  "1d_evo2_mr_fir15_decay_fp32", "1d_evo2_li_modal", "1d_hyenadna_safari"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_sent_equal_the_floor(dist_run, name, world):
     case = CASES[name]
@@ -245,9 +293,9 @@ def test_bytes_sent_equal_the_floor(dist_run, name, world):
         assert r["calls"] == predicted_calls(case, world, rank), (rank, r["calls"])
         # measured at the dispatcher: the same ops and bytes reach torch.distributed, nothing else
         assert r["wire_calls"] == predicted_wire_calls(case, world, rank), (rank, r["wire_calls"])
-        data = r["wire_sent"]["alltoall_base_"] + r["wire_sent"].get("send", 0)
+        data = r["wire_sent"].get("alltoall_base_", 0) + r["wire_sent"].get("send", 0)
         assert data == predicted_bytes(case, world, rank), (rank, r["wire_sent"])
-        assert r["wire_sent"]["alltoall_base_"] == r["by_op"]["all_to_all"]
+        assert r["wire_sent"].get("alltoall_base_", 0) == r["by_op"].get("all_to_all", 0)
 
 
 def test_a2a_mode_sends_twice_the_alltoall_bytes(dist_run):
@@ -281,6 +329,8 @@ def worker_bad(case: Case, shape: tuple) -> None:
     (Case(2, (1, 4, 4, 8), kernel=5), (1, 1, 4, 8), "fewer than the short-conv halo"),
     (Case(1, (1, 12, 8), heads=2), (1, 6, 8), "num_heads=2"),
     (Case(2, (1, 4, 4, 8)), (1, 2, 8), "\\[B, H, W, C\\]"),  # wrong layout/rank
+    (Case(1, (1, 40, 8), hyena=(("filter", functools.partial(ExplicitFilter, length=7)), ("mask", None))),
+     (1, 10, 8), "zigzag chunk length L/\\(2\\*cp_size\\)=40/8=5 is shorter than the halo K-1=6"),
 ])
 def test_bad_input_raises_on_every_rank_before_communicating(dist_run, case, local_shape, match):
     world = 4

@@ -7,6 +7,7 @@ both and must fail; packing adds no communication; bad ``cu_seqlens`` raise on e
 before any communication."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -16,6 +17,9 @@ import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
 from hyena_cp.bench.layer import comm_floor_bytes
+from hyena_cp.ops.explicit import ExplicitFilter
+from hyena_cp.ops.modal import ModalFilter
+from hyena_cp.ops.safari import SafariFilter
 from hyena_cp.ops.packing import concat_cu_seqlens
 from hyena_cp.parallel import count_comm, shard, unshard
 from references import rel_err
@@ -41,6 +45,7 @@ class Case:
     cond: str | None = None
     num_valid: int | None = None
     worlds: tuple = (1, 2, 4)
+    hyena: tuple = ()  # (key, value) pairs of further Hyena arguments (another filter: no max_len)
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def cu_seqlens(self) -> torch.Tensor:
@@ -64,6 +69,16 @@ CASES = {
     "k5_adaln_padding": Case(kernel=5, cond="adaln", num_valid=40),
     "k3_one_row_many_docs": Case(shape=(1, 32, 8), docs=((1, 1, 1, 1, 3, 1, 8, 16),)),
     "k2_p3": Case(shape=(2, 36, 12), heads=6, kernel=2, docs=((7, 1, 28), (2, 5, 29)), worlds=(3,)),
+    # StripedHyena 2 and safari operators; documents shorter than the explicit filters' K-1 = 6
+    "evo2_se_fir7": Case(norm=None, hyena=(("filter", functools.partial(ExplicitFilter, length=7)), ("mask", None),
+                                           ("skip", False))),
+    "evo2_mr_fir7_decay": Case(norm=None, hyena=(
+        ("filter", functools.partial(ExplicitFilter, length=7, decay="savanna", L_cache=48, init_std=0.3)),
+        ("mask", None))),
+    "evo2_li_modal": Case(heads=8, norm=None, hyena=(("filter", functools.partial(ModalFilter, state_size=4)),
+                                                     ("mask", None))),
+    "hyenadna_safari": Case(heads=8, norm=None, hyena=(
+        ("filter", functools.partial(SafariFilter, l_max=48, emb_dim=5, width=12, shift=0.05)), ("mask", None))),
 }
 
 
@@ -72,7 +87,8 @@ def build(case: Case) -> tuple[QKVSequenceMixer, dict]:
     filter taps), input, conditioning and upstream grad on every process (seeded)."""
     torch.manual_seed(1234)
     c = case.shape[-1]
-    hyena = Hyena(hidden_dim=c, num_heads=case.heads, filter_width=16, cp_comm=case.cp_comm, max_len=case.shape[1])
+    extra = dict(case.hyena) or {"filter_width": 16, "max_len": case.shape[1]}
+    hyena = Hyena(hidden_dim=c, num_heads=case.heads, cp_comm=case.cp_comm, **extra)
     mixer = QKVSequenceMixer(hidden_dim=c, hyena=hyena, short_kernel_size=case.kernel, norm=case.norm,
                              conditioning=case.cond, cond_dim=5 if case.cond else None,
                              short_conv_cp=case.mode).to(torch.float64)
@@ -94,8 +110,13 @@ def ignore_boundaries(twin: str | None):
         undo.append(lambda: setattr(QKVSequenceMixer, "_document_positions", original))
     if twin in ("long", "both"):
         long_conv = Hyena.long_conv
-        Hyena.long_conv = lambda self, z, channels, cu_seqlens=None, conditioning=None: long_conv(self, z, channels, None)
+        Hyena.long_conv = lambda self, z, channels, cu_seqlens=None, conditioning=None: \
+            long_conv(self, z, channels, None, conditioning)
         undo.append(lambda: setattr(Hyena, "long_conv", long_conv))
+    if twin == "fir":  # an explicit filter's direct conv, on shards or whole sequences
+        fir_conv = Hyena.fir_conv
+        Hyena.fir_conv = lambda self, z, channels, cp_group, cu_seqlens=None: fir_conv(self, z, channels, cp_group)
+        undo.append(lambda: setattr(Hyena, "fir_conv", fir_conv))
     return lambda: [fn() for fn in undo]
 
 
@@ -164,6 +185,14 @@ def test_ignoring_the_boundaries_fails(dist_run, world, twin):
     both and the comparison must fail by far."""
     case = CASES["k5_short_docs"]
     errors = parity_errors(case, dist_run(worker_packed, world, case, twin))
+    assert errors["output"] > 1e-3 and errors["input grad"] > 1e-3, errors
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_explicit_filter_ignoring_the_boundaries_fails(dist_run, world):
+    """The explicit filter's direct conv must stop at document starts, halo taps included."""
+    case = CASES["evo2_se_fir7"]
+    errors = parity_errors(case, dist_run(worker_packed, world, case, "fir"))
     assert errors["output"] > 1e-3 and errors["input grad"] > 1e-3, errors
 
 

@@ -93,3 +93,15 @@ def test_cp_token_shards_are_the_zigzag_layout(cp):
     assert torch.equal(unshard(pieces, 1, "zigzag"), tokens)
     if cp == 2:  # chunks of 4: rank 0 holds chunks 0 and 3
         assert pieces[0][0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+
+
+def test_stdlib_text_as_nucleotides_is_the_same_text_four_bases_per_byte():
+    from hyena_cp.data.stdlib_text import as_nucleotides
+
+    text = load_stdlib_text(seq_len=16, max_bytes=6000)
+    bases = load_stdlib_text(seq_len=16, max_bytes=6000, alphabet="nucleotides")
+    assert bases.vocab_size == 12 and set(bases.train.unique().tolist()) <= {7, 8, 9, 10}  # A, C, G, T
+    assert torch.equal(bases.train[:4000], as_nucleotides(text.train[:1000]))
+    assert torch.equal(bases.train_starts, 4 * text.train_starts)
+    digits = (bases.train[:4000].long() - 7).view(-1, 4)  # two bits per base, most significant first
+    assert torch.equal((digits * torch.tensor([64, 16, 4, 1])).sum(1), text.train[:1000].long())

@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 from hyena_cp.megatron import HyenaMixerConfig, build_hyena_lm
 from hyena_cp.megatron.compat import ProcessGroupCollection
 from hyena_cp.megatron.generation import InferenceCache, generate_by_recompute
-from hyena_cp.modules.inference import HyenaCache
+from hyena_cp.modules.inference import LongConvState
 from hyena_cp.parallel import shard, unshard
 from lm_parity import ParityCase, build_model, load_full_weights, perturb
 from references import rel_err
@@ -32,9 +32,10 @@ PREFILL = 16  # of ParityCase.seq = 32: zigzag chunks of 2 at CP=4, the short-co
 PROMPT, NEW = 11, 8  # 11 = 8 prefilled + 3 decoded at CP=2; not shardable at all at CP=4
 
 
-def off_by_one_tail(self: HyenaCache, n: int) -> torch.Tensor:
-    """Negative twin of `HyenaCache._filter_tail`: the taps of the position before (the cache lags a token)."""
-    return F.pad(self.filter_rev[:, self.capacity - n + 1:], (0, 1))
+def off_by_one_tail(self: LongConvState, n: int) -> torch.Tensor:
+    """Negative twin of `LongConvState.filter_tail`: the taps of the position before (the cache lags a token)."""
+    taps = self.tensors["filter_rev"]
+    return F.pad(taps[:, taps.shape[1] - n + 1:], (0, 1))
 
 
 def decode_logits(model, tokens: torch.Tensor, cp: int, cp_rank: int) -> dict:
@@ -62,12 +63,12 @@ def generation_worker(case: ParityCase) -> dict:
                "greedy": model.generate(prompt, NEW, temperature=0.0),
                "sampled": model.generate(prompt, NEW, temperature=0.9, top_k=5,
                                          generator=torch.Generator().manual_seed(11))}
-        exact = HyenaCache._filter_tail
-        HyenaCache._filter_tail = off_by_one_tail
+        exact = LongConvState.filter_tail
+        LongConvState.filter_tail = off_by_one_tail
         try:
             out["twin"] = decode_logits(model, tokens, case.cp, cp_rank)
         finally:  # the worker process is reused by later tests
-            HyenaCache._filter_tail = exact
+            LongConvState.filter_tail = exact
         if rank == 0:
             with torch.no_grad():
                 out["ref"] = reference(tokens)

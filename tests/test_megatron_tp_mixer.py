@@ -36,6 +36,7 @@ class Case:
     norm: str | None = None  # on q * y; under TP its statistics span the TP ranks
     modes: tuple[str, str] = ("alltoall", "halo")  # cp_comm, short_conv_cp (the comparison modes too)
     docs: tuple[tuple[int, ...], ...] | None = None  # packed: token counts of each row's documents
+    hyena: tuple = ()  # (field, value) pairs of HyenaMixerConfig: another filter (then no max_len)
 
     def packed(self) -> dict:
         if self.docs is None:
@@ -52,8 +53,9 @@ def make_config(tp: int, cp: int) -> TransformerConfig:
 
 def build_mixer(case: Case, tp: int, cp: int, pg_collection):
     torch.manual_seed(1234)  # the same full weights at every TP size (see MegatronHyenaMixer)
-    spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=case.heads, filter_width=16, max_len=case.seq,
-                                                 norm=case.norm, cp_comm=case.modes[0], short_conv_cp=case.modes[1]))
+    extra = dict(case.hyena) or {"filter_width": 16, "max_len": case.seq}
+    spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=case.heads, norm=case.norm, cp_comm=case.modes[0],
+                                                 short_conv_cp=case.modes[1], **extra))
     return build_module(spec.submodules.self_attention, config=make_config(tp, cp), layer_number=1,
                         pg_collection=pg_collection)
 
@@ -164,11 +166,24 @@ def check_parity(results: list[dict], case: Case) -> dict[str, float]:
 CASES = [Case(tp=2, cp=1), Case(tp=1, cp=2), Case(tp=2, cp=2), Case(tp=1, cp=4), Case(tp=4, cp=1),
          Case(tp=2, cp=2, groups="explicit"), Case(tp=2, cp=1, norm="layernorm"), Case(tp=2, cp=2, norm="rmsnorm"),
          Case(tp=2, cp=2, modes=("allgather", "a2a")), Case(tp=2, cp=2, docs=((1, 7, 3, 12, 9), (17, 2, 13))),
-         Case(tp=2, cp=2, modes=("allgather", "a2a"), docs=((5, 1, 26), (2, 30)))]
+         Case(tp=2, cp=2, modes=("allgather", "a2a"), docs=((5, 1, 26), (2, 30))),
+         # StripedHyena 2 (SE, MR, LI) and HyenaDNA operators; the explicit filters' groups split over TP only
+         Case(tp=2, cp=2, heads=2, hyena=(("filter", "explicit"), ("filter_options", {"length": 7}), ("skip", False),
+                                          ("in_proj_bias", False), ("short_conv_bias", False), ("out_proj_bias", True))),
+         Case(tp=2, cp=2, hyena=(("filter", "explicit"), ("filter_options", {"length": 8, "decay": "savanna",
+                                                                             "L_cache": 32, "init_std": 0.3}),),
+              docs=((1, 7, 3, 12, 9), (17, 2, 13))),
+         Case(tp=2, cp=2, heads=16, hyena=(("filter", "modal"), ("filter_options", {"state_size": 3}))),
+         Case(tp=4, cp=1, heads=16, hyena=(("filter", "modal"), ("filter_options", {"state_size": 2,
+                                                                                    "parametrization": "savanna"}))),
+         Case(tp=2, cp=2, heads=16, hyena=(("filter", "safari"), ("filter_options", {"l_max": 32, "emb_dim": 5,
+                                                                                     "width": 8, "shift": 0.05}))),
+         Case(tp=2, cp=2, heads=4, modes=("alltoall", "a2a"), hyena=(("filter", "explicit"),
+                                                                     ("filter_options", {"length": 5})))]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"tp{c.tp}-cp{c.cp}-{c.groups}-{c.norm}-{'-'.join(c.modes)}"
-                                                     f"{'-packed' if c.docs else ''}")
+                                                     f"{'-packed' if c.docs else ''}-{dict(c.hyena).get('filter', 'fourier')}")
 def test_tp_cp_mixer_equals_single_process(dist_run, case):
     results = dist_run(worker, case.tp * case.cp, case)
     check_parity(results, case)

@@ -21,8 +21,8 @@ from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
 from hyena_cp.parallel import group_rank, group_size, shard
 
-__all__ = ["LayerSpec", "build_layer", "local_input", "comm_floor_bytes", "ring_attention_bytes", "AttentionMixer",
-           "fwd_bwd"]
+__all__ = ["LayerSpec", "build_layer", "local_input", "comm_floor_bytes", "fir_halo_bytes", "ring_attention_bytes",
+           "AttentionMixer", "fwd_bwd"]
 
 
 @dataclass(frozen=True)
@@ -103,26 +103,43 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, cp_group=None, cu_seqlens: torch.
     y.sum().backward()
 
 
-def comm_floor_bytes(shape: tuple[int, ...], kernel: int, world: int, rank: int, itemsize: int,
-                     geometry: Geometry | None = None) -> int:
+def comm_floor_bytes(shape: tuple[int, ...], kernel: int | None, world: int, rank: int, itemsize: int,
+                     geometry: Geometry | None = None, fir_length: int | None = None) -> int:
     """Bytes one rank sends for one mixer layer forward + backward at the floor.
 
-    ``shape``: global input ``[B, *S, C]``; ``geometry``: the operator's (default: the default
-    geometry of ``len(S)`` axes). The floor is 4 AllToAlls of ``z`` (2 forward, 2 backward),
-    each sending ``B * (tokens/P) * C * (P-1)/P`` elements, plus the short-conv halos of the 3C
-    channels of q, k, v: forward the positions its neighbours read of it, backward the gradients
-    of the positions it read of theirs (`Geometry.halo_traffic`; one position of the first axis is
-    ``prod(S[1:])`` tokens).
+    ``shape``: global input ``[B, *S, C]``; ``kernel``: the short conv's taps (None: no short
+    conv); ``geometry``: the operator's (default: the default geometry of ``len(S)`` axes). The
+    floor is 4 AllToAlls of ``z`` (2 forward, 2 backward), each sending
+    ``B * (tokens/P) * C * (P-1)/P`` elements, plus the short-conv halos of the 3C channels of
+    q, k, v: forward the positions its neighbours read of it, backward the gradients of the
+    positions it read of theirs (`Geometry.halo_traffic`; one position of the first axis is
+    ``prod(S[1:])`` tokens). An explicit filter of ``fir_length`` K taps replaces the AllToAlls
+    by the same kind of halo of ``z`` (C channels, K-1 positions per chunk): `fir_halo_bytes`.
     """
     if world == 1:
         return 0
     geometry = Geometry.of(len(shape) - 2) if geometry is None else geometry
     batch, channels = shape[0], shape[-1]
-    tokens_local = math.prod(shape[1:-1]) // world
-    a2a = 4 * batch * tokens_local * channels * (world - 1) // world
-    _, sent, received = geometry.halo_traffic(kernel, world, rank)
+    if fir_length is None:
+        tokens_local = math.prod(shape[1:-1]) // world
+        long_conv = 4 * batch * tokens_local * channels * (world - 1) // world * itemsize
+    else:
+        long_conv = fir_halo_bytes(shape, fir_length, world, rank, itemsize, geometry)
+    _, sent, received = geometry.halo_traffic(kernel or 1, world, rank)
     halo = (sent + received) * batch * 3 * channels * math.prod(shape[2:-1])
-    return (a2a + halo) * itemsize
+    return long_conv + halo * itemsize
+
+
+def fir_halo_bytes(shape: tuple[int, ...], fir_length: int, world: int, rank: int, itemsize: int,
+                   geometry: Geometry | None = None) -> int:
+    """Bytes one rank sends for the direct conv of an explicit filter of ``fir_length`` K taps,
+    forward + backward: the halo of ``z`` (C channels), K-1 positions before each zigzag chunk
+    (`Geometry.halo_traffic`), values forward and their gradients backward; no AllToAll."""
+    if world == 1:
+        return 0
+    geometry = Geometry.of(len(shape) - 2) if geometry is None else geometry
+    _, sent, received = geometry.halo_traffic(fir_length, world, rank)
+    return (sent + received) * shape[0] * shape[-1] * math.prod(shape[2:-1]) * itemsize
 
 
 def ring_attention_bytes(shape: tuple[int, ...], world: int, itemsize: int) -> int:

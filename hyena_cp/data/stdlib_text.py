@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "TokenSplits", "load_stdlib_text"]
+__all__ = ["IGNORE_INDEX", "NUCLEOTIDE_IDS", "TokenSplits", "as_nucleotides", "load_stdlib_text"]
 
 EOS = 0  # byte that separates files; NUL never occurs in Python source
 IGNORE_INDEX = -100  # label without loss (torch cross_entropy's default); hyena_cp.megatron uses this one
@@ -72,13 +72,29 @@ class TokenSplits:
         return inputs, labels, cu
 
 
-def load_stdlib_text(*, seq_len: int = 256, val_fraction: float = 0.05, max_bytes: int = 2_000_000) -> TokenSplits:
+# HyenaDNA's character tokenizer: A, C, G, T are ids 7..10 (the special tokens come first)
+NUCLEOTIDE_IDS = torch.tensor([7, 8, 9, 10], dtype=torch.uint8)
+
+
+def as_nucleotides(stream: Tensor) -> Tensor:
+    """Each byte as four bases, two bits each, most significant first, in HyenaDNA's token ids:
+    ``[N]`` uint8 -> ``[4N]`` uint8 (EOS, byte 0, becomes AAAA)."""
+    shifts = torch.tensor([6, 4, 2, 0], dtype=torch.uint8)
+    return NUCLEOTIDE_IDS[((stream[:, None] >> shifts) & 3).long()].flatten()
+
+
+def load_stdlib_text(*, seq_len: int = 256, val_fraction: float = 0.05, max_bytes: int = 2_000_000,
+                     alphabet: str = "bytes") -> TokenSplits:
     """The top-level ``*.py`` files of the standard library in sorted order, joined by `EOS`,
-    truncated to ``max_bytes``; the last ``val_fraction`` of the bytes is the validation split."""
+    truncated to ``max_bytes``; the last ``val_fraction`` of the bytes is the validation split.
+    ``alphabet="nucleotides"``: the same text as a DNA-shaped stream for nucleotide models
+    (`as_nucleotides`: four bases per byte in HyenaDNA's ids, vocabulary 12; ``seq_len`` counts bases)."""
     if seq_len < 1 or max_bytes < 2 * seq_len + 2:
         raise ValueError(f"seq_len={seq_len} must be >= 1 and max_bytes={max_bytes} >= 2 * seq_len + 2")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    if alphabet not in ("bytes", "nucleotides"):
+        raise ValueError(f"alphabet={alphabet!r} must be 'bytes' or 'nucleotides'")
     root = Path(sysconfig.get_paths()["stdlib"])
     data, starts = bytearray(), []
     for path in sorted(root.glob("*.py")):
@@ -87,10 +103,14 @@ def load_stdlib_text(*, seq_len: int = 256, val_fraction: float = 0.05, max_byte
         if len(data) >= max_bytes:
             break
     stream = torch.frombuffer(data[:max_bytes], dtype=torch.uint8).clone()  # bytearray: writable
+    vocab, scale = 256, 1
+    if alphabet == "nucleotides":
+        stream, vocab, scale = as_nucleotides(stream), 12, 4
+    starts = [scale * start for start in starts]
     n_val = max(int(len(stream) * val_fraction), seq_len + 1)
     if len(stream) - n_val < seq_len + 1:
         raise ValueError(f"only {len(stream)} bytes of text under {root}: lower seq_len or val_fraction")
     n_train, starts_t = len(stream) - n_val, torch.tensor(starts)
     val_starts = torch.cat([torch.zeros(1, dtype=torch.long), starts_t[starts_t > n_train] - n_train])
-    return TokenSplits(train=stream[:n_train], val=stream[n_train:], seq_len=seq_len,
+    return TokenSplits(train=stream[:n_train], val=stream[n_train:], seq_len=seq_len, vocab_size=vocab,
                        train_starts=starts_t[starts_t < n_train], val_starts=val_starts)

@@ -46,6 +46,7 @@ What megatron-core needs on CPU and what differs between versions, found by runn
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -74,7 +75,7 @@ from hyena_cp.parallel import group_size
 
 __all__ = [
     "AttnMaskType", "ColumnParallelLinear", "LanguageModelEmbedding", "MEGATRON_VERSION", "MegatronModule",
-    "ModuleSpec", "PackedSeqParams", "ProcessGroupCollection", "RowParallelLinear",
+    "ModuleSpec", "PackedSeqParams", "PlainSubmodule", "ProcessGroupCollection", "RowParallelLinear",
     "SelfAttention", "SelfAttentionSubmodules", "TransformerBlock", "TransformerBlockSubmodules",
     "TransformerConfig", "TransformerLayer", "TransformerLayerSubmodules", "WrappedTorchNorm",
     "cpu_config_defaults", "get_bias_dropout_add", "mlp_submodule", "resolve_cp_group", "resolve_pg_collection",
@@ -106,6 +107,19 @@ def cpu_config_defaults() -> dict[str, object]:
     """``TransformerConfig`` fields for a model that must run on CPU (a fresh dict each call;
     see the module docstring for why each is needed)."""
     return {"use_cpu_initialization": True, _CUDA_GRAPH_FIELD: []}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainSubmodule:
+    """A submodule spec that megatron's ``build_module`` builds like a ``ModuleSpec`` (it reads
+    ``module``, ``params`` and ``submodules``) for an MLP of our own. ``TransformerLayer``
+    dispatches a ``ModuleSpec`` MLP on its class (megatron's MLP, MoE, TE variants) and logs a
+    warning per layer for any other; this spec is not a ``ModuleSpec``, so it is built with
+    ``config=`` alone and our MLP gets everything else (its TP group) from ``params``."""
+
+    module: type
+    params: dict = dataclasses.field(default_factory=dict)
+    submodules: object = None
 
 
 def mlp_submodule() -> ModuleSpec | functools.partial:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from hyena_cp.megatron.kv_cache import KVCache
+from hyena_cp.megatron.specs import ATTENTION
 from hyena_cp.modules.inference import HyenaCache, check_decodable
 from hyena_cp.ops.sampling import check_sampling, sample_next
 from hyena_cp.parallel import broadcast_from, gather_from_group, group_rank, group_size, shard
@@ -51,8 +52,9 @@ def context_limit(model: HyenaLanguageModel) -> int:
     """Longest sequence generation can reach: ``max_sequence_length`` and every Hyena filter's ``max_len``."""
     limit = model.max_sequence_length
     for symbol, layer in zip(model.layer_pattern, model.decoder.layers):
-        if symbol == "H":
-            limit = min(limit, check_decodable(layer.self_attention.mixer))
+        if symbol != ATTENTION:
+            filter_limit = check_decodable(layer.self_attention.mixer)
+            limit = limit if filter_limit is None else min(limit, filter_limit)
     return limit
 
 
@@ -64,7 +66,7 @@ def prefill_length(model: HyenaLanguageModel, prompt_len: int) -> int:
         return prompt_len
     length = prompt_len - prompt_len % (2 * world)
     halo = max([layer.self_attention.mixer.short_kernel_size - 1
-                for symbol, layer in zip(model.layer_pattern, model.decoder.layers) if symbol == "H"], default=0)
+                for symbol, layer in zip(model.layer_pattern, model.decoder.layers) if symbol != ATTENTION], default=0)
     return length if length // (2 * world) >= halo else 0
 
 
@@ -86,7 +88,7 @@ class InferenceCache:
         self.batch_size = batch_size
         self.layers: list[HyenaCache | KVCache] = []
         for symbol, layer in zip(model.layer_pattern, model.decoder.layers):
-            if symbol == "H":
+            if symbol != ATTENTION:
                 mixer = layer.self_attention
                 self.layers.append(HyenaCache(mixer.mixer, batch_size=batch_size, capacity=capacity,
                                               cp_group=mixer.cp_group))
@@ -147,7 +149,7 @@ class InferenceCache:
         rotary = model.rotary_pos_emb_at(torch.tensor([self.length], device=tokens.device))
         with self.bound(decoding=True):
             hidden = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
-        logits, _ = model.output_layer(hidden)  # 1, b, vocab/tp
+        logits, _ = model.output_layer(hidden, weight=model.output_weight())  # 1, b, vocab/tp
         self.length += 1
         return gather_from_group(logits, -1, model.tp_group)[0]
 

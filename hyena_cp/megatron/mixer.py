@@ -34,7 +34,9 @@ boundaries over the b rows laid end to end, the whole sequence zigzag-sharded ov
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -46,9 +48,12 @@ from hyena_cp.megatron.compat import (ColumnParallelLinear, MegatronModule, Proc
                                       set_tensor_model_parallel_attributes)
 from hyena_cp.megatron.packing import cu_seqlens_from
 from hyena_cp.modules import Hyena, QKVSequenceMixer
+from hyena_cp.ops.explicit import ExplicitFilter
+from hyena_cp.ops.modal import ModalFilter
+from hyena_cp.ops.safari import SafariFilter
 from hyena_cp.parallel import group_size
 
-__all__ = ["HyenaMixerConfig", "MegatronHyenaMixer"]
+__all__ = ["FILTERS", "HyenaMixerConfig", "MegatronHyenaMixer", "build_hyena"]
 
 # Arguments TransformerLayer passes to self_attention that would change the result if Hyena
 # ignored them; the others (masks, rotary embeddings, attention bias) concern attention.
@@ -63,16 +68,28 @@ class HyenaMixerConfig:
 
     Attributes:
         num_heads: long-filter groups (channels of a group share one filter); must divide
-            ``hidden_size`` and be a multiple of TP size x CP size (groups are never split).
+            ``hidden_size`` and be a multiple of TP size x CP size (groups are never split; an
+            explicit filter is not split by CP at all: a multiple of the TP size suffices).
         short_kernel_size: K of the causal depthwise conv on q, k, v (halo of K-1 tokens).
-        filter_bands, filter_width, filter_depth, filter_sin_freq: implicit filter MLP
+        filter: the long filter's generator: ``"fourier"`` (the original Hyena's, from the
+            ``filter_*`` fields and ``max_len``, with Hyena's exponential window), ``"explicit"``
+            (`ExplicitFilter`: free taps, a direct conv with a halo of K-1 under CP: StripedHyena
+            2's SE and MR), ``"modal"`` (`ModalFilter`: StripedHyena 2's LI) or ``"safari"``
+            (`SafariFilter`: HyenaDNA's). The last three own their windows.
+        filter_options: keyword arguments of that generator's class, e.g. ``{"length": 7}``
+            (explicit), ``{"state_size": 16}`` (modal), ``{"l_max": 1026, "emb_dim": 5}`` (safari);
+            an unknown key raises when the layer is built. Unused with "fourier".
+        filter_bands, filter_width, filter_depth, filter_sin_freq: the "fourier" filter's MLP
             (positional bands -> width x depth sine MLP -> one filter per head).
-        max_len: longest global sequence; filter positions are normalised by it, so a model
-            behaves the same at every length up to it. None: length-relative filters.
+        max_len: "fourier" only: longest global sequence; filter positions are normalised by it,
+            so a model behaves the same at every length up to it. None: length-relative filters.
+        skip: the per-channel skip ``D z`` (StripedHyena 2's SE has none).
         norm: "layernorm", "rmsnorm" or None, on ``q * y`` before out_proj. Default None:
             the TransformerLayer already pre-norms the mixer input, as in the Hyena paper.
             Under TP its statistics are summed over the TP group (`hyena_cp.modules.norm`).
         bias: bias of in_proj, short conv and out_proj; None follows ``config.add_bias_linear``.
+        in_proj_bias, short_conv_bias, out_proj_bias: override ``bias`` one by one (Evo 2: only
+            out_proj has one).
         cp_comm: "alltoall" (default, the communication floor) or "allgather" (baseline).
         short_conv_cp: "halo" (default) or "a2a" (comparison mode), see QKVSequenceMixer.
         check_agreement: "always" (default) or "off": the CP ranks compare their shard shapes
@@ -81,13 +98,19 @@ class HyenaMixerConfig:
 
     num_heads: int = 1
     short_kernel_size: int = 3
+    filter: Literal["fourier", "explicit", "modal", "safari"] = "fourier"
+    filter_options: Mapping[str, Any] = field(default_factory=dict)
     filter_bands: int = 8
     filter_width: int = 64
     filter_depth: int = 2
     filter_sin_freq: float = 1.0
     max_len: int | None = None
+    skip: bool = True
     norm: str | None = None
     bias: bool | None = None
+    in_proj_bias: bool | None = None
+    short_conv_bias: bool | None = None
+    out_proj_bias: bool | None = None
     cp_comm: Literal["alltoall", "allgather"] = "alltoall"
     short_conv_cp: Literal["halo", "a2a"] = "halo"
     check_agreement: Literal["always", "off"] = "always"
@@ -105,10 +128,33 @@ def _check_parallelism(config: TransformerConfig, tp_size: int, cp_size: int, hy
     if config.context_parallel_size not in (1, cp_size):
         raise ValueError(f"config.context_parallel_size={config.context_parallel_size} differs from the CP group "
                          f"size {cp_size}; make them equal (or leave the config at 1 and pass the group)")
-    ranks = tp_size * cp_size
+    if hyena_config.filter not in FILTERS:
+        raise ValueError(f"HyenaMixerConfig.filter={hyena_config.filter!r} must be one of {sorted(FILTERS)}")
+    # an explicit filter never crosses CP ranks with its channels (a halo, not an AllToAll)
+    ranks = tp_size * (1 if hyena_config.filter == "explicit" and hyena_config.short_conv_cp == "halo" else cp_size)
     if hyena_config.num_heads % ranks or config.hidden_size % ranks:
         raise ValueError(f"HyenaMixerConfig.num_heads={hyena_config.num_heads} and hidden_size={config.hidden_size} "
                          f"must be divisible by tensor-parallel size x context-parallel size = {tp_size}x{cp_size}")
+
+
+FILTERS = {"fourier": None, "explicit": ExplicitFilter, "modal": ModalFilter, "safari": SafariFilter}
+
+
+def build_hyena(config: TransformerConfig, cfg: HyenaMixerConfig, tp_group) -> Hyena:
+    """The `Hyena` operator of a layer: the "fourier" filter from the ``filter_*`` fields, or another
+    generator class from ``filter_options`` (windowless: those own their windows)."""
+    common = dict(hidden_dim=config.hidden_size, num_heads=cfg.num_heads, spatial_dims=1, skip=cfg.skip,
+                  cp_comm=cfg.cp_comm, tp_group=tp_group)
+    if cfg.filter == "fourier":
+        if cfg.filter_options:
+            raise ValueError(f"HyenaMixerConfig.filter_options={dict(cfg.filter_options)} is for the 'explicit', "
+                             f"'modal' and 'safari' filters; the 'fourier' filter takes the filter_* fields")
+        return Hyena(filter_bands=cfg.filter_bands, filter_width=cfg.filter_width, filter_depth=cfg.filter_depth,
+                     filter_sin_freq=cfg.filter_sin_freq, max_len=cfg.max_len, **common)
+    if cfg.max_len is not None:
+        raise ValueError(f"HyenaMixerConfig.max_len is the 'fourier' filter's; the {cfg.filter!r} filter's length "
+                         f"settings go in filter_options")
+    return Hyena(filter=functools.partial(FILTERS[cfg.filter], **dict(cfg.filter_options)), mask=None, **common)
 
 
 def _plain_linear(in_features: int, out_features: int, bias: bool, init_method, config: TransformerConfig) -> nn.Linear:
@@ -125,16 +171,16 @@ def _plain_linear(in_features: int, out_features: int, bias: bool, init_method, 
     return linear
 
 
-def _projections(config: TransformerConfig, tp_group, bias: bool) -> tuple[nn.Module, nn.Module]:
+def _projections(config: TransformerConfig, tp_group, in_bias: bool, out_bias: bool) -> tuple[nn.Module, nn.Module]:
     """in_proj (C -> [q_t; k_t; v_t]) and out_proj (C/T -> C): megatron's TP linears, or plain
     ``nn.Linear`` when there is no process group at all (megatron's linears need one)."""
     h = config.hidden_size
     if tp_group is None:
-        return (_plain_linear(h, 3 * h, bias, config.init_method, config),
-                _plain_linear(h, h, bias, config.output_layer_init_method, config))
-    in_proj = ColumnParallelLinear(h, 3 * h, config=config, init_method=config.init_method, bias=bias,
+        return (_plain_linear(h, 3 * h, in_bias, config.init_method, config),
+                _plain_linear(h, h, out_bias, config.output_layer_init_method, config))
+    in_proj = ColumnParallelLinear(h, 3 * h, config=config, init_method=config.init_method, bias=in_bias,
                                    gather_output=False, stride=3, skip_bias_add=False, tp_group=tp_group)
-    out_proj = RowParallelLinear(h, h, config=config, init_method=config.output_layer_init_method, bias=bias,
+    out_proj = RowParallelLinear(h, h, config=config, init_method=config.output_layer_init_method, bias=out_bias,
                                  input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
     return in_proj, out_proj
 
@@ -172,15 +218,14 @@ class MegatronHyenaMixer(MegatronModule):
         self.cp_group, self.tp_group = resolve_cp_group(pg_collection), resolve_tp_group(pg_collection)
         _check_parallelism(config, group_size(self.tp_group), group_size(self.cp_group), hyena_config)
         h, cfg = config.hidden_size, hyena_config
-        hyena = Hyena(hidden_dim=h, num_heads=cfg.num_heads, spatial_dims=1, filter_bands=cfg.filter_bands,
-                      filter_width=cfg.filter_width, filter_depth=cfg.filter_depth,
-                      filter_sin_freq=cfg.filter_sin_freq, max_len=cfg.max_len, cp_comm=cfg.cp_comm,
-                      tp_group=self.tp_group)
+        hyena = build_hyena(config, cfg, self.tp_group)
         bias = config.add_bias_linear if cfg.bias is None else cfg.bias
-        in_proj, out_proj = _projections(config, self.tp_group, bias)
+        pick = lambda own: bias if own is None else own  # noqa: E731
+        in_proj, out_proj = _projections(config, self.tp_group, pick(cfg.in_proj_bias), pick(cfg.out_proj_bias))
         self.mixer = QKVSequenceMixer(hidden_dim=h, hyena=hyena, short_kernel_size=cfg.short_kernel_size,
-                                      norm=cfg.norm, bias=bias, short_conv_cp=cfg.short_conv_cp,
-                                      in_proj=in_proj, out_proj=out_proj, check_agreement=cfg.check_agreement)
+                                      norm=cfg.norm, bias=bias, short_conv_bias=pick(cfg.short_conv_bias),
+                                      short_conv_cp=cfg.short_conv_cp, in_proj=in_proj, out_proj=out_proj,
+                                      check_agreement=cfg.check_agreement)
         if self.tp_group is not None:
             self._mark_tp_sharded()
         self.mixer.to(dtype=config.params_dtype)

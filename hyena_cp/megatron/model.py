@@ -22,8 +22,16 @@ masks differ between ranks, so parity holds with dropout 0.
 
 Position: attention layers use rotary embeddings by default (``position_embedding="rope"``,
 the usual transformer baseline; table from GLOBAL positions of the zigzag shard,
-`hyena_cp.megatron.rope`); ``"none"`` gives NoPE attention. Hyena layers ignore it: their
-causal, position-indexed filters carry position. There is no learned absolute embedding.
+`hyena_cp.megatron.rope`, divided by ``rotary_scaling`` for linearly interpolated RoPE);
+``"none"`` gives NoPE attention. Hyena layers ignore it: their causal, position-indexed filters
+carry position. There is no learned absolute embedding.
+
+Layers and blocks (`hyena_cp.megatron.specs`): ``layer_pattern`` has one symbol per layer, "A"
+for attention and any other for a Hyena layer with that symbol's `HyenaMixerConfig`
+(``hyena_config`` one config for "H", or a mapping such as StripedHyena 2's
+``{"S": SE, "D": MR, "H": LI}``); ``block="evo2"`` gives StripedHyena 2's norms and gated MLP.
+``tie_embeddings`` makes the output layer read the embedding's weight (Evo 2), as megatron's
+GPT model does (``share_embeddings_and_output_weights``).
 
 Generation: `HyenaLanguageModel.generate` (CP prefill of the prompt, then exact cached decoding
 under the same CP/TP groups; `hyena_cp.megatron.generation`, tested in tests/test_generation.py).
@@ -58,6 +66,7 @@ from torch.distributed import ProcessGroup
 
 from hyena_cp.data.stdlib_text import IGNORE_INDEX
 from hyena_cp.megatron.attention import TorchCoreAttention, check_attention_parallelism
+from hyena_cp.megatron.evo2_block import MLP_ACTIVATIONS
 from hyena_cp.megatron.generation import generate
 from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule, PackedSeqParams,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
@@ -66,7 +75,7 @@ from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbeddi
 from hyena_cp.megatron.mixer import HyenaMixerConfig
 from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
-from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
+from hyena_cp.megatron.specs import ATTENTION, HyenaConfigs, check_layer_pattern, get_hybrid_block_spec, hyena_symbols
 from hyena_cp.ops.packing import check_cu_seqlens, is_one_document_per_row
 from hyena_cp.parallel import (agreed, check_agreement_policy, check_ranks_agree, gather_from_group, group_size,
                                shape_of)
@@ -83,11 +92,16 @@ class HyenaLanguageModel(MegatronModule):
             ``sequence_parallel=False``). The model is cast to ``config.params_dtype``.
         vocab_size: output classes (256 for bytes); divisible by the TP size.
         max_sequence_length: longest GLOBAL sequence accepted by `forward`.
-        layer_pattern: e.g. ``"HHA"`` ("H" Hyena, "A" attention); default all Hyena.
-        hyena_config: settings of every Hyena layer; its ``check_agreement`` is also the
-            model's (see the module docstring).
+        layer_pattern: e.g. ``"HHA"`` ("H" Hyena, "A" attention); default all Hyena (the first
+            symbol of ``hyena_config``).
+        hyena_config: settings of every Hyena layer ("H"), or a mapping symbol -> settings; the
+            ``check_agreement`` policy (equal in all of them) is also the model's (see the module
+            docstring).
+        block: ``"megatron"`` (default) or ``"evo2"`` (see `hyena_cp.megatron.specs`).
+        tie_embeddings: the output layer uses the embedding's weight (no weight of its own).
         position_embedding: ``"rope"`` (default) or ``"none"``, for the attention layers.
         rotary_base: RoPE base (megatron's ``rotary_base``).
+        rotary_scaling: positions are divided by it (linearly interpolated RoPE; 1: plain).
         core_attention: the attention layers' core attention (``TEDotProductAttention`` on GPUs).
         pg_collection: process groups (``tp``, ``pp``, ``cp``), else megatron's ``parallel_state``.
             The groups are fixed here: ``self.tp_group``, ``self.cp_group``.
@@ -98,27 +112,33 @@ class HyenaLanguageModel(MegatronModule):
     """
 
     def __init__(self, config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
-                 layer_pattern: str | None = None, hyena_config: HyenaMixerConfig | None = None,
-                 position_embedding: str = "rope", rotary_base: float = 10000.0,
-                 core_attention: type = TorchCoreAttention, pg_collection: ProcessGroupCollection | None = None):
+                 layer_pattern: str | None = None, hyena_config: HyenaConfigs = None, block: str = "megatron",
+                 tie_embeddings: bool = False, position_embedding: str = "rope", rotary_base: float = 10000.0,
+                 rotary_scaling: float = 1.0, core_attention: type = TorchCoreAttention,
+                 pg_collection: ProcessGroupCollection | None = None):
         super().__init__(config=config)
-        pattern = "H" * config.num_layers if layer_pattern is None else layer_pattern
-        check_layer_pattern(pattern, config.num_layers)
+        configs = hyena_symbols(hyena_config)
+        pattern = next(iter(configs)) * config.num_layers if layer_pattern is None else layer_pattern
+        check_layer_pattern(pattern, config.num_layers, {**{s: "Hyena" for s in configs}, ATTENTION: "attention"})
         pg_collection = resolve_pg_collection(pg_collection)
         self.cp_group, self.tp_group = resolve_cp_group(pg_collection), pg_collection.tp
         _check_parallelism(config, pattern, vocab_size, position_embedding, self.tp_group, group_size(self.cp_group))
+        if not rotary_scaling > 0:
+            raise ValueError(f"rotary_scaling={rotary_scaling} must be > 0 (positions are divided by it)")
         self.vocab_size, self.max_sequence_length, self.layer_pattern = vocab_size, max_sequence_length, pattern
-        self.check_agreement = check_agreement_policy((hyena_config or HyenaMixerConfig()).check_agreement)
+        self.check_agreement = check_agreement_policy(_agreement_policy(configs))
         self.position_embedding, self.rotary_base, self.core_attention = position_embedding, rotary_base, core_attention
+        self.rotary_scaling, self.tie_embeddings = float(rotary_scaling), tie_embeddings
         self.embedding = LanguageModelEmbedding(config=config, vocab_size=vocab_size,
                                                 max_sequence_length=max_sequence_length,
                                                 position_embedding_type="none", tp_group=self.tp_group)
         self.decoder = TransformerBlock(config=config,
-                                        spec=get_hybrid_block_spec(pattern, hyena_config, core_attention),
+                                        spec=get_hybrid_block_spec(pattern, configs, core_attention, block,
+                                                                   self.tp_group),
                                         pg_collection=pg_collection)
         self.output_layer = ColumnParallelLinear(config.hidden_size, vocab_size, config=config,
                                                  init_method=config.init_method, bias=False, gather_output=False,
-                                                 tp_group=self.tp_group)
+                                                 skip_weight_param_allocation=tie_embeddings, tp_group=self.tp_group)
         self.to(dtype=config.params_dtype)  # megatron's WrappedTorchNorm ignores params_dtype
 
     def _check(self, input_ids: torch.Tensor, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
@@ -154,7 +174,8 @@ class HyenaLanguageModel(MegatronModule):
         if self.position_embedding == "none" or "A" not in self.layer_pattern:
             return None
         dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
-        common = dict(base=self.rotary_base, cp_group=self.cp_group, dtype=dtype, device=device)
+        common = dict(base=self.rotary_base, cp_group=self.cp_group, dtype=dtype, device=device,
+                      scale=self.rotary_scaling)
         if cu_seqlens is not None:
             return document_rotary_pos_emb(cu_seqlens, batch, local_len, self.config.kv_channels, **common)
         return rotary_pos_emb(local_len, self.config.kv_channels, **common)
@@ -165,7 +186,7 @@ class HyenaLanguageModel(MegatronModule):
         if self.position_embedding == "none" or "A" not in self.layer_pattern:
             return None
         dtype = torch.promote_types(self.config.params_dtype, torch.float32)  # megatron's table is fp32
-        return rotary_angles(positions, self.config.kv_channels, self.rotary_base).to(dtype)
+        return rotary_angles(positions, self.config.kv_channels, self.rotary_base, self.rotary_scaling).to(dtype)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None,
@@ -213,10 +234,15 @@ class HyenaLanguageModel(MegatronModule):
                   self.rotary_pos_emb(input_ids.shape[1], input_ids.device, cu_seqlens=cu_seqlens, batch=batch))
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
                               packed_seq_params=packed)
-        logits, _ = self.output_layer(hidden)  # s, b, vocab/tp
+        logits, _ = self.output_layer(hidden, weight=self.output_weight())  # s, b, vocab/tp
         if labels is None:
             return rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v")
         return rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s")
+
+    def output_weight(self) -> torch.Tensor | None:
+        """The embedding's weight when tied (``[vocab/tp, h]``, this TP rank's rows), else None (the
+        output layer's own)."""
+        return self.embedding.word_embeddings.weight if self.tie_embeddings else None
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -236,6 +262,15 @@ class HyenaLanguageModel(MegatronModule):
         ignore = target == IGNORE_INDEX
         loss = vocab_parallel_cross_entropy(logits, target.masked_fill(ignore, 0).contiguous(), self.tp_group)
         return loss.masked_fill(ignore, 0.0)
+
+
+def _agreement_policy(configs: Mapping[str, HyenaMixerConfig]) -> str:
+    """The one ``check_agreement`` policy of the Hyena configs (the model checks once for all layers)."""
+    policies = {c.check_agreement for c in configs.values()}
+    if len(policies) != 1:
+        raise ValueError(f"the Hyena configs' check_agreement differ ({sorted(policies)}); the model checks its "
+                         f"input once for every layer: give them one policy")
+    return policies.pop()
 
 
 def _check_parallelism(config: TransformerConfig, pattern: str, vocab_size: int, position_embedding: str,
@@ -268,7 +303,9 @@ def _check_parallelism(config: TransformerConfig, pattern: str, vocab_size: int,
 def build_hyena_lm(*, vocab_size: int = 256, max_sequence_length: int = 1024, num_layers: int = 2,
                    hidden_size: int = 64, ffn_hidden_size: int | None = None, num_attention_heads: int = 4,
                    layer_pattern: str | None = None, hyena: HyenaMixerConfig | Mapping[str, Any] | None = None,
-                   position_embedding: str = "rope", rotary_base: float = 10000.0,
+                   hyena_layers: Mapping[str, HyenaMixerConfig | Mapping[str, Any]] | None = None,
+                   block: str = "megatron", tie_embeddings: bool = False, activation: str = "gelu",
+                   position_embedding: str = "rope", rotary_base: float = 10000.0, rotary_scaling: float = 1.0,
                    normalization: str = "RMSNorm", hidden_dropout: float = 0.0, init_method_std: float = 0.02,
                    core_attention: type = TorchCoreAttention, config_overrides: dict[str, Any] | None = None,
                    pg_collection: ProcessGroupCollection | None = None) -> HyenaLanguageModel:
@@ -276,24 +313,37 @@ def build_hyena_lm(*, vocab_size: int = 256, max_sequence_length: int = 1024, nu
 
     Builds ``TransformerConfig(use_cpu_initialization=True, ...)`` (`cpu_config_defaults`):
     ``ffn_hidden_size`` defaults to 4 x hidden, attention dropout = ``hidden_dropout``;
-    ``num_attention_heads``, ``position_embedding`` ("rope" or "none"), ``rotary_base`` and
-    ``core_attention`` matter only for "A" layers. ``config_overrides`` sets any other field
-    (e.g. ``{"params_dtype": torch.float64}``, ``{"num_query_groups": 2}`` for GQA,
-    ``{"tensor_model_parallel_size": 2}``).
+    ``num_attention_heads``, ``position_embedding`` ("rope" or "none"), ``rotary_base``,
+    ``rotary_scaling`` and ``core_attention`` matter only for "A" layers. ``activation``: the MLP's
+    (`hyena_cp.megatron.evo2_block.MLP_ACTIVATIONS`; the "evo2" block has its own rule).
+    ``config_overrides`` sets any other field (e.g. ``{"params_dtype": torch.float64}``,
+    ``{"num_query_groups": 2}`` for GQA, ``{"tensor_model_parallel_size": 2}``, ``{"add_bias_linear":
+    False}``).
     ``hyena``: a `HyenaMixerConfig` or a dict of its fields (what a config file gives:
     omegaconf turns a dataclass ``_target_`` into a config node, so ``LazyCall(HyenaMixerConfig)``
-    fails); default ``HyenaMixerConfig(max_len=max_sequence_length)``.
+    fails) for every "H" layer; default ``HyenaMixerConfig(max_len=max_sequence_length)``.
+    ``hyena_layers``: instead, one config (or dict) per layer symbol, e.g. StripedHyena 2's
+    ``{"S": ..., "D": ..., "H": ...}`` with ``layer_pattern="SDHA..."``.
+    ``block`` ("megatron" or "evo2") and ``tie_embeddings``: see `HyenaLanguageModel`.
     Seed with ``torch.manual_seed`` first: every rank must build the same (full) weights.
     """
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} must be one of {sorted(MLP_ACTIVATIONS)}")
     config = TransformerConfig(num_layers=num_layers, hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size,
                                num_attention_heads=num_attention_heads, normalization=normalization,
                                hidden_dropout=hidden_dropout, attention_dropout=hidden_dropout,
                                init_method_std=init_method_std,
-                               **{**cpu_config_defaults(), **(config_overrides or {})})
-    if hyena is None:
-        hyena = HyenaMixerConfig(max_len=max_sequence_length)
-    elif not isinstance(hyena, HyenaMixerConfig):
-        hyena = HyenaMixerConfig(**hyena)  # an unknown key raises TypeError
+                               **{"activation_func": MLP_ACTIVATIONS[activation], **cpu_config_defaults(),
+                                  **(config_overrides or {})})
+    if hyena is not None and hyena_layers is not None:
+        raise ValueError("pass hyena (one config, for 'H' layers) or hyena_layers (one per symbol), not both")
+    as_config = lambda c: c if isinstance(c, HyenaMixerConfig) else HyenaMixerConfig(**c)  # noqa: E731 (unknown keys raise)
+    if hyena_layers is not None:
+        configs: HyenaConfigs = {symbol: as_config(c) for symbol, c in hyena_layers.items()}
+    else:
+        configs = HyenaMixerConfig(max_len=max_sequence_length) if hyena is None else as_config(hyena)
     return HyenaLanguageModel(config, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
-                              layer_pattern=layer_pattern, hyena_config=hyena, position_embedding=position_embedding,
-                              rotary_base=rotary_base, core_attention=core_attention, pg_collection=pg_collection)
+                              layer_pattern=layer_pattern, hyena_config=configs, block=block,
+                              tie_embeddings=tie_embeddings, position_embedding=position_embedding,
+                              rotary_base=rotary_base, rotary_scaling=rotary_scaling, core_attention=core_attention,
+                              pg_collection=pg_collection)

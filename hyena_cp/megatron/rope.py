@@ -41,27 +41,28 @@ def zigzag_positions(local_len: int, cp_group: ProcessGroup | None, device: torc
     return shard(torch.arange(local_len * world, device=device), 0, "zigzag", world, group_rank(cp_group))
 
 
-def rotary_angles(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
-    """megatron's ``rotary_pos_emb`` ``[s, 1, 1, dim]`` (float64) for GLOBAL ``positions [s]``."""
+def rotary_angles(positions: Tensor, dim: int, base: float = 10000.0, scale: float = 1.0) -> Tensor:
+    """megatron's ``rotary_pos_emb`` ``[s, 1, 1, dim]`` (float64) for GLOBAL ``positions [s]``, each
+    divided by ``scale`` (linearly interpolated RoPE, as Evo 2's long-context models use)."""
     if dim % 2:
         raise ValueError(f"rotary dim={dim} (kv_channels) must be even: RoPE rotates channel pairs")
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
-    freqs = torch.outer(positions.to(torch.float64), inv_freq)  # s, dim/2
+    freqs = torch.outer(positions.to(torch.float64) / scale, inv_freq)  # s, dim/2
     return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 
 
 def rotary_pos_emb(local_len: int, dim: int, *, base: float, cp_group: ProcessGroup | None,
-                   dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
+                   dtype: torch.dtype = torch.float32, device: torch.device | None = None, scale: float = 1.0) -> Tensor:
     """The rotary table of this rank's zigzag shard: ``[s_local, 1, 1, dim]`` in ``dtype``."""
-    return rotary_angles(zigzag_positions(local_len, cp_group, device), dim, base).to(dtype)
+    return rotary_angles(zigzag_positions(local_len, cp_group, device), dim, base, scale).to(dtype)
 
 
 def document_rotary_pos_emb(cu_seqlens: Tensor, batch: int, local_len: int, dim: int, *, base: float,
                             cp_group: ProcessGroup | None, dtype: torch.dtype = torch.float32,
-                            device: torch.device | None = None) -> Tensor:
+                            device: torch.device | None = None, scale: float = 1.0) -> Tensor:
     """The rotary table ``[s_local, b, 1, dim]`` of this rank's zigzag shard of a packed batch:
     each token at its offset in its document (GLOBAL ``cu_seqlens`` over the b rows laid end to end)."""
     length = local_len * group_size(cp_group)
     positions = zigzag_rows(document_positions(cu_seqlens.to(device), batch * length), batch, cp_group)  # b, s_local
-    angles = rotary_angles(positions.flatten(), dim, base)  # (b s), 1, 1, dim
+    angles = rotary_angles(positions.flatten(), dim, base, scale)  # (b s), 1, 1, dim
     return rearrange(angles, "(b s) 1 1 d -> s b 1 d", b=batch).to(dtype)

@@ -19,6 +19,13 @@ own groups, and the filter's parameters pass through `copy_to_group` (one all-re
 their gradients in backward) so every TP replica holds the whole filter gradient — the
 same gradient the single-process operator computes.
 
+Explicit filters (a generator with ``fir_length = K``, `hyena_cp.ops.explicit`: StripedHyena 2's
+SE and MR operators) are finite: the conv is a DIRECT causal convolution of K taps, not an FFT.
+Under CP it runs on the zigzag shard itself, with the K-1 tokens before each chunk fetched by the
+geometry's point-to-point halo (`hyena_cp.parallel.causal_halo_1d`) and no AllToAll; a zigzag
+chunk shorter than K-1 is refused (``ValueError`` on every rank, before any collective). Filter
+groups are then never split by CP, only by TP.
+
 Packed sequences (1-D, ``cu_seqlens``: GLOBAL document boundaries over the B rows laid end to
 end, `hyena_cp.ops.packing`): the long conv restarts at every document. Under CP it runs
 after the AllToAll on the full sequence, in natural order, of a channel block, so the
@@ -42,9 +49,9 @@ from hyena_cp.modules.gating import Gating
 from hyena_cp.modules.geometry import Geometry
 from hyena_cp.ops.filters import FourierFilter, kernel_grid
 from hyena_cp.ops.masks import ExponentialMask
-from hyena_cp.ops.packing import check_cu_seqlens
+from hyena_cp.ops.packing import check_cu_seqlens, document_positions
 from hyena_cp.parallel import (agreed, check_agreement_policy, check_group, check_ranks_agree, copy_to_group,
-                               group_rank, group_size, shape_of)
+                               group_rank, group_size, shape_of, shard)
 
 __all__ = ["Hyena"]
 
@@ -85,7 +92,8 @@ class Hyena(nn.Module):
             ``filter(num_groups=num_heads, spatial_dims=spatial_dims)`` (a class, a
             ``functools.partial``, or a config with ``_partial_: true``), or a built module with
             those two attributes. None: the original Hyena's `FourierFilter` from ``filter_*`` and
-            ``max_len`` / ``max_grid``.
+            ``max_len`` / ``max_grid``. A generator with ``fir_length`` (`hyena_cp.ops.explicit`)
+            runs as a direct causal conv (see the module docstring).
         filter_bands, filter_width, filter_depth, filter_sin_freq: that default filter's MLP.
         mask: the window multiplied into the kernel, a factory or module like ``filter``, or None
             for no window. Default: `ExponentialMask` (Hyena's decay, radial over the axes).
@@ -99,6 +107,7 @@ class Hyena(nn.Module):
             communication floor) or "allgather" — a comparison baseline that all-gathers
             the full ``z`` (forward all-gather + backward reduce-scatter: P/2 times the
             default's bytes) and convolves every channel on every rank (P times the work).
+            An explicit filter (``fir_length``) has no long-conv collective: "alltoall" only.
         checkpoint_filter: recompute the filter in backward instead of storing its
             activations (see ``build_filter``).
         tp_group: tensor-parallel group (None: one process). This rank then takes q, k, v
@@ -143,6 +152,11 @@ class Hyena(nn.Module):
         self.channel_offset = group_rank(tp_group) * self.local_dim
         self.filter = _build_part(filter, "filter", num_heads, spatial_dims)
         self.mask = _build_part(mask, "mask", num_heads, spatial_dims)
+        self.fir_length = getattr(self.filter, "fir_length", None)  # explicit taps: a direct conv
+        if self.fir_length is not None and (self.geometry.boundaries != ("causal",) or cp_comm != "alltoall"):
+            raise ValueError(f"an explicit filter (fir_length={self.fir_length}) runs as a direct causal conv with a "
+                             f"halo under CP: it needs spatial_dims=1, boundary='causal' and cp_comm='alltoall' (got "
+                             f"{self.geometry.boundaries}, {cp_comm!r})")
         self.cond_dim = getattr(self.filter, "cond_dim", None)
         if self.cond_dim is not None and tp_size > 1:
             raise ValueError("a conditioned filter (cond_dim set) is not supported with tensor parallelism")
@@ -184,10 +198,15 @@ class Hyena(nn.Module):
         """A parameter whose dtype and device are the operator's (the filter's output layer)."""
         return next(self.filter.parameters())
 
-    def check_input(self, global_spatial: tuple[int, ...], world: int) -> None:
+    def check_input(self, global_spatial: tuple[int, ...], world: int, sharded: Sharding = "sequence") -> None:
         """Raise the constraints of this operator for a global size ``(L,)``/``(H, W)`` on a
-        cp_group of ``world`` ranks (called on every rank before any collective)."""
+        cp_group of ``world`` ranks (called on every rank before any collective). ``sharded``:
+        how the operator will receive q, k, v (an explicit filter on sequence shards splits no
+        filter group, and needs zigzag chunks of at least its halo K-1)."""
         self.filter.reference(global_spatial)
+        if self.fir_length is not None and sharded == "sequence":
+            self._check_fir_shard(global_spatial[0], world)
+            return
         tp = group_size(self.tp_group)
         if self.hidden_dim % (tp * world):
             raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by tp_size*cp_size={tp}*{world}; "
@@ -195,6 +214,18 @@ class Hyena(nn.Module):
         if self.num_heads % (tp * world):
             raise ValueError(f"num_heads={self.num_heads} must be divisible by tp_size*cp_size={tp}*{world} (filter "
                              f"groups are never split across ranks); set num_heads to a multiple of {tp * world}")
+
+    def _check_fir_shard(self, length: int, world: int) -> None:
+        """An explicit filter on zigzag shards: each chunk must hold the K-1 tokens its halo reads."""
+        if world == 1:
+            return
+        self.geometry.check_shard((length,), world, 1, halo=False)  # L % 2P
+        chunk, halo = length // (2 * world), self.fir_length - 1
+        if chunk < halo:
+            raise ValueError(f"zigzag chunk length L/(2*cp_size)={length}/{2 * world}={chunk} is shorter than the halo "
+                             f"K-1={halo} of the explicit filter (fir_length={self.fir_length}): its direct conv reads "
+                             f"the K-1 tokens before each chunk from ONE neighbour; use L >= {2 * world * halo} or "
+                             f"fewer context-parallel ranks")
 
     def check_packing(self, cu_seqlens: torch.Tensor | None, batch: int, global_len: int) -> None:
         """Raise ``ValueError`` (before any collective) unless ``cu_seqlens`` is None or valid
@@ -244,9 +275,27 @@ class Hyena(nn.Module):
             cu_seqlens: 1-D packed documents (GLOBAL, validated), each convolved alone.
             conditioning: ``[B, cond_dim]`` for a conditioned filter (one bank per sample).
         """
+        if self.fir_length is not None:
+            return self.fir_conv(z, channels, None, cu_seqlens)
         k = self.build_filter(tuple(z.shape[2:]), self.filter_groups(channels), conditioning)  # [B,] G_blk, *K
         skip = None if self.skip is None else self.skip[channels]
         return self.geometry.long_conv(z, k, skip, cu_seqlens)
+
+    def fir_conv(self, z: torch.Tensor, channels: slice, cp_group, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Direct causal conv of an explicit filter (``fir_length`` K): ``z [B, C_sel, L_local]`` is this
+        rank's zigzag shard of the channels ``channels`` (of this TP rank's) when ``cp_group`` has P > 1
+        ranks — the K-1 tokens before each chunk come by the geometry's halo exchange — else the full
+        sequence. ``cu_seqlens``: GLOBAL packed documents; taps stop at a document start."""
+        taps = self.build_filter((self.fir_length,), self.filter_groups(channels))  # G_sel, K (k[:, 0]: current)
+        weight = taps.flip(-1).repeat_interleave(z.shape[1] // taps.shape[0], dim=0)  # C_sel, K (weight[:, -1]: current)
+        world = group_size(cp_group)
+        positions = None
+        if cu_seqlens is not None:
+            batch, length = z.shape[0], z.shape[-1] * world
+            positions = document_positions(cu_seqlens.to(z.device), batch * length).view(batch, length)  # B, L
+            positions = shard(positions, 1, "zigzag", world, group_rank(cp_group)) if world > 1 else positions
+        y = self.geometry.short_conv(z, weight, None, cp_group, positions)
+        return y if self.skip is None else y + z * self.skip[channels, None].to(z.dtype)
 
     def filter_groups(self, channels: slice) -> slice:
         """The filter groups of a block of this TP rank's local channels (aligned to groups)."""
@@ -325,7 +374,7 @@ class Hyena(nn.Module):
             raise ValueError("qk_norm / conv_norm need every channel of a token, which channel shards "
                              "(sharded='channel', the mixer's short_conv_cp='a2a') do not hold; use short_conv_cp='halo'")
         global_spatial = tuple(q.shape[2:]) if sharded == "channel" else self.geometry.global_size(q.shape[2:], world)
-        self.check_input(global_spatial, world)
+        self.check_input(global_spatial, world, sharded)
         self.check_packing(cu_seqlens, q.shape[0], global_spatial[0])
         with agreed(cp_group):
             return self._forward(q, k, v, cp_group, sharded, mask, cu_seqlens, conditioning)
@@ -348,6 +397,8 @@ class Hyena(nn.Module):
         block = self.local_dim // world
         channels = slice(rank * block, (rank + 1) * block)  # of this TP rank's local channels
         z = self.gating.inner(k, v, cp_group if sharded == "sequence" else None, mask)
+        if self.fir_length is not None and sharded == "sequence" and world > 1:  # halo, no AllToAll
+            return self.gating.outer(q, self.fir_conv(z, slice(0, self.local_dim), cp_group, cu_seqlens))
         if sharded == "channel" or world == 1:
             return self.gating.outer(q, self.long_conv(z, channels, cu_seqlens, conditioning))
         if self.cp_comm == "allgather":
@@ -361,12 +412,16 @@ class Hyena(nn.Module):
     def flop_count(self, spatial: tuple[int, ...]) -> dict[str, float]:
         """Forward FLOP breakdown for one sample of global size ``spatial``."""
         tokens = math.prod(spatial)
+        gating = self.gating.flop_count(tokens, self.hidden_dim) + 2 * tokens * self.hidden_dim
+        if self.fir_length is not None:
+            return {"filter_mlp": self.filter.flop_count(self.fir_length),
+                    "fir_conv": flops.depthwise_conv(tokens, self.hidden_dim, self.fir_length), "gating": gating}
         taps = math.prod(self.geometry.kernel_shape(spatial))
         return {
             "filter_mlp": self.filter.flop_count(taps),
             "fft_conv": flops.fft_conv(self.hidden_dim, self.num_heads, self.geometry.fft_numel(spatial)),
             # z = k*v, q*y (+ gates and norms), and D*z + conv: elementwise FLOPs per token-channel
-            "gating": self.gating.flop_count(tokens, self.hidden_dim) + 2 * tokens * self.hidden_dim,
+            "gating": gating,
         }
 
 

@@ -199,11 +199,16 @@ class QKVSequenceMixer(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check(self, x: torch.Tensor, conditioning: torch.Tensor | None, world: int,
-               cu_seqlens: torch.Tensor | None, num_valid_tokens: int | None = None) -> None:
-        """Every rank runs this before any collective, so bad input raises everywhere."""
+               cu_seqlens: torch.Tensor | None, num_valid_tokens: int | None = None,
+               long_conv: str | None = None) -> None:
+        """Every rank runs this before any collective, so bad input raises everywhere.
+        ``long_conv``: how the operator will get ``z`` ("sequence" shards or "channel" blocks; None:
+        as this mixer's forward does, by ``short_conv_cp``)."""
         self._check_tensors(x, conditioning)
         size = self.geometry.global_size(x.shape[1:-1], world)
-        self.hyena.check_input(size, world)
+        if long_conv is None:
+            long_conv = "channel" if self.short_conv_cp == "a2a" and world > 1 else "sequence"
+        self.hyena.check_input(size, world, long_conv)
         self.hyena.check_packing(cu_seqlens, x.shape[0], size[0])
         _check_num_valid(num_valid_tokens, math.prod(size))
         self.geometry.check_shard(size, world, self.short_kernel_size or 1,

@@ -19,10 +19,14 @@ that turn integer offsets into coordinates, raising ``ValueError`` for a size it
 exactly the prefix of a longer one's filter — what decoding and packed documents need),
 ``forward(grid, groups, conditioning=None)`` and ``flop_count(taps)``. A mask has ``num_groups``,
 ``spatial_dims`` and ``forward(grid, groups)``, and is evaluated on the generator's coordinates.
+A generator with ``fir_length = K`` is a finite impulse response: the operator builds only its K
+taps and applies them as a direct causal convolution (under CP with a halo of K-1 tokens, no
+AllToAll) instead of the FFT conv.
 
 This module holds the generator of the original Hyena (`FourierFilter`: Fourier features -> MLP
 with sin activations -> one output per group); the SIREN family and random Fourier features are in
-`hyena_cp.ops.siren`, the windows in `hyena_cp.ops.masks`.
+`hyena_cp.ops.siren`, the windows in `hyena_cp.ops.masks`; StripedHyena 2's explicit taps and modal
+filters in `hyena_cp.ops.explicit` and `hyena_cp.ops.modal`, safari/HyenaDNA's in `hyena_cp.ops.safari`.
 """
 from __future__ import annotations
 

@@ -141,6 +141,11 @@ class TrainConfig:
         goes to the log) unless it is the ``nonfinite_max_skips + 1``-th such step in a row,
         which stops the run as "stop" does.
     nonfinite_max_skips: the most consecutive steps "skip" skips.
+    init_from: a folder holding ``model.safetensors`` with the FULL tensors of this model
+        (``launch/convert.py`` of an Evo 2 / HyenaDNA checkpoint, ``launch/export.py`` of a run): the
+        model starts from them instead of its random initialisation, loaded strictly (every
+        tensor, nothing else; each TP rank its shard) before data parallelism wraps it. A run
+        that resumes from its own checkpoint loads that on top, so restarts continue where they were.
     fault_step, fault_rank, fault_mode: testing only -- global rank ``fault_rank`` fails when it
         reaches step ``fault_step`` in the first attempt of a torchrun job: ``fault_mode``
         "exit" exits with status 1; "hang" stops responding (sleeps, never exits), so its
@@ -152,6 +157,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str | None = None
     resume: bool = True
+    init_from: str | None = None
     log_every: int = 10
     eval_every: int = 0
     ckpt_every: int = 0

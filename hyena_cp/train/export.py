@@ -32,10 +32,10 @@ from torch import nn
 from hyena_cp.lazy import LazyConfig, instantiate
 from hyena_cp.train.checkpoint import load_model_state
 from hyena_cp.train.config import fill_section_defaults
-from hyena_cp.train.generate import latest_checkpoint
+from hyena_cp.train.generate import latest_checkpoint, load_full_state
 from hyena_cp.value_types import check_fields
 
-__all__ = ["ExportConfig", "export_model", "load_exported", "with_export_defaults"]
+__all__ = ["ExportConfig", "export_model", "load_exported", "load_initial_weights", "with_export_defaults"]
 
 WEIGHTS, CONFIG = "model.safetensors", "model.yaml"
 # What a shared model.yaml may name: the project's builders, and torch's dtypes / nn layers.
@@ -127,3 +127,14 @@ def load_exported(folder: str | os.PathLike[str], model_cfg: DictConfig | None =
                          f"{unexpected[:5]}; load it with the config that trained it")
     model.load_state_dict(state, strict=False)  # strict=False: megatron-core's non-tensor _extra_state
     return model
+
+
+def load_initial_weights(model: nn.Module, folder: str | os.PathLike[str], tp_group=None) -> None:
+    """Copy the FULL tensors of ``folder``'s ``model.safetensors`` (an export, or ``launch/convert.py``'s
+    output) into ``model``, strictly (`load_full_state`: every tensor of the model, nothing else; this
+    TP rank's shard of the TP-sharded ones). Reading safetensors runs no code."""
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise ValueError(f"train.init_from={os.fspath(folder)!r} holds no {WEIGHTS}; point it at the folder "
+                         f"launch/convert.py or launch/export.py wrote")
+    load_full_state(model, load_file(os.fspath(path)), tp_group)

@@ -63,6 +63,7 @@ from hyena_cp.parallel.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
 from hyena_cp.train.checkpoint import CheckpointError, Checkpointer
 from hyena_cp.train.config import PRECISIONS, ParallelConfig, TrainConfig, check_sections, lr_factor
+from hyena_cp.train.export import load_initial_weights
 from hyena_cp.train.metrics import MetricsLog, memory_line, plot_curves, progress_bar
 from hyena_cp.train.nonfinite import NonFiniteError, NonFiniteGuard
 from hyena_cp.train.optim import param_groups
@@ -109,6 +110,8 @@ class Trainer:
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         model = instantiate(cfg.model).to(groups.device)
         _check_tensor_parallel(model, groups.dims.tp)
+        if settings.init_from:
+            load_initial_weights(model, settings.init_from, groups.tp_group)
         _check_autocast(settings.precision, parallel.megatron, groups.device)
         if settings.compile:  # before FSDP2, as torchtitan does: its hooks stay outside the compiled blocks
             compile_blocks(model, settings.compile_backend)
