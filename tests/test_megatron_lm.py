@@ -209,3 +209,14 @@ def test_disagreeing_ranks_all_raise_the_same_error(dist_run, cp):
 def test_bad_batch_raises_on_every_rank_before_communicating(dist_run, local_len, match):
     errors = dist_run(worker_bad_batch, 2, LMCase(), local_len, expect_error=ValueError)
     assert all(re.search(match, str(e)) for e in errors), errors
+
+
+def worker_outputs_are_not_views(case: LMCase) -> tuple[bool, bool]:
+    model, inputs, labels = build(case, reference_groups())
+    return model(inputs)._base is None, model(inputs, labels)._base is None
+
+
+def test_outputs_are_tensors_of_their_own(dist_run):
+    """FSDP2 hooks the root's output; a view would make it warn (and an in-place op drop the hook)."""
+    assert dist_run(worker_outputs_are_not_views, 1, LMCase(batch=1)) == [(True, True)]
+    assert dist_run(worker_outputs_are_not_views, 1, LMCase(batch=2)) == [(True, True)]

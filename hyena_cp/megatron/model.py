@@ -83,6 +83,14 @@ from hyena_cp.parallel import (agreed, check_agreement_policy, check_ranks_agree
 __all__ = ["IGNORE_INDEX", "HyenaLanguageModel", "build_hyena_lm"]
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own, not a view: FSDP2 hooks the root module's output for its
+    pre-backward all-gather, and an in-place op on a view of it would drop that hook (FSDP2 warns
+    about any view output). The outputs here are a transposition of ``[s, b, ...]``; copying them is
+    the cost of returning ``[b, s, ...]``, which the transposed view would pay at its first use."""
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t
+
+
 class HyenaLanguageModel(MegatronModule):
     """Causal LM: ``LanguageModelEmbedding`` (no learned position embedding) -> ``TransformerBlock``
     (one layer per symbol of ``layer_pattern``, then the final norm) -> ``ColumnParallelLinear``.
@@ -236,8 +244,8 @@ class HyenaLanguageModel(MegatronModule):
                               packed_seq_params=packed)
         logits, _ = self.output_layer(hidden, weight=self.output_weight())  # s, b, vocab/tp
         if labels is None:
-            return rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v")
-        return rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s")
+            return _own(rearrange(gather_from_group(logits, -1, self.tp_group), "s b v -> b s v"))
+        return _own(rearrange(self._token_loss(logits, rearrange(labels, "b s -> s b")), "s b -> b s"))
 
     def output_weight(self) -> torch.Tensor | None:
         """The embedding's weight when tied (``[vocab/tp, h]``, this TP rank's rows), else None (the
