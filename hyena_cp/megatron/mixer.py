@@ -45,6 +45,7 @@ from hyena_cp.megatron.compat import (ColumnParallelLinear, MegatronModule, Proc
                                       TransformerConfig, resolve_cp_group, resolve_tp_group,
                                       set_tensor_model_parallel_attributes)
 from hyena_cp.megatron.packing import cu_seqlens_from
+from hyena_cp.megatron.sharded_state import tp_sharded_state_dict
 from hyena_cp.modules import Hyena, QKVSequenceMixer
 from hyena_cp.parallel import group_size
 
@@ -195,6 +196,18 @@ class MegatronHyenaMixer(MegatronModule):
         for param, stride in params:
             if param is not None:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=stride)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """megatron ``dist_checkpointing`` state with true global offsets: the stride-3 in_proj and
+        short conv as ``[3, C, ...]`` views split on their channel axis, ``D`` and the norm split
+        by channel, out_proj by input channel, the filter replicated
+        (`hyena_cp.megatron.sharded_state`). Needs the TP group this mixer was built with."""
+        if self.tp_group is None:
+            raise ValueError("MegatronHyenaMixer.sharded_state_dict needs a tensor-parallel group (its layout on "
+                             "disk is megatron's): build the mixer with pg_collection.tp or after "
+                             "parallel_state.initialize_model_parallel(...)")
+        return tp_sharded_state_dict(self.mixer, f"{prefix}mixer.", self.tp_group, sharded_offsets, metadata)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:

@@ -121,6 +121,16 @@ class HyenaLanguageModel(MegatronModule):
                                                  tp_group=self.tp_group)
         self.to(dtype=config.params_dtype)  # megatron's WrappedTorchNorm ignores params_dtype
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """megatron ``dist_checkpointing`` state of the whole model, with true global offsets at
+        every TP size (the Hyena mixers place their own shards: `MegatronHyenaMixer.sharded_state_dict`).
+        The layers of a hybrid pattern differ, so they are keyed one by one (megatron's
+        ``non_homogeneous_layers``); a pattern of one kind keeps megatron's stacked layer axis."""
+        metadata = dict(metadata or {})
+        if len(set(self.layer_pattern)) > 1:
+            metadata["non_homogeneous_layers"] = True
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
     def _check(self, input_ids: torch.Tensor, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
         """Every rank runs this before any collective."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
