@@ -30,7 +30,8 @@ Packed sequences: megatron's ``packed_seq_params`` (``cu_seqlens_q``: GLOBAL doc
 boundaries over the b rows laid end to end, the whole sequence zigzag-sharded over CP; see
 `hyena_cp.megatron.packing` for the layout and why) reaches the mixer through
 ``TransformerLayer``; the short conv and the long conv then stop at every document start
-(`QKVSequenceMixer`), so a packed document equals that document run alone.
+(`QKVSequenceMixer`), so a packed document equals that document run alone. That needs filters
+with absolute positions (``HyenaMixerConfig.max_len``); with ``max_len=None`` packing is refused.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ class HyenaMixerConfig:
         filter_bands, filter_width, filter_depth, filter_sin_freq: implicit filter MLP
             (positional bands -> width x depth sine MLP -> one filter per head).
         max_len: longest global sequence; filter positions are normalised by it, so a model
-            behaves the same at every length up to it. None: length-relative filters.
+            behaves the same at every length up to it. None: length-relative filters, which
+            packed sequences (``packed_seq_params``) refuse: a document would not see its own filter.
         norm: "layernorm", "rmsnorm" or None, on ``q * y`` before out_proj. Default None:
             the TransformerLayer already pre-norms the mixer input, as in the Hyena paper.
             Under TP its statistics are summed over the TP group (`hyena_cp.modules.norm`).

@@ -63,7 +63,7 @@ from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbeddi
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
                                       check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
                                       resolve_pg_collection, vocab_parallel_cross_entropy)
-from hyena_cp.megatron.mixer import HyenaMixerConfig
+from hyena_cp.megatron.mixer import HyenaMixerConfig, MegatronHyenaMixer
 from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import check_layer_pattern, get_hybrid_block_spec
@@ -150,6 +150,9 @@ class HyenaLanguageModel(MegatronModule):
         if cu_seqlens is None:
             return
         check_cu_seqlens(cu_seqlens, input_ids.shape[0] * length, length)
+        for layer in self.decoder.layers:  # here, so that no attention layer gathers K/V first
+            if isinstance(layer.self_attention, MegatronHyenaMixer):
+                layer.self_attention.mixer.hyena.check_packed_filter(cu_seqlens, input_ids.shape[0], length)
         if "A" in self.layer_pattern and not issubclass(self.core_attention, TorchCoreAttention):
             raise ValueError(f"packed sequences (cu_seqlens) need core_attention=TorchCoreAttention for the attention "
                              f"layers, got {self.core_attention.__name__} (it would not see the whole-sequence zigzag "
