@@ -28,7 +28,8 @@ setup(
         "safetensors>=0.4",  # weights-only model export (hyena_cp/train/export.py): no pickle on load
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # psutil: megatron-core's dist_checkpointing writer imports it (tests/test_megatron_dist_checkpoint.py)
+        "test": ["pytest>=8", "psutil"],
         # Optional CUDA kernels, used at run time when installed (hyena_cp/ops/kernels.py); take the
         # extra of torch's CUDA major version, with --no-build-isolation (causal-conv1d builds
         # against the installed torch when no prebuilt wheel matches it).

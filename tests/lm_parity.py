@@ -52,6 +52,8 @@ class ParityCase:
     heads: int = 4  # attention heads
     query_groups: int | None = None  # GQA when < heads
     hyena_heads: int = 4  # divisible by tp * cp
+    hyena_norm: str | None = None  # norm on q * y (TP-sharded, statistics over the TP group)
+    relative_filters: bool = False  # Hyena max_len=None (else max_len = seq)
     position_embedding: str = "rope"
     glu: bool = False  # SwiGLU MLP: megatron's fc1 is a stride-2 TP partition
     explicit_groups: bool = False  # ProcessGroupCollection instead of parallel_state
@@ -85,7 +87,8 @@ def build_model(case: ParityCase, pg_collection: ProcessGroupCollection | None, 
     return build_hyena_lm(vocab_size=case.vocab, max_sequence_length=case.seq, num_layers=len(case.pattern),
                           hidden_size=case.hidden, ffn_hidden_size=2 * case.hidden, num_attention_heads=case.heads,
                           layer_pattern=case.pattern, position_embedding=case.position_embedding,
-                          hyena=HyenaMixerConfig(num_heads=case.hyena_heads, filter_width=16, max_len=case.seq),
+                          hyena=HyenaMixerConfig(num_heads=case.hyena_heads, filter_width=16, norm=case.hyena_norm,
+                                                 max_len=None if case.relative_filters else case.seq),
                           core_attention=core_attention, config_overrides=overrides, pg_collection=pg_collection)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -46,6 +46,7 @@ class Case:
     num_valid: int | None = None
     worlds: tuple = (1, 2, 4)
     hyena: tuple = ()  # (key, value) pairs of further Hyena arguments (another filter: no max_len)
+    relative: bool = False  # length-relative filters (max_len=None): packing is refused
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def cu_seqlens(self) -> torch.Tensor:
@@ -87,7 +88,7 @@ def build(case: Case) -> tuple[QKVSequenceMixer, dict]:
     filter taps), input, conditioning and upstream grad on every process (seeded)."""
     torch.manual_seed(1234)
     c = case.shape[-1]
-    extra = dict(case.hyena) or {"filter_width": 16, "max_len": case.shape[1]}
+    extra = dict(case.hyena) or {"filter_width": 16, "max_len": None if case.relative else case.shape[1]}
     hyena = Hyena(hidden_dim=c, num_heads=case.heads, cp_comm=case.cp_comm, **extra)
     mixer = QKVSequenceMixer(hidden_dim=c, hyena=hyena, short_kernel_size=case.kernel, norm=case.norm,
                              conditioning=case.cond, cond_dim=5 if case.cond else None,
@@ -218,7 +219,24 @@ def worker_bad(shape: tuple, cu_seqlens, spatial_dims: int = 1) -> None:
     ((1, 8, 8), torch.tensor([0, 9, 5, 16]), 1, "non-decreasing"),
     ((1, 8, 8), torch.tensor([0.0, 16.0]), 1, "integer tensor"),
     ((1, 2, 4, 8), torch.tensor([0, 16]), 2, "cu_seqlens \\(packed sequences\\) is for a causal 1-D Hyena"),
+    ((2, 8, 8), torch.tensor([0, 5, 16, 32]), 1, "need Hyena filters with absolute positions, but max_len=None"),
 ])
 def test_bad_cu_seqlens_raise_on_every_rank_before_communicating(dist_run, local_shape, cu, dims, match):
     errors = dist_run(worker_bad, 2, local_shape, cu, dims, expect_error=ValueError)
     assert len(errors) == 2 and all(re.search(match, str(e)) for e in errors), errors
+
+
+def test_relative_filters_would_give_a_document_the_packed_rows_filter(monkeypatch):
+    """Why packing refuses max_len=None: without the refusal, a packed document does not equal
+    that document alone (its filter is normalised by the packed length, not its own)."""
+    case = replace(CASES["k3"], relative=True)
+    monkeypatch.setattr(Hyena, "check_packed_filter", lambda *args: None)
+    mixer, data = build(case)
+    packed = mixer(data["x"], cu_seqlens=case.cu_seqlens())
+    assert rel_err(packed.detach(), documents_alone(case)["y"]) > 1e-3
+
+
+def test_relative_filters_with_one_document_per_row_are_the_unpacked_mixer():
+    mixer, data = build(replace(CASES["k3"], relative=True))
+    rows = torch.tensor([0, 48, 96])  # the two rows are the documents
+    assert torch.equal(mixer(data["x"], cu_seqlens=rows), mixer(data["x"]))

@@ -16,10 +16,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 # Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
 from megatron.core import parallel_state
+from megatron.core.transformer.spec_utils import build_module
 
-from hyena_cp.megatron import IGNORE_INDEX, TorchCoreAttention
+from hyena_cp.megatron import IGNORE_INDEX, HyenaMixerConfig, TorchCoreAttention, get_hyena_layer_spec
 from hyena_cp.megatron.compat import AttnMaskType, MegatronModule, PackedSeqParams, ProcessGroupCollection
 from hyena_cp.megatron.packing import make_packed_seq_params
+from hyena_cp.ops.packing import concat_cu_seqlens
 from hyena_cp.parallel import shard, unshard
 from lm_parity import ParityCase, assert_parity, assert_parity_fails, batch, build_model, load_full_weights, \
     parity_worker, perturb
@@ -183,7 +185,10 @@ def worker_bad_lm(kind: str) -> None:
         model = build_model(CASE, None, core_attention=core)
         x = torch.zeros(2, 32 // world, dtype=torch.long)
         good = CASE.cu_seqlens()
-        if kind == "both":
+        if kind == "relative":  # Hyena max_len=None; the attention layer would gather K/V first
+            model = build_model(replace(CASE, pattern="AH", relative_filters=True), None)
+            model(x, cu_seqlens=good)
+        elif kind == "both":
             model(x, cu_seqlens=good, packed_seq_params=make_packed_seq_params(good))
         elif kind == "thd":
             model(x, packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=good, cu_seqlens_kv=good))
@@ -203,7 +208,37 @@ def worker_bad_lm(kind: str) -> None:
     ("thd", "qkv_format='thd' is megatron's THD\\(\\+CP\\) layout"),
     ("padded", "cu_seqlens_q_padded differs from cu_seqlens_q"),
     ("te", "need core_attention=TorchCoreAttention"),
+    ("relative", "need Hyena filters with absolute positions, but max_len=None"),
 ])
 def test_bad_packing_raises_on_every_rank_before_communicating(dist_run, kind, match):
     errors = dist_run(worker_bad_lm, 2, kind, expect_error=ValueError)
     assert all(re.search(match, str(e)) for e in errors), errors
+
+
+def worker_relative_filter_mixer(docs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Hyena mixer alone (megatron's self-attention interface, CP over every rank) with
+    length-relative filters: its output packed as ``docs``, and unpacked."""
+    world = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=world)
+    try:
+        torch.manual_seed(0)
+        spec = get_hyena_layer_spec(HyenaMixerConfig(num_heads=4, max_len=None))
+        config = make_config(hidden_size=16, params_dtype=torch.float64, context_parallel_size=world)
+        mixer = build_module(spec.submodules.self_attention, config=config, layer_number=1)
+        rows = [torch.tensor([0, *torch.tensor(row).cumsum(0).tolist()]) for row in docs]
+        x = torch.randn(32 // world, 2, 16, dtype=torch.float64)
+        packed, _ = mixer(x, packed_seq_params=make_packed_seq_params(concat_cu_seqlens(rows, 32)))
+        return packed.detach(), mixer(x)[0].detach()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_packed_mixer_with_relative_filters_raises_on_every_rank(dist_run):
+    errors = dist_run(worker_relative_filter_mixer, 2, DOCS, expect_error=ValueError)
+    assert all("max_len=None" in str(e) and "HyenaMixerConfig(max_len=...)" in str(e) for e in errors), errors
+
+
+def test_one_document_per_row_with_relative_filters_is_the_unpacked_mixer(dist_run):
+    """The rows themselves are the documents: nothing to refuse, nothing changes."""
+    for packed, plain in dist_run(worker_relative_filter_mixer, 2, ((32,), (32,))):
+        assert torch.equal(packed, plain)

@@ -71,11 +71,12 @@ class LayerSpec:
 
 
 def build_layer(spec: LayerSpec, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                seed: int = 0) -> QKVSequenceMixer:
-    """The same seeded mixer on every rank (parameters are replicated under CP)."""
+                seed: int = 0, max_len: int | None = None) -> QKVSequenceMixer:
+    """The same seeded mixer on every rank (parameters are replicated under CP). ``max_len``
+    (1-D): absolute filter positions, which packed documents need; None: length-relative."""
     torch.manual_seed(seed)
     hyena = Hyena(hidden_dim=spec.channels, num_heads=spec.heads, spatial_dims=spec.dims, boundary=spec.boundary,
-                  cp_comm=spec.cp_comm, checkpoint_filter=spec.checkpoint_filter)
+                  cp_comm=spec.cp_comm, checkpoint_filter=spec.checkpoint_filter, max_len=max_len)
     mixer = QKVSequenceMixer(hidden_dim=spec.channels, hyena=hyena, short_kernel_size=spec.kernel,
                              short_conv_cp=spec.short_conv_cp)
     return mixer.to(device=device, dtype=dtype)

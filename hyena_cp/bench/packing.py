@@ -49,7 +49,8 @@ def run(ctx: BenchContext) -> Section:
     spec, counts, repeats = _setup(ctx.quick)
     length = spec.spatial[0]
     with threads(ctx.threads):
-        layer, x = build_layer(spec), local_input(spec, None)
+        # absolute filter positions (at L the same filter as a relative one): packing needs them
+        layer, x = build_layer(spec, max_len=length), local_input(spec, None)
         bounds = {n: random_cu_seqlens(length, n, seed=n) for n in counts}
         fns = {"unpacked": partial(fwd_bwd, layer, x)}
         fns.update({f"{n} documents": partial(fwd_bwd, layer, x, cu_seqlens=cu) for n, cu in bounds.items()})

@@ -2,7 +2,8 @@
 context-parallel core attention, rotary tables for zigzag shards, layer specs for Hyena and
 hybrid Hyena/attention stacks, a Hyena language model (CP and TP), and its generation (CP
 prefill, exact cached decoding: `hyena_cp.megatron.generation`). Packed sequences
-(``PackedSeqParams`` / ``cu_seqlens``): `hyena_cp.megatron.packing`.
+(``PackedSeqParams`` / ``cu_seqlens``): `hyena_cp.megatron.packing`. Checkpoints with
+megatron's ``dist_checkpointing``, true global offsets at any TP size: `hyena_cp.megatron.sharded_state`.
 
 The only package in hyena_cp that imports megatron-core (``import hyena_cp`` does not);
 version-specific code lives in `hyena_cp.megatron.compat`.

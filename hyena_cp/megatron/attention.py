@@ -118,6 +118,13 @@ class TorchCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.kv_cache = None  # set during generation only: a `hyena_cp.megatron.kv_cache.KVCache`
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Empty: the core attention holds no parameters or buffers (megatron's ``SelfAttention``
+        around it checkpoints the TP-split projections), and a generation KV cache is transient."""
+        if self.state_dict():
+            raise RuntimeError("TorchCoreAttention gained state; give it a sharded_state_dict that places it")
+        return {}
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> Tensor:

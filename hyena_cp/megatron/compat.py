@@ -40,6 +40,12 @@ What megatron-core needs on CPU and what differs between versions, found by runn
   0.16 it takes no group and reads ``parallel_state``'s TP group and rank;
   `vocab_parallel_cross_entropy` passes ``tp_group`` where megatron accepts it and
   `check_vocab_parallel_loss_group` refuses, at construction, a TP group it would not use.
+- ``dist_checkpointing``: ``MegatronModule.sharded_state_dict`` treats tensors of non-megatron
+  children as replicas and ``ColumnParallelLinear``'s ignores ``partition_stride``, so the
+  Hyena mixer places its own shards (`hyena_cp.megatron.sharded_state`); a hybrid pattern needs
+  ``non_homogeneous_layers`` (`HyenaLanguageModel.sharded_state_dict` sets it). The 0.16 save
+  path imports ``psutil``, calls ``torch.cuda.synchronize()``, puts a status flag on
+  ``torch.cuda.current_device()`` and starts writer processes; loading runs on CPU as is.
 - ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to CUDA and its CP slicing builds a CUDA
   index, so `hyena_cp.megatron.rope` builds the table itself; ``SelfAttention`` applies a
   given ``rotary_pos_emb`` on CPU (``apply_rope_fusion=False``) without slicing it for CP.
@@ -52,6 +58,7 @@ import inspect
 import warnings
 
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -76,6 +83,7 @@ from hyena_cp.parallel import group_size
 __all__ = [
     "AttnMaskType", "ColumnParallelLinear", "LanguageModelEmbedding", "MEGATRON_VERSION", "MegatronModule",
     "ModuleSpec", "PackedSeqParams", "PlainSubmodule", "ProcessGroupCollection", "RowParallelLinear",
+    "ShardedObject", "ShardedTensor", "ShardedTensorFactory", "dp_cp_group_of",
     "SelfAttention", "SelfAttentionSubmodules", "TransformerBlock", "TransformerBlockSubmodules",
     "TransformerConfig", "TransformerLayer", "TransformerLayerSubmodules", "WrappedTorchNorm",
     "cpu_config_defaults", "get_bias_dropout_add", "mlp_submodule", "resolve_cp_group", "resolve_pg_collection",
@@ -154,6 +162,16 @@ def resolve_tp_group(pg_collection: ProcessGroupCollection | None) -> ProcessGro
         return pg_collection.tp
     if _has_model_parallel_state():
         return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def dp_cp_group_of(metadata: dict | None) -> ProcessGroup | None:
+    """The data x context parallel group of megatron's ``sharded_state_dict(metadata=...)`` (where
+    megatron puts it), else ``parallel_state``'s, else None (one replica)."""
+    if metadata is not None and metadata.get("dp_cp_group") is not None:
+        return metadata["dp_cp_group"]
+    if _has_model_parallel_state():
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
     return None
 
 

@@ -30,7 +30,8 @@ Packed sequences: megatron's ``packed_seq_params`` (``cu_seqlens_q``: GLOBAL doc
 boundaries over the b rows laid end to end, the whole sequence zigzag-sharded over CP; see
 `hyena_cp.megatron.packing` for the layout and why) reaches the mixer through
 ``TransformerLayer``; the short conv and the long conv then stop at every document start
-(`QKVSequenceMixer`), so a packed document equals that document run alone.
+(`QKVSequenceMixer`), so a packed document equals that document run alone. That needs filters
+with absolute positions (``HyenaMixerConfig.max_len``); with ``max_len=None`` packing is refused.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from hyena_cp.megatron.compat import (ColumnParallelLinear, MegatronModule, Proc
                                       TransformerConfig, resolve_cp_group, resolve_tp_group,
                                       set_tensor_model_parallel_attributes)
 from hyena_cp.megatron.packing import cu_seqlens_from
+from hyena_cp.megatron.sharded_state import tp_sharded_state_dict
 from hyena_cp.modules import Hyena, QKVSequenceMixer
 from hyena_cp.ops.explicit import ExplicitFilter
 from hyena_cp.ops.modal import ModalFilter
@@ -82,7 +84,8 @@ class HyenaMixerConfig:
         filter_bands, filter_width, filter_depth, filter_sin_freq: the "fourier" filter's MLP
             (positional bands -> width x depth sine MLP -> one filter per head).
         max_len: "fourier" only: longest global sequence; filter positions are normalised by it,
-            so a model behaves the same at every length up to it. None: length-relative filters.
+            so a model behaves the same at every length up to it. None: length-relative filters, which
+            packed sequences (``packed_seq_params``) refuse: a document would not see its own filter.
         skip: the per-channel skip ``D z`` (StripedHyena 2's SE has none).
         norm: "layernorm", "rmsnorm" or None, on ``q * y`` before out_proj. Default None:
             the TransformerLayer already pre-norms the mixer input, as in the Hyena paper.
@@ -240,6 +243,18 @@ class MegatronHyenaMixer(MegatronModule):
         for param, stride in params:
             if param is not None:
                 set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=stride)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """megatron ``dist_checkpointing`` state with true global offsets: the stride-3 in_proj and
+        short conv as ``[3, C, ...]`` views split on their channel axis, ``D`` and the norm split
+        by channel, out_proj by input channel, the filter replicated
+        (`hyena_cp.megatron.sharded_state`). Needs the TP group this mixer was built with."""
+        if self.tp_group is None:
+            raise ValueError("MegatronHyenaMixer.sharded_state_dict needs a tensor-parallel group (its layout on "
+                             "disk is megatron's): build the mixer with pg_collection.tp or after "
+                             "parallel_state.initialize_model_parallel(...)")
+        return tp_sharded_state_dict(self.mixer, f"{prefix}mixer.", self.tp_group, sharded_offsets, metadata)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:

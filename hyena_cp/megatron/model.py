@@ -72,7 +72,7 @@ from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbeddi
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
                                       check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
                                       resolve_pg_collection, vocab_parallel_cross_entropy)
-from hyena_cp.megatron.mixer import HyenaMixerConfig
+from hyena_cp.megatron.mixer import HyenaMixerConfig, MegatronHyenaMixer
 from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import ATTENTION, HyenaConfigs, check_layer_pattern, get_hybrid_block_spec, hyena_symbols
@@ -149,6 +149,16 @@ class HyenaLanguageModel(MegatronModule):
                                                  skip_weight_param_allocation=tie_embeddings, tp_group=self.tp_group)
         self.to(dtype=config.params_dtype)  # megatron's WrappedTorchNorm ignores params_dtype
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """megatron ``dist_checkpointing`` state of the whole model, with true global offsets at
+        every TP size (the Hyena mixers place their own shards: `MegatronHyenaMixer.sharded_state_dict`).
+        The layers of a hybrid pattern differ, so they are keyed one by one (megatron's
+        ``non_homogeneous_layers``); a pattern of one kind keeps megatron's stacked layer axis."""
+        metadata = dict(metadata or {})
+        if len(set(self.layer_pattern)) > 1:
+            metadata["non_homogeneous_layers"] = True
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
     def _check(self, input_ids: torch.Tensor, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> None:
         """Every rank runs this before any collective."""
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -168,6 +178,9 @@ class HyenaLanguageModel(MegatronModule):
         if cu_seqlens is None:
             return
         check_cu_seqlens(cu_seqlens, input_ids.shape[0] * length, length)
+        for layer in self.decoder.layers:  # here, so that no attention layer gathers K/V first
+            if isinstance(layer.self_attention, MegatronHyenaMixer):
+                layer.self_attention.mixer.hyena.check_packed_filter(cu_seqlens, input_ids.shape[0], length)
         if "A" in self.layer_pattern and not issubclass(self.core_attention, TorchCoreAttention):
             raise ValueError(f"packed sequences (cu_seqlens) need core_attention=TorchCoreAttention for the attention "
                              f"layers, got {self.core_attention.__name__} (it would not see the whole-sequence zigzag "

@@ -49,7 +49,7 @@ from hyena_cp.modules.gating import Gating
 from hyena_cp.modules.geometry import Geometry
 from hyena_cp.ops.filters import FourierFilter, kernel_grid
 from hyena_cp.ops.masks import ExponentialMask
-from hyena_cp.ops.packing import check_cu_seqlens, document_positions
+from hyena_cp.ops.packing import check_cu_seqlens, document_positions, is_one_document_per_row
 from hyena_cp.parallel import (agreed, check_agreement_policy, check_group, check_ranks_agree, copy_to_group,
                                group_rank, group_size, shape_of, shard)
 
@@ -239,6 +239,18 @@ class Hyena(nn.Module):
             raise ValueError("cu_seqlens (packed sequences) with a conditioned filter is not supported: its filter "
                              "bank is per row, not per document")
         check_cu_seqlens(cu_seqlens, batch * global_len, global_len)
+        self.check_packed_filter(cu_seqlens, batch, global_len)
+
+    def check_packed_filter(self, cu_seqlens: torch.Tensor, batch: int, global_len: int) -> None:
+        """Refuse documents shorter than their row with length-relative filters: positions are then
+        normalised by the packed length, so a document would see a prefix of the length-L filter,
+        not the filter it gets alone (one document per row is the unpacked case, exact)."""
+        if not self.filter.absolute and not is_one_document_per_row(cu_seqlens, batch * global_len, global_len):
+            raise ValueError("packed documents (cu_seqlens / packed_seq_params) need Hyena filters with absolute "
+                             "positions, but max_len=None: the filters are then normalised by the packed length, "
+                             "so a document would not behave as it does alone. Set max_len to the longest sequence "
+                             "(Hyena(max_len=...), HyenaMixerConfig(max_len=...); a filter= generator: its own size "
+                             "setting) or do not pack")
 
     def check_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sharded: str,
                   mask: torch.Tensor | None, world: int) -> None:

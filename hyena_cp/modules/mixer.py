@@ -24,9 +24,10 @@ token's offset in its document: the halo exchange itself is unchanged), and the 
 restarts at each document (`hyena_cp.modules.hyena`). Under CP the zigzag layout is the
 WHOLE sequence's, whatever the boundaries: documents straddle chunks and ranks freely.
 Neither the halos nor the AllToAlls depend on the boundaries, so packing adds no
-communication. A document sees the filter from tap 0 exactly as if run alone when the filter
-has absolute positions (``Hyena(max_len=...)``); with length-relative filters it sees the
-prefix of the filter of the packed length.
+communication. A document sees the filter from tap 0 exactly as if run alone because the filter
+has absolute positions (``Hyena(max_len=...)``); with length-relative filters (``max_len=None``)
+it would see a prefix of the filter of the packed length, so packing is refused there
+(`Hyena.check_packed_filter`, a ``ValueError`` on every rank before any data moves).
 
 Cross-rank agreement (``check_agreement="always"``, the default): before its first collective
 the mixer all-gathers a small signature of the call over ``cp_group`` — x's local shape and
