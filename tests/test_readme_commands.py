@@ -28,11 +28,15 @@ from hyena_cp.lazy import LazyConfig, _flat_keys, instantiate
 from hyena_cp.parallel.dims import ParallelDims
 from hyena_cp.train.config import ParallelConfig, TrainConfig, with_defaults
 from hyena_cp.train.export import with_export_defaults
+from hyena_cp.train.embed import with_embed_defaults
 from hyena_cp.train.generate import with_generate_defaults
 from doc_pages import PAGES, page_name, read, script_blocks
 from train_helpers import CONFIGS, ROOT
 
-TEMPLATE = ("CONFIG.py", "...", "…", "[key=value")  # placeholders: only the script is checked
+# placeholders, and commands that read a user's files (a checkpoint to convert, sequences to embed, the
+# output of such a conversion): only the script is checked; tests/test_convert_launch.py and
+# tests/test_embeddings.py run those launchers on generated files
+TEMPLATE = ("CONFIG.py", "...", "…", "[key=value", "checkpoint=", "sequences=", "converted/")
 PROGRAMS = ("torchrun ", "python ", "pip ", "sbatch ", "bash ", "launch/", ". ", "DRY_RUN=")
 SMOKE = ["train.steps=2", "train.warmup_steps=0", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false"]
 SMOKE_TEXT = ["task.data.max_bytes=200000", "task.eval_samples=4", "task.eval_batch_size=4"]  # byte-level LMs
@@ -261,7 +265,7 @@ def test_doc_command(checker, page, command):
 def test_readme_overrides_name_keys_of_a_shipped_config():
     keys = set()
     for config in CONFIGS.glob("*.py"):
-        cfg = with_export_defaults(with_generate_defaults(with_defaults(LazyConfig.load(config))))
+        cfg = with_embed_defaults(with_export_defaults(with_generate_defaults(with_defaults(LazyConfig.load(config)))))
         keys.update(_flat_keys(OmegaConf.to_container(cfg, resolve=False)))
     for page in PAGES:
         for span in override_spans(read(page)):

@@ -45,7 +45,8 @@ MEGATRON_SPEC = "spec.submodules.self_attention = ModuleSpec("
 PACKED_LM = "loss_share = lm(x, y, packed_seq_params=make_packed_seq_params(cu))"
 PACKED_MIXER = "alone = torch.cat([mixer(x[:, a:b])"
 INTEROP = 'cfg, state = convert(saved["config"], saved["state_dict"])'
-MARKERS = (VISION, MEGATRON_LM, MEGATRON_SPEC, PACKED_LM, PACKED_MIXER, INTEROP)
+EVO2 = "cfg, state = evo2.convert(config, checkpoint)"
+MARKERS = (VISION, MEGATRON_LM, MEGATRON_SPEC, PACKED_LM, PACKED_MIXER, INTEROP, EVO2)
 
 
 def is_script(code: str) -> bool:
@@ -169,3 +170,28 @@ def test_interop_example(dist_run, tmp_path):
     assert re.search(r"torch\.load\(\"nvsub_mixer\.pt\"\)", block(INTEROP))
     errors = dist_run(worker_interop, 2, block(INTEROP), str(tmp_path))
     assert max(errors) < 1e-5, errors  # fp32 round-off; a wrong shard is O(1)
+
+
+def worker_evo2(code: str, folder: str) -> tuple[tuple, bool]:
+    """The Evo 2 conversion block in a folder holding vortex-format files of a tiny random model."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    scope: dict = {"__name__": "__main__"}
+    try:
+        exec(code, scope)
+    finally:
+        parallel_state.destroy_model_parallel()
+        os.chdir(cwd)
+    logits = scope["logits"]
+    return tuple(logits.shape), bool(torch.isfinite(logits).all())
+
+
+def test_evo2_conversion_example(dist_run, tmp_path):
+    import yaml
+    from striped_references import EVO2_TINY, random_evo2_checkpoint
+
+    (tmp_path / "evo2-1b-8k.yml").write_text(yaml.safe_dump(dict(EVO2_TINY)))
+    torch.save(random_evo2_checkpoint(dict(EVO2_TINY), seed=1), tmp_path / "evo2_1b_base.pt")
+    assert dist_run(worker_evo2, 1, block(EVO2), str(tmp_path)) == [((1, 64, EVO2_TINY["vocab_size"]), True)]
