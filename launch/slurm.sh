@@ -7,7 +7,7 @@
 #   DRY_RUN=1 launch/slurm.sh configs/digits_hyena_tiny.py train.steps=10   # print, run nothing
 #
 # Arguments are those of launch/train.py: a config file and key=value overrides.
-# Rank order is megatron's (hyena_cp/parallel/dims.py): tp innermost, then cp, then dp, so with
+# Rank order is megatron's (hyena_cp/distributed/mesh.py): tp innermost, then cp, then dp, so with
 # parallel.tp * parallel.cp dividing NPROC_PER_NODE every TP and CP group stays inside one node.
 #
 # Environment read here:

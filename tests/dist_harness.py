@@ -1,7 +1,7 @@
-"""The ``dist_run`` fixture's runner: `hyena_cp.parallel.local_pool` pools with test policy.
+"""The ``dist_run`` fixture's runner: `hyena_cp.testing.local_pool` pools with test policy.
 
 Workers are forked from the pytest process, which has already imported everything during
-collection, once per world size, and reused by every test; see `hyena_cp.parallel.local_pool`
+collection, once per world size, and reused by every test; see `hyena_cp.testing.local_pool`
 for the mechanics. A rank error (or a dead worker, or a timeout) tears the pool down and
 the next call forks a fresh one. The exception is ``expect_error`` runs in which every
 rank raised before communicating data: the group is untouched, so the pool is kept. (The
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from hyena_cp.parallel.local_pool import LocalPools, format_failures
+from hyena_cp.testing.local_pool import LocalPools, format_failures
 
 # A dead peer must fail a collective in tests, not hang it for gloo's default 30 min.
 GLOO_TIMEOUT_S = 60.0

@@ -19,7 +19,7 @@ from references import rel_err
 
 from hyena_cp.data.stdlib_text import EOS, IGNORE_INDEX, TokenSplits, load_stdlib_text
 from hyena_cp.ops.packing import check_cu_seqlens, document_ids
-from hyena_cp.parallel.dims import ParallelDims, destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import ParallelDims, destroy_parallel, init_parallel
 from hyena_cp.train.tasks import LanguageModeling
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 # Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
 from megatron.core import parallel_state
 
-from hyena_cp.parallel.local_pool import LocalPool, _live_groups, format_failures
+from hyena_cp.testing.local_pool import LocalPool, _live_groups, format_failures
 
 
 def worker_make_groups() -> int:

@@ -16,9 +16,10 @@ from megatron.core import parallel_state  # noqa: F401
 from hyena_cp.megatron.compat import ProcessGroupCollection
 from torch.distributed.tensor import DTensor
 
-from hyena_cp.parallel import apply_data_parallel, clip_grad_norm, shard, tp_partition, unshard_tp
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
-from hyena_cp.parallel.fsdp import loss_scale
+from hyena_cp.parallel import shard, tp_partition, unshard_tp
+from hyena_cp.distributed import apply_data_parallel, clip_grad_norm
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
+from hyena_cp.distributed.fsdp import loss_scale
 from lm_parity import ParityCase, build_model, load_full_weights, perturb
 from references import rel_err
 

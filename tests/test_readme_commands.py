@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch.distributed.run import get_args_parser
 
 from hyena_cp.lazy import LazyConfig, _flat_keys, instantiate
-from hyena_cp.parallel.dims import ParallelDims
+from hyena_cp.distributed.mesh import ParallelDims
 from hyena_cp.train.config import ParallelConfig, TrainConfig, with_defaults
 from hyena_cp.train.export import with_export_defaults
 from hyena_cp.train.embed import with_embed_defaults

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import Checkpointer, load_model_state, read_tensor_metadata
 from train_helpers import tiny_model_and_optimizer, tiny_steps
 

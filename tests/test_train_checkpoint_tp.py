@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hyena_cp.parallel import TPPartition, shard_tp, tp_full_view, tp_partition, unshard_tp
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import Checkpointer, load_model_state
 from tp_helpers import FEATURES, TinyTPModel
 

@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from hyena_cp.parallel.decisions import broadcast_text
-from hyena_cp.parallel.dims import barrier, destroy_parallel, init_parallel
+from hyena_cp.distributed.decisions import broadcast_text
+from hyena_cp.distributed.mesh import barrier, destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import CheckpointError, Checkpointer, load_model_state
 from hyena_cp.train.verify import read_pointer, verify_folder
 from train_helpers import DAMAGE, damage, tiny_model_and_optimizer, tiny_steps

@@ -85,7 +85,7 @@ def test_hung_peer_in_a_mesh_subgroup_times_out_within_parallel_timeout_s(tmp_pa
     ``parallel.timeout_s`` on them. Rank 1 hangs at step 3; rank 0's first collective of the step
     is in its CP group {0, 1} (with replicated parameters there is no FSDP all-gather on the
     whole job first), so rank 0 must fail there within the timeout. Checked by hand with the
-    setting removed from `hyena_cp.parallel.dims._run_mesh`: the subgroups then report 30 min and
+    setting removed from `hyena_cp.distributed.mesh._run_mesh`: the subgroups then report 30 min and
     this test fails: the run ends without rank 0's timeout error. First attempt only (no restart)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=0",
            "launch/train.py", f"configs/{CONFIG}", *OVERRIDES, "train.fault_step=3", "train.fault_rank=1",

@@ -1,4 +1,4 @@
-"""The training loop under FSDP2 (`hyena_cp.parallel.fsdp`), in float64, against one process:
+"""The training loop under FSDP2 (`hyena_cp.distributed.fsdp`), in float64, against one process:
 
 - N steps under ``dp_mode`` fsdp and ddp at dp2, cp2 and dp2 x cp2 end with the parameters of
   one process (from the final checkpoint, so the sharded save is covered too) and log its
@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
-from hyena_cp.parallel.fsdp import apply_data_parallel, full_parameters
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
+from hyena_cp.distributed.fsdp import apply_data_parallel, full_parameters
 from hyena_cp.train.checkpoint import load_model_state
 from hyena_cp.train.tasks import ImageClassification
 from references import rel_err

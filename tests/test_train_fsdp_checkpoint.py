@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 
 from hyena_cp.lazy import LazyConfig, instantiate
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.parallel.tp_layout import tp_partition, unshard_tp
 from hyena_cp.train.config import ParallelConfig, with_defaults
 from hyena_cp.train.loop import Trainer

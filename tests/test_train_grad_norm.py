@@ -1,4 +1,4 @@
-"""TP-aware gradient clipping (`hyena_cp.parallel.grad_norm`): at TP = 2 and 4, the norm every
+"""TP-aware gradient clipping (`hyena_cp.distributed.grad_norm`): at TP = 2 and 4, the norm every
 rank computes (and the factor it clips by) is that of the FULL single-process gradient, for a
 module of megatron-core TP layers with sharded (stride 3 and 1) and replicated parameters.
 The negative twins show what the test guards against: torch's local-only norm (and local
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyena_cp.parallel import clip_grad_norm, count_comm, grad_norm, tp_partition, unshard_tp
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.parallel import count_comm, tp_partition, unshard_tp
+from hyena_cp.distributed import clip_grad_norm, grad_norm
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from tp_helpers import FEATURES, TinyTPModel
 
 MAX_NORM_FRACTION = 0.25  # clip to a quarter of the norm, so clipping changes every gradient

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from hyena_cp.lazy import LazyCall, instantiate
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import load_model_state, load_optimizer_state
 from hyena_cp.train.config import TrainConfig
 from hyena_cp.train.loop import Trainer, train

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import Checkpointer, load_model_state, load_optimizer_state
 from hyena_cp.train.loop import Trainer
 from hyena_cp.train.nonfinite import NonFiniteError, NonFiniteGuard

@@ -1,5 +1,5 @@
-"""The run's dp x cp x tp DeviceMesh (`hyena_cp.parallel.dims`) and the gradient reduction of
-FSDP2 (`hyena_cp.parallel.fsdp`): group membership in megatron's rank order (tp innermost, then
+"""The run's dp x cp x tp DeviceMesh (`hyena_cp.distributed.mesh`) and the gradient reduction of
+FSDP2 (`hyena_cp.distributed.fsdp`): group membership in megatron's rank order (tp innermost, then
 cp, then dp) for the mesh and for megatron-core's ``parallel_state`` (the same ranks), and
 "sum over CP, average over DP" per TP shard for both ``dp_mode`` s, with the negative twin of
 FSDP's default reduction (an average over dp x cp)."""
@@ -14,8 +14,8 @@ from torch import nn
 from megatron.core import parallel_state
 from torch.distributed.tensor import DTensor
 
-from hyena_cp.parallel.dims import ParallelDims, broadcast_int, destroy_parallel, init_parallel
-from hyena_cp.parallel.fsdp import apply_data_parallel, loss_scale
+from hyena_cp.distributed.mesh import ParallelDims, broadcast_int, destroy_parallel, init_parallel
+from hyena_cp.distributed.fsdp import apply_data_parallel, loss_scale
 
 
 def _ranks(group) -> list[int] | None:

@@ -22,7 +22,7 @@ import torch
 from hyena_cp.data.digits import ImageSplits
 from hyena_cp.data.stdlib_text import TokenSplits
 from hyena_cp.parallel import unshard
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.train.config import ParallelConfig
 from hyena_cp.train.tasks import ImageClassification, LanguageModeling
 from tp_helpers import run_tiny

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from hyena_cp.data.sampling import GlobalBatchSampler, dp_slice
 from hyena_cp.lazy import LazyCall, LazyConfig
 from hyena_cp.megatron.compat import ColumnParallelLinear, RowParallelLinear, TransformerConfig, cpu_config_defaults
-from hyena_cp.parallel.dims import ParallelGroups
+from hyena_cp.distributed.mesh import ParallelGroups
 from hyena_cp.parallel.tp_layout import shard_tp
 from hyena_cp.train.config import with_defaults
 from hyena_cp.train.loop import train

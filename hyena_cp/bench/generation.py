@@ -38,7 +38,7 @@ def _model(pattern: str, context: int):
 def decode_rates(group, contexts: list[int], steps: int, threads_used: int) -> list[dict]:
     """On a one-rank group: seconds per token, cached vs recompute, after ``context`` tokens."""
     from hyena_cp.megatron.generation import InferenceCache
-    from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+    from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 
     groups = init_parallel(1, megatron=True)
     rows = []
@@ -69,7 +69,7 @@ def cache_bytes(group, context: int) -> dict[str, int]:
     from hyena_cp.megatron.generation import InferenceCache
     from hyena_cp.modules.inference import HyenaCache
     from hyena_cp.parallel import group_rank, shard
-    from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+    from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 
     groups = init_parallel(group.size(), megatron=True)
     try:

@@ -38,7 +38,7 @@ def _overrides(pattern: str, position: str, steps: int, out_dir: Path, quick: bo
 def train_variant(group, pattern: str, position: str, steps: int, out_dir: str, quick: bool) -> dict:
     """Train one variant in this (one-rank) process; its parameter count, final metrics and time."""
     from hyena_cp.lazy import LazyConfig, instantiate
-    from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+    from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
     from hyena_cp.train.config import with_defaults
     from hyena_cp.train.loop import train
 

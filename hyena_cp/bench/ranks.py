@@ -1,7 +1,7 @@
 """Gloo rank groups for the multi-rank benchmark sections, started by the bench itself.
 
 ``python launch/bench.py`` stays one command (no torchrun): `RankPools` starts P worker
-processes per group size on first use (from a fork server, see `hyena_cp.parallel.local_pool`) (`hyena_cp.parallel.local_pool` holds the
+processes per group size on first use (from a fork server, see `hyena_cp.testing.local_pool`) (`hyena_cp.testing.local_pool` holds the
 mechanics), each joins a gloo group on 127.0.0.1 and then runs tasks ``fn(group, *args)``
 until closed. Pools are reused by every section; a failed task discards its pool and a
 later call forks a fresh one.
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hyena_cp.parallel.local_pool import LocalPools, format_failures
+from hyena_cp.testing.local_pool import LocalPools, format_failures
 
 __all__ = ["RankPools", "RankFailure"]
 

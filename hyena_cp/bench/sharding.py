@@ -4,7 +4,7 @@
 and a 12-layer Hyena LM (configs/hyena_lm_tiny.py widened to 512). Target: FSDP's total per
 rank <= 1.1 / (dp * cp) of one process.
 
-The counts are allocated storage (`hyena_cp.parallel.state_bytes`: FSDP's padded shards
+The counts are allocated storage (`hyena_cp.distributed.state_bytes`: FSDP's padded shards
 included), after gradients of every parameter and one AdamW step; no forward is needed for
 them (the gradients are zeros of the parameters' layout). Only dp * cp matters here (FSDP
 shards over the flattened dimension), so the ranks form dp = P, cp = 1. Activations are the
@@ -42,9 +42,9 @@ def rank_state_bytes(group, config: str, overrides: list[str], megatron: bool, m
     """On one rank of a P-rank group: the model (wrapped for P > 1), zero gradients, one AdamW
     step; its bytes and those of the replicated layout, and the parameter count."""
     from hyena_cp.lazy import LazyConfig, instantiate
-    from hyena_cp.parallel.dims import destroy_parallel, init_parallel
-    from hyena_cp.parallel.fsdp import apply_data_parallel
-    from hyena_cp.parallel.state_bytes import state_bytes
+    from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
+    from hyena_cp.distributed.fsdp import apply_data_parallel
+    from hyena_cp.distributed.state_bytes import state_bytes
 
     cfg = LazyConfig.apply_overrides(LazyConfig.load(str(CONFIGS / config)), overrides)
     groups = init_parallel(1, megatron=megatron)  # megatron-core modules read their groups there

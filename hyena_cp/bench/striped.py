@@ -84,7 +84,7 @@ def _evo2_model(pattern: str, context: int, hidden: int = 64):
 def decode_rates(group, patterns: list[str], contexts: list[int], steps: int, threads_used: int) -> list[dict]:
     """One process: seconds per token, cached step vs full recompute, after ``context`` tokens."""
     from hyena_cp.megatron.generation import InferenceCache
-    from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+    from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 
     groups = init_parallel(1, megatron=True)
     rows = []
@@ -114,7 +114,7 @@ def decode_rates(group, patterns: list[str], contexts: list[int], steps: int, th
 def embed_rates(group, length: int, repeats: int) -> dict:
     """On every rank of ``group`` (CP = its size): seconds to embed one sequence of ``length`` tokens."""
     from hyena_cp.megatron.embeddings import hidden_states
-    from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+    from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 
     groups = init_parallel(group.size(), megatron=True)
     try:
@@ -132,7 +132,7 @@ def layer_bytes(group, hidden: int, length: int) -> dict[str, int]:
     by layer kind (the attention layer without its core attention: counted analytically)."""
     from hyena_cp.bench.measure import saved_for_backward
     from hyena_cp.parallel import group_rank, shard
-    from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+    from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 
     groups = init_parallel(group.size(), megatron=True)
     try:

@@ -1,9 +1,9 @@
 """Training: the data x tensor x context parallel loop, tasks, checkpoints and metrics.
 
 Entry point: ``launch/train.py`` (``torchrun ... launch/train.py configs/<name>.py key=value``),
-which calls `train`. Collectives come from `hyena_cp.parallel` (`parallel.dims` builds the
-DeviceMesh, `parallel.fsdp` shards the model and reduces gradients with FSDP2,
-`parallel.grad_norm` clips them); this package only composes them.
+which calls `train`. Collectives come from `hyena_cp.parallel` (`distributed.mesh` builds the
+DeviceMesh, `distributed.fsdp` shards the model and reduces gradients with FSDP2,
+`distributed.grad_norm` clips them); this package only composes them.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ folder) is reported and the folders are scanned instead.
 
 What is stored comes from ``torch.distributed.checkpoint.state_dict.get_state_dict`` (and goes
 back through ``set_model_state_dict`` / ``set_optimizer_state_dict``): under FSDP
-(`hyena_cp.parallel.fsdp`) the model and optimizer state are DTensor shards over the ``dp_cp``
+(`hyena_cp.distributed.fsdp`) the model and optimizer state are DTensor shards over the ``dp_cp``
 mesh, and every rank writes only its shard; FSDP's replicate and one process give whole
 tensors, which DCP writes once. Contents, all tensors (no pickled Python objects of ours; see
 "Trust model" below):
@@ -89,8 +89,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
-from hyena_cp.parallel.decisions import any_rank, broadcast_text
-from hyena_cp.parallel.dims import ParallelGroups, barrier
+from hyena_cp.distributed.decisions import any_rank, broadcast_text
+from hyena_cp.distributed.mesh import ParallelGroups, barrier
 from hyena_cp.parallel.tp_dtensor import tp_unfold
 from hyena_cp.parallel.tp_layout import TPPartition
 from hyena_cp.train.checkpoint_items import (CheckpointItems, check_partitions, empty_like_meta,

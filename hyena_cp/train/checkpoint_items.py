@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from hyena_cp.parallel.dims import ParallelGroups
+from hyena_cp.distributed.mesh import ParallelGroups
 from hyena_cp.parallel.tp_dtensor import stored_view
 from hyena_cp.parallel.tp_layout import TPPartition, tp_partition
 

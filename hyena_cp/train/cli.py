@@ -83,7 +83,7 @@ def check_launch(argv: list[str], world: int) -> str:
     from omegaconf import OmegaConf
 
     from hyena_cp.lazy import LazyConfig
-    from hyena_cp.parallel.dims import ParallelDims
+    from hyena_cp.distributed.mesh import ParallelDims
     from hyena_cp.train.config import ParallelConfig, with_defaults
 
     args = config_args(argv, "usage: ... CONFIG.py [key=value ...]")

@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 import torch
 from omegaconf import DictConfig
 
-from hyena_cp.parallel.fsdp import DP_MODES, MIXED_PRECISION
+from hyena_cp.distributed.fsdp import DP_MODES, MIXED_PRECISION
 from hyena_cp.train.optim import NO_WEIGHT_DECAY, WEIGHT_DECAY_POLICIES
 from hyena_cp.value_types import check_fields
 
@@ -30,17 +30,17 @@ class ParallelConfig:
     tp: tensor-parallel size; the data-parallel size is ``world // (cp * tp)``. Only
         megatron-core models are tensor parallel (they read their TP group from
         ``parallel_state``), so ``tp > 1`` needs ``megatron=true``. Rank order is megatron's
-        (tp innermost, then cp, then dp; `hyena_cp.parallel.dims`).
+        (tp innermost, then cp, then dp; `hyena_cp.distributed.mesh`).
     backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl".
     timeout_s: collective timeout of every group of the run (the default group and the mesh's);
         a dead or hung peer fails the job after this long instead of hanging it, with a
-        `hyena_cp.parallel.liveness.PeerTimeoutError` naming the ranks that had not started
+        `hyena_cp.distributed.liveness.PeerTimeoutError` naming the ranks that had not started
         the step (torchrun can then restart it from the last checkpoint).
     megatron: also initialise megatron-core's ``parallel_state`` (models built on megatron-core
         read their TP and CP groups there; checked to hold the DeviceMesh's ranks); False
         skips megatron-core's import.
     dp_mode: how parameters, gradients and optimizer state live over the ``dp * cp`` ranks of
-        a TP shard (`hyena_cp.parallel.fsdp`): "fsdp" (FSDP2 ``fully_shard`` per block and at
+        a TP shard (`hyena_cp.distributed.fsdp`): "fsdp" (FSDP2 ``fully_shard`` per block and at
         the root: each rank holds ~1/(dp*cp) of them) or "ddp" (FSDP2's ``replicate``: every
         rank holds all of them, one all-reduce per block). Either way gradients are summed over
         CP and averaged over DP. Ignored when dp * cp == 1 (nothing to shard) unless
@@ -119,7 +119,7 @@ class TrainConfig:
         one process included. Exclusive with ``parallel.mixed_precision`` (`check_sections`).
         megatron-core models need CUDA for it (their linear layers' backward supports CUDA
         autocast only); on CPU the trainer refuses it before the first step.
-    compile: apply ``torch.compile`` to every block (`hyena_cp.parallel.fsdp.block_modules`:
+    compile: apply ``torch.compile`` to every block (`hyena_cp.distributed.fsdp.block_modules`:
         the units FSDP2 wraps), in place with ``module.compile()`` so parameter names and
         checkpoint keys do not change, BEFORE data parallelism is applied (torchtitan's
         order); the root's own layers (embeddings, head) stay eager. A Hyena mixer traces

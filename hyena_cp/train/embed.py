@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hyena_cp.lazy import instantiate
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
 from hyena_cp.train.export import load_initial_weights

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from hyena_cp.lazy import instantiate
 from hyena_cp.parallel import group_rank, group_size, shard_tp, tp_partition
-from hyena_cp.parallel.dims import destroy_parallel, init_parallel
+from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 from hyena_cp.train.checkpoint import CheckpointWarning, load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
 from hyena_cp.train.verify import newest_verified

@@ -1,7 +1,7 @@
 """The training loop: data x tensor x context parallel training of a config's model on its task.
 
 Set-up: the model (same seed on every rank) is wrapped by FSDP2 over the ``dp x cp`` ranks of
-its TP shard (`hyena_cp.parallel.fsdp`, ``parallel.dp_mode``: "fsdp" shards parameters,
+its TP shard (`hyena_cp.distributed.fsdp`, ``parallel.dp_mode``: "fsdp" shards parameters,
 gradients and optimizer state, "ddp" replicates them); the optimizer is built on the wrapped
 (sharded) parameters.
 
@@ -9,8 +9,8 @@ One step on every rank: this (dp, cp) position's batch (full images, or this ran
 token shard; the TP ranks of the position get the identical batch) -> forward (FSDP
 all-gathers each block's parameters) -> this rank's loss SHARE -> backward of ``cp x share``
 (FSDP reduce-scatters each block's gradients with a MEAN over dp x cp: with the factor
-cp, summed over CP and averaged over DP for each TP shard, `hyena_cp.parallel.fsdp`) ->
-clip by the norm of the FULL gradient (`hyena_cp.parallel.grad_norm`: FSDP shards and TP
+cp, summed over CP and averaged over DP for each TP shard, `hyena_cp.distributed.fsdp`) ->
+clip by the norm of the FULL gradient (`hyena_cp.distributed.grad_norm`: FSDP shards and TP
 shards summed, replicas counted once) -> the non-finite guard: one verdict on the loss and the
 norm, agreed over all ranks, stops or skips the step (`hyena_cp.train.nonfinite`,
 ``train.nonfinite``) -> optimizer step on this rank's shards.
@@ -19,14 +19,14 @@ The dp x tp x cp invariant this keeps: the ranks of one TP shard hold the same (
 gradients, so the sharded model takes the single-process step; the TP ranks of a (dp, cp)
 position see the same data, compute the same loss and clip by the same factor. The logged
 loss sums the shares over dp x cp only (every TP rank holds the whole loss). Evaluation runs
-with the parameters unsharded (`hyena_cp.parallel.fsdp.full_parameters`), so replicas may
+with the parameters unsharded (`hyena_cp.distributed.fsdp.full_parameters`), so replicas may
 run different numbers of batches. Rank 0 logs, plots and drives the progress bar;
 checkpoints are collective. After the first step the log records the parameter, gradient
 and optimizer bytes per rank (the fullest rank), also written to ``final.json``.
 
 The optimizer gets two parameter groups, with and without weight decay
 (`hyena_cp.train.optim`, ``train.weight_decay_policy``). Each rank records the step it starts
-on the job's store (`hyena_cp.parallel.liveness.Heartbeat`), so a collective that times out
+on the job's store (`hyena_cp.distributed.liveness.Heartbeat`), so a collective that times out
 because a peer stopped responding raises a `PeerTimeoutError` naming ``parallel.timeout_s``
 and the ranks that had not started the step.
 
@@ -54,12 +54,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from hyena_cp.lazy import LazyConfig, check_types, instantiate
-from hyena_cp.parallel.dims import ParallelGroups, destroy_parallel, init_parallel
-from hyena_cp.parallel.fsdp import apply_data_parallel, block_modules, full_parameters, loss_scale
-from hyena_cp.parallel.grad_norm import clip_grad_norm
-from hyena_cp.parallel.liveness import Heartbeat
+from hyena_cp.distributed.mesh import ParallelGroups, destroy_parallel, init_parallel
+from hyena_cp.distributed.fsdp import apply_data_parallel, block_modules, full_parameters, loss_scale
+from hyena_cp.distributed.grad_norm import clip_grad_norm
+from hyena_cp.distributed.liveness import Heartbeat
 from hyena_cp.parallel.reductions import group_sum
-from hyena_cp.parallel.state_bytes import max_over_ranks, state_bytes
+from hyena_cp.distributed.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
 from hyena_cp.train.checkpoint import CheckpointError, Checkpointer
 from hyena_cp.train.config import PRECISIONS, ParallelConfig, TrainConfig, check_sections, lr_factor

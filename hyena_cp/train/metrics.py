@@ -4,7 +4,7 @@
 ``{"step", "loss" (mean since the previous record), "lr", "grad_norm", "<unit>_per_s", "time_s"}``, evaluation records
 ``{"step", "val_loss", "val_acc"?}`` and events ``{"event": "resume", "step", "attempt"}``,
 ``{"event": "memory", "step", "per_rank": {...}, "replicated": {...}}`` (parameter, gradient and
-optimizer bytes of the fullest rank and of the replicated layout, `hyena_cp.parallel.state_bytes`)
+optimizer bytes of the fullest rank and of the replicated layout, `hyena_cp.distributed.state_bytes`)
 and ``{"event": "nonfinite", "step", "loss", "grad_norm", "action": "skipped", "in_a_row"}`` (a
 step skipped under ``train.nonfinite=skip``; its loss is not in the training records).
 A resumed run first drops the records of steps after its checkpoint (a crashed attempt

@@ -2,7 +2,7 @@
 
 Each training step, after backward and before the optimizer step, every rank checks its loss
 (summed over its data-parallel group) and the global gradient norm, and the job agrees on one
-verdict (`hyena_cp.parallel.decisions.any_rank`, one tiny all-reduce over all ranks): a nan on
+verdict (`hyena_cp.distributed.decisions.any_rank`, one tiny all-reduce over all ranks): a nan on
 one rank stops, or skips, the step on every rank, so no rank is left waiting in the next
 collective. What a non-finite step does is ``train.nonfinite`` (`hyena_cp.train.config.TrainConfig`):
 
@@ -23,8 +23,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hyena_cp.parallel.decisions import any_rank
-from hyena_cp.parallel.dims import ParallelGroups
+from hyena_cp.distributed.decisions import any_rank
+from hyena_cp.distributed.mesh import ParallelGroups
 
 __all__ = ["NonFiniteError", "NonFiniteGuard"]
 

@@ -2,7 +2,7 @@
 
 Both tasks follow the gradient invariant (docs/design.md): each rank's loss is its SHARE, the
 shares of the CP ranks of one data-parallel replica add up to that replica's loss, and the loop
-then sums gradients over CP and averages them over DP (FSDP2, `hyena_cp.parallel.fsdp`).
+then sums gradients over CP and averages them over DP (FSDP2, `hyena_cp.distributed.fsdp`).
 
 - `ImageClassification` (ViT-5 models): every CP rank of a replica gets the same FULL image
   batch ``[B, C, H, W]``; the model shards rows itself and returns logits ``[B, classes]``
@@ -31,7 +31,7 @@ from hyena_cp.data.digits import ImageSplits
 from hyena_cp.data.sampling import GlobalBatchSampler, cp_shard_tokens, dp_slice, eval_range
 from hyena_cp.data.stdlib_text import IGNORE_INDEX, TokenSplits
 from hyena_cp.ops.packing import concat_cu_seqlens
-from hyena_cp.parallel.dims import ParallelGroups
+from hyena_cp.distributed.mesh import ParallelGroups
 from hyena_cp.parallel.reductions import group_sum
 
 __all__ = ["ImageClassification", "LanguageModeling", "Task"]

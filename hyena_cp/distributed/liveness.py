@@ -1,7 +1,7 @@
 """Naming the peer behind a collective timeout.
 
 A rank whose peer stops responding (hung, not dead) blocks in its next collective until the
-group's timeout (``parallel.timeout_s``, `hyena_cp.parallel.dims.init_parallel`), and gloo
+group's timeout (``parallel.timeout_s``, `hyena_cp.distributed.mesh.init_parallel`), and gloo
 then raises ``Timed out waiting 10000ms for recv operation to complete``, which names neither
 the setting nor the peer. `Heartbeat` keeps each rank's current step on the job's key-value
 store (the one the default group was created with: torchrun's rendezvous store): one small

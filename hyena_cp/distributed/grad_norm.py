@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor, Shard
 
-from .groups import group_size
-from .reductions import group_sum
-from .tp_layout import tp_partition
+from hyena_cp.parallel.groups import group_size
+from hyena_cp.parallel.reductions import group_sum
+from hyena_cp.parallel.tp_layout import tp_partition
 
 __all__ = ["clip_grad_norm", "grad_norm"]
 

@@ -42,7 +42,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
-from .tp_layout import TPPartition, tp_partition
+from hyena_cp.parallel.tp_layout import TPPartition, tp_partition
 
 __all__ = ["DP_MODES", "MIXED_PRECISION", "apply_data_parallel", "block_modules", "full_parameters",
            "is_data_parallel", "loss_scale", "mixed_precision_policy"]

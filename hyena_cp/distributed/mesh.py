@@ -13,7 +13,7 @@ which is exactly the formula above.
 Group ownership (one object per job, no group is built by hand):
 
 - **The mesh** (`ParallelGroups.mesh`) owns every group this package uses: ``dp_cp`` (FSDP2 /
-  replicate shard and reduce over it, `hyena_cp.parallel.fsdp`; loss and metric sums), ``cp``
+  replicate shard and reduce over it, `hyena_cp.distributed.fsdp`; loss and metric sums), ``cp``
   (the ViT-5 nets' ``cp_group``, the data path's zigzag/row shards), ``dp`` (metrics summed
   over replicas) and ``tp`` (the TP-aware grad norm; checkpoints place TP shards on it).
 - **megatron-core's ``parallel_state``** (``parallel.megatron=true``) keeps its own TP, CP and
@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .comm_stats import record
+from hyena_cp.parallel.comm_stats import record
 
 __all__ = ["DIMS", "ParallelDims", "ParallelGroups", "init_parallel", "destroy_parallel", "barrier",
            "broadcast_int", "pick_backend"]

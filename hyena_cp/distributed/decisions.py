@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm_stats import nbytes, record
-from .dims import ParallelGroups
+from hyena_cp.parallel.comm_stats import nbytes, record
+from .mesh import ParallelGroups
 
 __all__ = ["any_rank", "broadcast_text"]
 

@@ -49,8 +49,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .comm_stats import count_comm
-from .dims import cached_mesh_groups
+from hyena_cp.parallel.comm_stats import count_comm
+from hyena_cp.distributed.mesh import cached_mesh_groups
 
 __all__ = ["LocalPool", "LocalPools", "Reply", "format_failures"]
 

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
-from .comm_stats import nbytes, record
-from .groups import group_size
+from hyena_cp.parallel.comm_stats import nbytes, record
+from hyena_cp.parallel.groups import group_size
 
 __all__ = ["StateBytes", "max_over_ranks", "state_bytes"]
 
