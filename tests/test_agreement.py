@@ -187,7 +187,7 @@ def test_without_the_check_disagreeing_ranks_fail_in_the_collectives(dist_run):
 
 
 def test_signature_encoding_never_raises_and_reads_back():
-    from hyena_cp.parallel.agreement import _WIDTH, _decode, _encode
+    from hyena_cp.parallel.signature import _WIDTH, _decode, encode as _encode
 
     cases = {None: "None", 3: "3", (1, 8, 8): "(1, 8, 8)", torch.float64: "torch.float64",
              torch.tensor([0, 5, 16]): "tensor([0, 5, 16])", tuple(range(20)): "<20 values, crc32",

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hyena_cp import ViT5ClassificationNet, ViT5HierarchicalClassificationNet, ViT5HyenaAdapter
 from hyena_cp.models.attention import Attention2d, rope_2d
 from hyena_cp.models.blocks import DropPath
-from hyena_cp.models.layout import StageGrid
+from hyena_cp.models.token_grid import StageGrid
 from hyena_cp.ops.filters import FourierFilter
 from hyena_cp.ops.siren import SirenFilter
 from references import rel_err

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hyena_cp.models.layout import StageGrid, merge_source
+from hyena_cp.models.token_grid import StageGrid, merge_source
 from hyena_cp.parallel import count_comm, redistribute, shard, unshard
 
 

@@ -2,7 +2,7 @@
 context parallelism by gathering keys and values.
 
 Under CP each rank holds a block of whole grid rows ``[B, T_local, C]`` of a stage's token
-layout (see `hyena_cp.models.layout`). Queries stay local; keys and values (after QK-norm
+layout (see `hyena_cp.models.token_grid`). Queries stay local; keys and values (after QK-norm
 and RoPE) are all-gathered over the CP group (`all_gather_seq`, whose backward is a
 reduce-scatter: the exact adjoint), so each rank attends its queries to the whole
 sequence. Memory: every attention layer keeps the gathered K and V for backward,

@@ -19,7 +19,7 @@ from hyena_cp import flops
 from hyena_cp.lazy import LazyCall
 from hyena_cp.models.adapter import ViT5HyenaAdapter
 from hyena_cp.models.attention import Attention2d
-from hyena_cp.models.layout import StageGrid
+from hyena_cp.models.token_grid import StageGrid
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
 

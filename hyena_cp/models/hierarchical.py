@@ -8,7 +8,7 @@ across stages (RMSNorm -> Linear C->2C, so they change width with the patches); 
 the CLS token or on the mean of the patch tokens. `ViT5ClassificationNet` is the isotropic
 special case: one stage, no merging.
 
-Layout (`hyena_cp.models.layout`): each stage is ``[patches | CLS | registers | padding]`` on
+Layout (`hyena_cp.models.token_grid`): each stage is ``[patches | CLS | registers | padding]`` on
 a grid of the stage's patch-grid width; the network computes every stage's layout and
 passes it to its blocks (``grid_w``) — it is the single source of truth. An odd patch grid is
 zero-padded on the bottom/right to even before merging (Swin's rule), so a 7x7 grid merges
@@ -43,7 +43,7 @@ from torch import nn
 from hyena_cp import flops
 from hyena_cp.models.adapter import ViT5HyenaAdapter
 from hyena_cp.models.blocks import MIXERS, NORM_EPS, ViT5Block, build_mixer, init_weights_vit5
-from hyena_cp.models.layout import StageGrid, StageLayout, merge_source
+from hyena_cp.models.token_grid import StageGrid, StageLayout, merge_source
 from hyena_cp.parallel import (agreed, all_reduce_sum, broadcast_from, check_agreement_policy, check_group,
                                check_ranks_agree, group_rank, group_size, redistribute, shape_of)
 

@@ -51,7 +51,7 @@ from hyena_cp.modules.conditioning import broadcast_tokens, build_conditioning
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.norm import build_norm
 from hyena_cp.ops.boundary import short_conv_reach
-from hyena_cp.ops.layout import channels_last
+from hyena_cp.ops.channels_last import channels_last
 from hyena_cp.ops.packing import document_positions, is_one_document_per_row
 from hyena_cp.parallel import (agreed, channel_to_seq, check_agreement_policy, check_group, check_ranks_agree,
                                group_rank, group_size, seq_to_channel, shape_of, shard_tp)

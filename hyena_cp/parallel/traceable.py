@@ -39,14 +39,13 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from .c10d import all_gather_tensor, reduce_scatter_tensor
 from .comm_stats import nbytes, record
+from .signature import gather_and_compare
 
 __all__ = ["all_to_all", "all_to_all_uneven_op", "p2p_exchange_op", "agreement_token", "all_reduce_sum_op", "all_gather_op",
            "reduce_scatter_op", "broadcast_op", "reduce_sum_op", "group_name", "run_body"]
 
-# torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn); keep both.
-_all_gather_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 _BODIES: dict[str, Callable] = {}  # op name -> its Python body (see `run_body`)
@@ -188,7 +187,7 @@ def all_gather_op(x: Tensor, group_name: str) -> Tensor:
     world = group.size()
     piece = x.contiguous()
     out = piece.new_empty((world * piece.shape[0], *piece.shape[1:]))
-    _all_gather_tensor(out, piece, group=group)
+    all_gather_tensor(out, piece, group=group)
     record("all_gather", (world - 1) * nbytes(piece))
     return out
 
@@ -200,7 +199,7 @@ def reduce_scatter_op(x: Tensor, group_name: str) -> Tensor:
     world = group.size()
     full = x.contiguous()
     out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
-    _reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=group)
+    reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=group)
     record("reduce_scatter", (world - 1) * nbytes(out))
     return out
 
@@ -251,12 +250,10 @@ reduce_scatter_op.register_fake(_scatter_fake)
 @_collective("agreement_token")
 def agreement_token(values: list[int], group_name: str, what: str, names: str, hint: str,
                     like: Tensor) -> Tensor:
-    """Run `agreement.gather_and_compare` on the encoded ``values`` (``names``: the field names
+    """Run `signature.gather_and_compare` on the encoded ``values`` (``names``: the field names
     joined by newlines, as a schema has no string lists). Returns a 0-dim zero of ``like``'s
     dtype and device when the ranks agree, for the caller to add to ``like``; pass ``like``
     detached: the token carries no gradient, so the op needs no autograd formula."""
-    from .agreement import gather_and_compare  # agreement imports this module
-
     gather_and_compare(_resolve_process_group(group_name), what, names.split("\n"), list(values), hint)
     return like.new_zeros(())
 

@@ -1,4 +1,4 @@
-"""`hyena_cp.ops.layout.channels_last`: the same values and gradients as a ``movedim`` view,
+"""`hyena_cp.ops.channels_last.channels_last`: the same values and gradients as a ``movedim`` view,
 with both the output and the gradient handed back contiguous (what the mixer relies on for
 speed)."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyena_cp.ops.layout import channels_last
+from hyena_cp.ops.channels_last import channels_last
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7), (2, 5, 3, 4)])
