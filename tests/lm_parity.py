@@ -59,6 +59,7 @@ class ParityCase:
     explicit_groups: bool = False  # ProcessGroupCollection instead of parallel_state
     dtype: torch.dtype = torch.float64
     docs: tuple[tuple[int, ...], ...] | None = None  # packed: token counts of each row's documents
+    striped: bool = False  # StripedHyena 2 layers (pattern of S, D, H, A) in Evo 2's block
 
     def cu_seqlens(self) -> torch.Tensor | None:
         """GLOBAL boundaries of ``docs`` over the rows laid end to end, or None (unpacked)."""
@@ -84,6 +85,19 @@ def build_model(case: ParityCase, pg_collection: ProcessGroupCollection | None, 
     if case.glu:
         overrides.update(gated_linear_unit=True, activation_func=F.silu)
     torch.manual_seed(1234)
+    if case.striped:  # SE, MR and LI as Evo 2 builds them, small enough for the zigzag chunks of case.seq
+        common = dict(short_kernel_size=3, bias=False, out_proj_bias=True)
+        layers = dict(S=dict(num_heads=case.hyena_heads, filter="explicit", filter_options=dict(length=3), skip=False,
+                             **common),
+                      D=dict(num_heads=case.hyena_heads, filter="explicit",
+                             filter_options=dict(length=4, decay="savanna", L_cache=case.seq), **common),
+                      H=dict(num_heads=case.hidden, filter="modal", filter_options=dict(state_size=4), **common))
+        return build_hyena_lm(vocab_size=case.vocab, max_sequence_length=case.seq, num_layers=len(case.pattern),
+                              hidden_size=case.hidden, ffn_hidden_size=2 * case.hidden,
+                              num_attention_heads=case.heads, layer_pattern=case.pattern, hyena_layers=layers,
+                              block="evo2", tie_embeddings=True, position_embedding=case.position_embedding,
+                              core_attention=core_attention, pg_collection=pg_collection,
+                              config_overrides={**overrides, "add_bias_linear": True, "add_qkv_bias": False})
     return build_hyena_lm(vocab_size=case.vocab, max_sequence_length=case.seq, num_layers=len(case.pattern),
                           hidden_size=case.hidden, ffn_hidden_size=2 * case.hidden, num_attention_heads=case.heads,
                           layer_pattern=case.pattern, position_embedding=case.position_embedding,

@@ -47,6 +47,7 @@ Layout = Literal["exact", "megatron_default", "stride_ignored", "not_loaded"]
 # GQA, SwiGLU (megatron's stride-2 fc1 factory) and a TP-sharded norm in the Hyena mixer
 HYBRID = ParityCase(pattern="HHA", glu=True, query_groups=2, hyena_norm="rmsnorm")
 STACKED = ParityCase(pattern="HH", hyena_norm="rmsnorm")  # one kind of layer: megatron's layer axis
+STRIPED = ParityCase(pattern="SDHA", striped=True)  # Evo 2's layers and block
 
 
 def _tp(case: ParityCase, tp: int, cp: int = 1) -> ParityCase:
@@ -64,6 +65,8 @@ TRIPS = [
     ("cp2->cp1", _tp(HYBRID, 1, cp=2), "exact", _tp(HYBRID, 1)),
     ("cp2->cp1 not_loaded", _tp(HYBRID, 1, cp=2), "not_loaded", _tp(HYBRID, 1)),
     ("stacked tp2->tp1", _tp(STACKED, 2), "exact", _tp(STACKED, 1)),
+    ("striped tp2->tp1", _tp(STRIPED, 2), "exact", _tp(STRIPED, 1)),
+    ("striped tp1->tp2", _tp(STRIPED, 1), "exact", _tp(STRIPED, 2)),
 ]
 HYENA_TP_SHARDED = ("mixer.in_proj.weight", "mixer.short_conv.weight", "mixer.hyena.skip", "mixer.norm.weight",
                     "mixer.out_proj.weight")
@@ -248,7 +251,7 @@ def test_megatron_default_mixer_state_loses_tp_rank_1(round_trips):
     assert_caught(round_trips, "tp2->tp2 megatron_default", HYENA_TP_SHARDED)
 
 
-@pytest.mark.parametrize("trip", ["tp2->tp1", "tp1->tp2", "stacked tp2->tp1"])
+@pytest.mark.parametrize("trip", ["tp2->tp1", "tp1->tp2", "stacked tp2->tp1", "striped tp2->tp1", "striped tp1->tp2"])
 def test_tp_reshard_is_exact(round_trips, trip):
     assert_exact(round_trips, trip)
 
