@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 
+from hyena_cp.distributed import exit_process
 from hyena_cp.interop import evo2, hyenadna
 from hyena_cp.interop.files import DTYPES, finetune_config, read_config, read_state_dict, write_converted
 from hyena_cp.train.cli import run_launcher
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_launcher(main))
+    exit_process(run_launcher(main))

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer
+from hyena_cp.distributed import exit_process
 from hyena_cp.host_memory import tune_host_memory
 from hyena_cp.parallel import all_gather_seq, from_rank_major, group_sum, shard
 
@@ -54,3 +55,4 @@ def main() -> None:
 if __name__ == "__main__":
     tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
     main()
+    exit_process(0)  # skips the interpreter's C++ teardown, which can abort a finished gloo worker

@@ -13,8 +13,8 @@ works: a sequence is padded at its end to what the CP group can shard and the pa
 from __future__ import annotations
 
 import os
-import sys
 
+from hyena_cp.distributed import exit_process
 from hyena_cp.host_memory import tune_host_memory
 from hyena_cp.lazy import LazyConfig
 from hyena_cp.train.cli import config_args, run_launcher
@@ -36,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
-    sys.exit(run_launcher(main))
+    exit_process(run_launcher(main))

@@ -9,9 +9,9 @@ and ``model.yaml``; `hyena_cp.train.export.load_exported` builds the model from 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from hyena_cp.distributed import exit_process
 from hyena_cp.host_memory import tune_host_memory
 from hyena_cp.lazy import LazyConfig
 from hyena_cp.train.cli import config_args, run_launcher
@@ -33,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
-    sys.exit(run_launcher(main))
+    exit_process(run_launcher(main))

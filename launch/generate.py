@@ -11,9 +11,9 @@ training run used; the world must be ``cp * tp``). ``generate.prompt`` is taken 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
+from hyena_cp.distributed import exit_process
 from hyena_cp.host_memory import tune_host_memory
 from hyena_cp.lazy import LazyConfig
 from hyena_cp.train.cli import config_args, run_launcher
@@ -43,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     tune_host_memory()  # before the first large CPU tensor: huge pages, freed memory kept (hyena_cp.host_memory)
-    sys.exit(run_launcher(main))
+    exit_process(run_launcher(main))

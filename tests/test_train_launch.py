@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +81,15 @@ def test_a_user_error_is_printed_once_by_rank_zero_and_recorded_for_torchrun(tmp
 
     with pytest.raises(ZeroDivisionError):
         run_launcher(bug)
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_process_keeps_the_status_and_what_was_printed(world):
+    """Under torchrun the launchers leave with ``os._exit`` (hyena_cp.distributed.exit_process):
+    the status must survive it, and buffered stdout must be flushed first."""
+    code = ("import sys; from hyena_cp.distributed import exit_process; "
+            "sys.stdout.write('printed before exit'); exit_process(3)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": world}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "printed before exit"

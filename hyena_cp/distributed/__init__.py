@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from .fsdp import DP_MODES, apply_data_parallel, block_modules, full_parameters
 from .grad_norm import clip_grad_norm, grad_norm
-from .mesh import ParallelDims, ParallelGroups, destroy_parallel, init_parallel
+from .mesh import ParallelDims, ParallelGroups, destroy_parallel, exit_process, init_parallel
 from .state_bytes import StateBytes, state_bytes
 
 __all__ = ["DP_MODES", "ParallelDims", "ParallelGroups", "StateBytes", "apply_data_parallel", "block_modules",
-           "clip_grad_norm", "destroy_parallel", "full_parameters", "grad_norm", "init_parallel", "state_bytes"]
+           "clip_grad_norm", "destroy_parallel", "exit_process", "full_parameters", "grad_norm", "init_parallel", "state_bytes"]
