@@ -21,6 +21,7 @@ task.extra_eval_lens = []
 optimizer.lr = 1e-3  # a continuation: a fifth of the first run's peak
 parallel.cp = 2
 train.steps = 30
+train.log_every = 1  # every step's loss: the trajectory compared with a CP=1 rerun (launch/compare_runs.py)
 train.warmup_steps = 5
 train.eval_every = 15
 train.ckpt_every = 10
