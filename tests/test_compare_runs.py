@@ -1,5 +1,6 @@
 """`launch/compare_runs.py` (`hyena_cp.train.compare`): two runs' logged losses, gradient norms
-and validation metrics matched by step; a difference above rtol fails, one below passes."""
+and validation metrics matched by step; a difference above rtol fails, one below passes.
+`launch/plot_runs.py` draws the validation accuracies of several runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,3 +47,16 @@ def test_equal_runs_pass_and_a_changed_loss_fails(tmp_path, launcher, capsys):
 def test_a_folder_without_metrics_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="output folder"):
         compare_runs(tmp_path, tmp_path)
+
+
+def test_plot_runs_draws_every_accuracy_of_every_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_runs", ROOT / "launch" / "plot_runs.py")
+    plot_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_runs)
+    for name in ("a", "b"):
+        run = write_run(tmp_path / name, [3.0, 2.0], 0.5)
+        (run / "config.yaml").write_text("task:\n  eval_len: 64\n  length_steps: [0, 1]\n")
+    out = tmp_path / "acc.png"
+    assert plot_runs.main([str(out), f"{tmp_path / 'a'}=Hyena", str(tmp_path / "b")]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_runs.main([str(tmp_path / "a")]) == 2
