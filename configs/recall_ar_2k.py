@@ -12,9 +12,12 @@ labels are the keys whose value an earlier pair already determines, plus the que
 accuracy at the query position of 256 held-out sequences of 2048 tokens (and of 256 tokens,
 ``val_acc_256``). Filters take absolute positions up to 32k (``hyena.max_len``), so this
 model continues at 8k and 32k (configs/recall_ar_8k.py starts from its weights).
+Measured (2 shared CPU cores): 100.00 % at 2048 tokens after 1300 steps, 789 s; 99.2 % at
+2048 already at step 800, from 256-token training alone (docs/results.md).
 
 What differs from the paper's recipe (2000 fixed samples, 200 epochs, batch 32, lr 5e-4, one
-length) and why: a CPU run affords about 20M training tokens, the paper's about 100x more.
+length) and why: a CPU run affords tens of millions of training tokens, the paper's run used
+~12B (2000 samples x 200 epochs x 30k tokens).
 Fresh samples every step (nothing to overfit), a short-to-long curriculum, lr 5e-3 and an
 initialisation std of 0.1 instead of megatron's 0.02 (Hyena's q*k*v product of three small
 projections starts near zero and learns slowly; 0.1 is about PyTorch's default Linear scale).

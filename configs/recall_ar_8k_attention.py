@@ -7,7 +7,7 @@ continues from that run's weights on 8192-token sequences.
 One process: with a causal mask and no CP, scaled_dot_product_attention's fused CPU kernel
 never stores the 8192 x 8192 scores; under CP the attention layers take an explicit mask of
 global positions. Attention costs ~L^2: at 8k a step of 32 sequences takes minutes on a CPU,
-so this run takes 10 steps of 8 sequences and is validated on 128 sequences.
+so this run takes 10 steps of 8 sequences and is validated on 128 sequences: 22.66 % (185 s).
 """
 from hyena_cp.lazy import LazyConfig
 
