@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for spec in argv[1:]:
         folder, _, label = spec.partition("=")
         records = [r for r in MetricsLog.read(Path(folder) / "metrics.jsonl") if "event" not in r]
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
             ax.plot(*zip(*points), "o-", ms=3, label=f"{name} ({length} tokens)" if length else name)
     ax.set(xlabel="step", ylabel="validation accuracy (%)", ylim=(0, 101))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines span the whole height
     fig.tight_layout()
     fig.savefig(argv[0], dpi=110)
     print(f"wrote {argv[0]}")
