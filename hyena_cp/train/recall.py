@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from hyena_cp.data.associative_recall import RECALL_TARGETS, FreshBatches, Targets, associative_recall
 from hyena_cp.data.sampling import cp_shard_tokens, dp_slice, eval_range
 from hyena_cp.data.stdlib_text import IGNORE_INDEX
-from hyena_cp.parallel.dims import ParallelGroups
+from hyena_cp.distributed.mesh import ParallelGroups
 from hyena_cp.parallel.reductions import group_sum
 from hyena_cp.train.tasks import LMBatch
 
