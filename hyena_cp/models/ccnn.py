@@ -155,4 +155,6 @@ class CCNN(nn.Module):
         with agreed(cp_group):  # every block's shapes follow from x: no per-mixer check
             for block in self.blocks:
                 h = block(h, cp_group=cp_group)
-        return self.out_proj(self.norm(h))
+        # linear on [B, *S, C] returns a view of its 2-D result; FSDP2 hooks the root's output for
+        # backward and warns on views (an in-place op would bypass the hook): return a tensor of its own
+        return self.out_proj(self.norm(h)).clone()
