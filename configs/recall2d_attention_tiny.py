@@ -9,5 +9,5 @@ from hyena_cp.lazy import LazyConfig
 
 model, task, optimizer, parallel, train = LazyConfig.load_rel(
     "recall2d_hyena_tiny.py", ("model", "task", "optimizer", "parallel", "train"))
-model.mixer = "attention"  # every block; the Hyena settings stay unused
+model.mixers = "attention"  # every block; the Hyena settings stay unused
 model.attention = dict(num_heads=4, rope_theta=100.0)  # head_dim 8: 2 rotation pairs per axis

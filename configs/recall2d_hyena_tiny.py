@@ -23,7 +23,7 @@ model = LazyCall(CCNN)(
     grid=(64, 64),
     dim=32,
     depth=4,
-    mixer="hyena",
+    mixers="hyena",  # or "attention", or one per block
     mlp_ratio=2.0,
     norm="layernorm",
     hyena=dict(
@@ -33,7 +33,7 @@ model = LazyCall(CCNN)(
         mask=None,
         conv_norm="layernorm",
     ),
-    mixer_kwargs=dict(short_kernel_size=3, bias=False, norm=None, in_proj_init="small", out_proj_init="wang",
+    mixer=dict(short_kernel_size=3, bias=False, norm=None, in_proj_init="small", out_proj_init="wang",
                       init_num_layers="${model.depth}"),
 )
 task = LazyCall(SpatialRecallTask)(

@@ -16,10 +16,12 @@ from hyena_cp.train.spatial_tasks import SpatialRecallTask
 
 model, optimizer, train = LazyConfig.load_rel("recall2d_hyena_tiny.py", ("model", "optimizer", "train"))
 model.grid = (8, 32, 32)
+model.dim = 16  # a 3-D FFT over the zero-padded 16x64x64 grid per channel: half the 2-D width keeps it minutes
+model.hyena.num_heads = 16  # one filter per channel
 task = LazyCall(SpatialRecallTask)(
     data=LazyCall(make_spatial_recall)(size="${model.grid}", glyph_size=8, num_train=50000, num_val=256,
                                        noise_std=0.0, placement="random", seed=0),
-    global_batch_size=16,
+    global_batch_size=8,
     eval_batch_size=32,
 )
 parallel = dict(cp=2, backend="auto", timeout_s=300, megatron=False, dp_mode="fsdp", mixed_precision=None)

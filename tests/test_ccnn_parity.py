@@ -23,7 +23,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 @dataclass(frozen=True)
 class Case:
     grid: tuple
-    mixer: str = "hyena"
+    mixer: str | tuple = "hyena"  # every block, or one per block
+    boundary: tuple | None = None  # of the Hyena (None: linear on every axis)
     siren: bool = False  # nvSubquadratic's recall recipe (SIREN, no mask, conv norm, gates) instead of the defaults
     dtype: torch.dtype = torch.float64
     worlds: tuple = (1, 2)
@@ -37,13 +38,15 @@ CASES = {
     "3d_hyena": Case((4, 5, 6), worlds=(1, 2, 4)),
     "3d_hyena_siren": Case((4, 3, 5), siren=True, worlds=(1, 2, 4)),
     "3d_attention": Case((4, 3, 5), mixer="attention", worlds=(1, 2, 4), attention_heads=1),
+    "3d_hybrid": Case((4, 3, 5), mixer=("attention", "hyena"), worlds=(1, 2, 4), attention_heads=1),
+    "3d_hyena_causal_time": Case((16, 3, 4), boundary=("causal", "linear", "circular"), worlds=(1, 2, 4)),  # zigzag
 }
 
 
 def build(case: Case) -> tuple[CCNN, torch.Tensor, torch.Tensor]:
     """Same network, input and target on every process (seeded)."""
     torch.manual_seed(0)
-    hyena = dict(num_heads=4, filter_width=8, filter_bands=2)
+    hyena = dict(num_heads=4, filter_width=8, filter_bands=2, boundary=case.boundary)
     mixer = dict(short_kernel_size=3)
     if case.siren:
         hyena = dict(num_heads=8, filter=functools.partial(SirenFilter, L_cache=case.grid, embedding_dim=8,
@@ -51,8 +54,9 @@ def build(case: Case) -> tuple[CCNN, torch.Tensor, torch.Tensor]:
                      inner_gate="silu", outer_gate="sigmoid")
         mixer = dict(short_kernel_size=3, bias=False, norm=None, in_proj_init="small", out_proj_init="wang",
                      init_num_layers=2)
-    net = CCNN(in_channels=3, out_channels=2, grid=case.grid, dim=8, depth=2, mixer=case.mixer, hyena=hyena,
-               mixer_kwargs=mixer, attention=dict(num_heads=case.attention_heads)).to(case.dtype)
+    net = CCNN(in_channels=3, out_channels=2, grid=case.grid, dim=8, depth=2, mixers=list(case.mixer)
+               if isinstance(case.mixer, tuple) else case.mixer, hyena=hyena,
+               mixer=mixer, attention=dict(num_heads=case.attention_heads)).to(case.dtype)
     x = torch.randn(2, *case.grid, 3, dtype=case.dtype)
     return net, x, torch.randn(2, *case.grid, 2, dtype=case.dtype)
 
@@ -89,8 +93,8 @@ def worker_run(case: Case, buggy: bool = False) -> dict:
     return run(case, dist.group.WORLD, buggy)
 
 
-def check_parity(case: Case, ref: dict, results: list[dict], layout: str = "rows") -> None:
-    tol = TOL[case.dtype]
+def check_parity(case: Case, ref: dict, results: list[dict]) -> None:
+    tol, layout = TOL[case.dtype], "zigzag" if (case.boundary or ("linear",))[0] == "causal" else "rows"
     assert rel_err(unshard([r["out"] for r in results], 1, layout), ref["out"]) < tol, "output"
     assert rel_err(sum(r["loss"] for r in results), ref["loss"]) < tol, "loss"
     assert rel_err(sum(r["dx"] for r in results), ref["dx"]) < tol, "input grad"
@@ -138,7 +142,10 @@ def _call_with(case: Case, shape: tuple) -> None:
 def test_network_keys_and_config_errors():
     with pytest.raises(ValueError, match=r"\['spatial_dims'\] are set by the network"):
         CCNN(in_channels=1, out_channels=1, grid=(8, 8), dim=8, hyena=dict(spatial_dims=2))
-    with pytest.raises(ValueError, match="mixer='conv' must be one of"):
-        CCNN(in_channels=1, out_channels=1, grid=(8, 8), dim=8, mixer="conv")
+    with pytest.raises(ValueError, match="mixers='conv' must be one of"):
+        CCNN(in_channels=1, out_channels=1, grid=(8, 8), dim=8, mixers="conv")
     with pytest.raises(ValueError, match="attention num_heads=4 must divide dim=8 into even heads of at least"):
-        CCNN(in_channels=1, out_channels=1, grid=(4, 4, 4), dim=8, mixer="attention", attention=dict(num_heads=4))
+        CCNN(in_channels=1, out_channels=1, grid=(4, 4, 4), dim=8, mixers="attention", attention=dict(num_heads=4))
+    with pytest.raises(ValueError, match="attention blocks need the rows layout"):
+        CCNN(in_channels=1, out_channels=1, grid=(8, 8), dim=8, depth=2, mixers=["hyena", "attention"],
+             hyena=dict(boundary=("causal", "linear")), attention=dict(num_heads=2))

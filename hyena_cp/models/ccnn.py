@@ -4,16 +4,19 @@ Hyena or attention token mixing, for per-position outputs on a grid (regression,
 ``x [B, *S, C_in] -> pointwise in_proj -> depth x block -> norm -> pointwise out_proj -> [B, *S, C_out]``,
 channels last, S = ``(L,)``, ``(H, W)`` or ``(T, H, W)``; no convolution or patching outside the
 mixers, so every output position sees the whole input only through the token mixers. A block
-is pre-norm residual: ``x = x + mixer(norm1(x))``, ``x = x + mlp(norm2(x))`` (GELU MLP). The mixer:
+is pre-norm residual: ``x = x + mixer(norm1(x))``, ``x = x + mlp(norm2(x))`` (GELU MLP). The mixer of
+each block (``mixers``: one name for every block or one per block, as for the ViT-5 networks):
 
 - ``"hyena"``: ``QKVSequenceMixer(Hyena(spatial_dims=D))`` — the N-D operator with whatever
   filter, mask, gates and norms ``hyena=`` / ``mixer=`` give it (the network sets ``hidden_dim``,
-  ``spatial_dims`` and, for the default filter, ``max_grid``).
+  ``spatial_dims`` and, for the default filter, ``max_grid``; ``filter`` / ``mask`` are factories —
+  a class, ``functools.partial`` or a ``_partial_`` config — so that every block builds its own).
 - ``"attention"``: `GridAttention` — global attention over all tokens, axial RoPE, QK-norm.
 
 Context parallelism (``cp_group`` of P ranks): every rank receives the FULL input batch (as
 the ViT-5 networks do) and keeps its own block of the first spatial axis (`layout`: contiguous
-blocks, rows of a canvas or frames of a volume; zigzag if the Hyena's first axis is causal),
+blocks, rows of a canvas or frames of a volume; zigzag if the Hyena's first axis is causal,
+which attention blocks do not support),
 so ``S0 % P == 0`` (``2P`` for zigzag). Everything but the mixers is position-local; the
 output is this rank's block ``[B, S0/P, *S_rest, C_out]``: `local_part` cuts the matching block
 of a full target, and a loss that is a sum over positions divided by the GLOBAL count, computed
@@ -82,42 +85,48 @@ class CCNN(nn.Module):
             must have it; the default Hyena filter takes it as its positional reference).
         dim: width C of the blocks.
         depth: blocks.
-        mixer: "hyena" or "attention" (every block).
+        mixers: "hyena" or "attention" for every block, or a list of one name per block.
         mlp_ratio: hidden width of the MLPs, times C.
         norm, norm_eps: "layernorm" or "rmsnorm" (the blocks' two norms and the final one).
         hyena: `Hyena` kwargs (``num_heads``, ``filter``, ``mask``, ``boundary``, gates, norms).
-        mixer_kwargs: `QKVSequenceMixer` kwargs (``short_kernel_size``, ``norm``, ``bias``, inits).
-        attention: `GridAttention` kwargs (``num_heads``, ``rope_theta``) for ``mixer="attention"``.
+        mixer: `QKVSequenceMixer` kwargs (``short_kernel_size``, ``norm``, ``bias``, inits).
+        attention: `GridAttention` kwargs (``num_heads``, ``rope_theta``) of attention blocks.
         check_agreement: "always" (compare the CP ranks' input shapes once per forward) or "off".
     """
 
     def __init__(self, *, in_channels: int, out_channels: int, grid: Sequence[int], dim: int = 64, depth: int = 4,
-                 mixer: str = "hyena", mlp_ratio: float = 2.0, norm: str = "layernorm", norm_eps: float = 1e-5,
-                 hyena: Mapping[str, Any] | None = None, mixer_kwargs: Mapping[str, Any] | None = None,
+                 mixers: str | Sequence[str] = "hyena", mlp_ratio: float = 2.0, norm: str = "layernorm",
+                 norm_eps: float = 1e-5, hyena: Mapping[str, Any] | None = None, mixer: Mapping[str, Any] | None = None,
                  attention: Mapping[str, Any] | None = None, check_agreement: str = "always"):
         super().__init__()
         self.check_agreement = check_agreement_policy(check_agreement)
         self.grid = tuple(int(n) for n in grid)
         if not 1 <= len(self.grid) <= 3 or min(self.grid) < 1:
             raise ValueError(f"grid={tuple(grid)} must give 1, 2 or 3 positive sizes (L,), (H, W) or (T, H, W)")
-        if mixer not in MIXERS or norm not in NORMS or depth < 1:
-            raise ValueError(f"mixer={mixer!r} must be one of {MIXERS}, norm={norm!r} one of {sorted(NORMS)}, "
-                             f"depth={depth} >= 1")
-        self.in_channels, self.out_channels, self.mixer_kind = in_channels, out_channels, mixer
-        kinds = dict(hyena=dict(hyena or {}), mixer=dict(mixer_kwargs or {}), attention=dict(attention or {}))
+        if norm not in NORMS or depth < 1:
+            raise ValueError(f"norm={norm!r} must be one of {sorted(NORMS)} and depth={depth} >= 1")
+        names = [mixers] * depth if isinstance(mixers, str) else list(mixers)
+        if len(names) != depth or any(n not in MIXERS for n in names):
+            raise ValueError(f"mixers={mixers!r} must be one of {MIXERS} or a list of {depth} of them (one per block)")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        kwargs = dict(hyena=dict(hyena or {}), mixer=dict(mixer or {}), attention=dict(attention or {}))
         self.in_proj = nn.Linear(in_channels, dim)
         self.blocks = nn.ModuleList(
-            CCNNBlock(dim=dim, mixer=_build_mixer(mixer, dim=dim, grid=self.grid, **kinds), mlp_ratio=mlp_ratio,
+            CCNNBlock(dim=dim, mixer=_build_mixer(kind, dim=dim, grid=self.grid, **kwargs), mlp_ratio=mlp_ratio,
                       norm=norm, norm_eps=norm_eps)
-            for _ in range(depth))
+            for kind in names)
         self.norm = NORMS[norm](dim, eps=norm_eps)
         self.out_proj = nn.Linear(dim, out_channels)
+        self.layout = self._layout()
 
-    @property
-    def layout(self) -> str:
-        """The CP layout of the first axis: the Hyena geometry's, "rows" for attention."""
-        first = self.blocks[0].mixer
-        return first.geometry.layout if isinstance(first, QKVSequenceMixer) else "rows"
+    def _layout(self) -> str:
+        """The CP layout of the first axis: the Hyena geometry's (zigzag for a causal first axis), else rows."""
+        hyenas = [b.mixer for b in self.blocks if isinstance(b.mixer, QKVSequenceMixer)]
+        layout = hyenas[0].geometry.layout if hyenas else "rows"
+        if layout != "rows" and len(hyenas) < len(self.blocks):
+            raise ValueError("attention blocks need the rows layout: a causal first Hyena axis (zigzag) cannot be "
+                             "mixed with attention blocks; use boundary='linear' or 'circular' on the first axis")
+        return layout
 
     def local_part(self, t: torch.Tensor, cp_group=None) -> torch.Tensor:
         """This rank's block of a FULL ``[B, *S, ...]`` tensor (e.g. the target), as the output holds it."""
@@ -137,11 +146,11 @@ class CCNN(nn.Module):
         if self.grid[0] % parts:
             raise ValueError(f"the first axis ({self.grid[0]}) must be divisible by {parts} for a cp_group of {world} "
                              f"({self.layout} layout); choose another cp size or grid")
-        first = self.blocks[0].mixer
-        if isinstance(first, QKVSequenceMixer):
-            first.hyena.check_input(self.grid, world)
-            first.geometry.check_shard(self.grid, world, first.short_kernel_size or 1,
-                                       halo=first.short_conv_cp == "halo" and first.short_conv is not None)
+        for mixer in {type(b.mixer): b.mixer for b in self.blocks}.values():  # one of each kind: blocks are alike
+            if isinstance(mixer, QKVSequenceMixer):
+                mixer.hyena.check_input(self.grid, world)
+                mixer.geometry.check_shard(self.grid, world, mixer.short_kernel_size or 1,
+                                           halo=mixer.short_conv_cp == "halo" and mixer.short_conv is not None)
 
     def forward(self, x: torch.Tensor, *, cp_group=None) -> torch.Tensor:
         """``x: [B, *S, C_in]``, the FULL batch on every CP rank -> ``[B, S0/P, *S_rest, C_out]``
