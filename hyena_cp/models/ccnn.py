@@ -1,4 +1,4 @@
-"""CCNN: a dense N-D network (continuous-kernel CNN in the style of Romero, Knigge et al.) with
+"""CCNN: a dense N-D network (the residual continuous-kernel CNN of Knigge, Romero et al. 2023) with
 Hyena or attention token mixing, for per-position outputs on a grid (regression, segmentation).
 
 ``x [B, *S, C_in] -> pointwise in_proj -> depth x block -> norm -> pointwise out_proj -> [B, *S, C_out]``,
@@ -15,13 +15,12 @@ each block (``mixers``: one name for every block or one per block, as for the Vi
 
 Context parallelism (``cp_group`` of P ranks): every rank receives the FULL input batch (as
 the ViT-5 networks do) and keeps its own block of the first spatial axis (`layout`: contiguous
-blocks, rows of a canvas or frames of a volume; zigzag if the Hyena's first axis is causal,
-which attention blocks do not support),
-so ``S0 % P == 0`` (``2P`` for zigzag). Everything but the mixers is position-local; the
-output is this rank's block ``[B, S0/P, *S_rest, C_out]``: `local_part` cuts the matching block
-of a full target, and a loss that is a sum over positions divided by the GLOBAL count, computed
-on each rank's block, adds up over the ranks to the single-process loss (the training loop's
-invariant). The input's gradient on each rank is nonzero on its own block only; summed over
+blocks, rows of a canvas or frames of a volume; zigzag if the Hyena's first axis is causal, which
+attention blocks do not support), so ``S0 % P == 0`` (``2P`` for zigzag). Everything but the
+mixers is position-local; the output is this rank's block ``[B, S0/P, *S_rest, C_out]``:
+`local_part` cuts the matching block of a full target, and a loss that is a sum over positions
+divided by the GLOBAL count, computed on each rank's block, adds up over the ranks to the
+single-process loss (the training loop's invariant). The input's gradient on each rank is nonzero on its own block only; summed over
 the ranks it is the single-process gradient.
 
 Cross-rank agreement (``check_agreement="always"``): the input shapes are compared once per
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hyena_cp.models.blocks import Mlp
+from hyena_cp.models.blocks import MIXERS, Mlp
 from hyena_cp.models.grid_attention import GridAttention
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
@@ -44,7 +43,6 @@ from hyena_cp.parallel import (agreed, check_agreement_policy, check_group, chec
 
 __all__ = ["CCNN", "CCNNBlock"]
 
-MIXERS = ("hyena", "attention")
 NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 _NETWORK_KEYS = ("hidden_dim", "spatial_dims", "max_grid", "max_len")
 
