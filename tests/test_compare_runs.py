@@ -60,3 +60,7 @@ def test_plot_runs_draws_every_accuracy_of_every_run(tmp_path):
     assert plot_runs.main([str(out), f"{tmp_path / 'a'}=Hyena", str(tmp_path / "b")]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_runs.main([str(tmp_path / "a")]) == 2
+    panels = tmp_path / "panels.png"
+    assert plot_runs.main([str(panels), str(tmp_path / "a"), "--metrics", "loss", "val_acc"]) == 0
+    assert panels.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_runs.main([str(panels), str(tmp_path / "missing")]) == 2
