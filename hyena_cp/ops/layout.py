@@ -7,7 +7,8 @@ __all__ = ["channels_last"]
 
 
 class _ChannelsLast(torch.autograd.Function):
-    """``y.movedim(1, -1)`` as a contiguous copy, and a contiguous copy back in backward.
+    """``y.movedim(1, -1)`` as a contiguous copy, and a contiguous copy back in backward (none for a
+    channels-last ``y``, below).
 
     The Hyena core works channels first (the FFT runs along the contiguous last dim) and the
     norm and out_proj channels last. A plain ``movedim`` view would make the norm copy in
@@ -17,17 +18,25 @@ class _ChannelsLast(torch.autograd.Function):
     one explicit transposing copy (measured side by side with the view; the fp32 layer,
     forward + backward, 2-core CPU). Under
     ``torch.compile`` the copies fuse into the neighbouring kernels (no measured change).
+
+    A ``y`` that already lies channels last in memory (a grid's Hyena works channels last: the
+    projection's output, the short conv's, the FFT conv's) needs no copy either way: its gradient
+    is handed back as the matching channels-first view of the channels-last gradient.
     """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        return y.movedim(1, -1).contiguous()
+        out = y.movedim(1, -1)
+        ctx.already = out.is_contiguous()
+        return out.contiguous()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.movedim(-1, 1).contiguous()
+        grad = grad.movedim(-1, 1)
+        return grad if ctx.already else grad.contiguous()
 
 
 def channels_last(y: torch.Tensor) -> torch.Tensor:
-    """``[B, C, *S] -> [B, *S, C]`` contiguous, with a contiguous channels-first gradient."""
+    """``[B, C, *S] -> [B, *S, C]`` contiguous; its gradient comes back in ``y``'s memory layout (a
+    contiguous channels-first copy, or a view when ``y`` lies channels last)."""
     return _ChannelsLast.apply(y)
