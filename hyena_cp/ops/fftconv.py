@@ -36,6 +36,7 @@ from einops import rearrange
 
 from hyena_cp.ops import kernels
 from hyena_cp.ops.boundary import fft_extent, kernel_extent, kernel_offsets
+from hyena_cp.ops.layout import channels_first_copy, copy_in_layout_of
 from hyena_cp.ops.packing import DocumentBuckets, is_one_document_per_row
 
 __all__ = ["fft_causal_conv1d", "fft_conv_nd", "fft_conv2d", "fft_size"]
@@ -222,13 +223,11 @@ def _group_sum(g_f: torch.Tensor, u_f: torch.Tensor, groups: int, per_sample: bo
 
 
 def _in_layout_of(ref: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``y + d * x`` (``d`` per channel, or just ``y``) written into a new tensor with ``ref``'s memory
-    layout: the conv hands its output (and ``u``'s gradient) back in the layout its input came in, so a
-    channels-last caller stays channels-last, in the one pass that copies the window out anyway."""
-    out = torch.empty_like(ref)
-    if d is None:
-        return out.copy_(y)
-    return torch.addcmul(y, x, d.reshape(-1, *([1] * (y.dim() - 2))), out=out)
+    """``y + d * x`` (``d`` per channel, or just ``y``) in a new tensor with ``ref``'s memory layout: the
+    conv hands its output (and ``u``'s gradient) back in the layout its input came in, so a
+    channels-last caller stays channels last; ``x`` has that layout too."""
+    out = copy_in_layout_of(ref, y)
+    return out if d is None else out.addcmul_(x, d.reshape(-1, *([1] * (y.dim() - 2))))
 
 
 class _FFTConvND(torch.autograd.Function):
@@ -245,7 +244,7 @@ class _FFTConvND(torch.autograd.Function):
         dims = len(extents)
         axes = tuple(range(-dims, 0))
         sizes = tuple(u.shape[-dims:])
-        u_f = torch.fft.rfftn(u.contiguous(), s=extents, dim=axes)
+        u_f = torch.fft.rfftn(channels_first_copy(u), s=extents, dim=axes)
         k_f = torch.fft.rfftn(k, s=extents, dim=axes)
         y = _irfftn_window(_grouped_product(u_f, k_f), extents, starts, sizes)
         keep_u = d is not None and ctx.needs_input_grad[2]
@@ -260,7 +259,7 @@ class _FFTConvND(torch.autograd.Function):
         dims = len(extents)
         zero = (0,) * dims
         embedded = grad.new_zeros(*grad.shape[:2], *extents)  # the adjoint of the window: g at its place, zeros around
-        embedded[(..., *(slice(s, s + n) for s, n in zip(starts, sizes)))] = grad
+        embedded[(..., *(slice(s, s + n) for s, n in zip(starts, sizes)))] = channels_first_copy(grad)
         g_f = torch.fft.rfftn(embedded, dim=tuple(range(-dims, 0)))
         grad_u = grad_k = grad_d = None
         if ctx.needs_input_grad[0]:
