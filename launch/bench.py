@@ -3,7 +3,7 @@ efficiency on CPU, LM quality, packed sequences, cached decoding, parameter/grad
 bytes per rank (FSDP2), speed (eager vs compiled, fp32 vs bf16, vs SDPA and a reference Hyena
 layer), the StripedHyena 2 / HyenaDNA operators and models, and one GPU where CUDA is present.
 
-    python launch/bench.py [--out DIR] [--quick] [--sections comm,memory,scaling,cp,lm,packing,gen,sharding,speed,striped,gpu] [--threads N]
+    python launch/bench.py [--out DIR] [--quick] [--sections comm,memory,scaling,cp,lm,packing,gen,sharding,speed,striped,nvsub,gpu] [--threads N]
 
 One command, no torchrun: the multi-rank sections start their own gloo groups of P = 1, 2, 4
 local processes (from a fork server, `hyena_cp.bench.ranks`). Writes DIR/bench.md (tables), DIR/bench.json (raw

@@ -1,6 +1,8 @@
 """launch/bench.py: the --quick smoke run of every section (byte counts asserted exactly
-against the floor and, for generation caches, against 1/P; timings never asserted), the GPU section's code on CPU, and the
-measurement helpers on cases small enough to count by hand."""
+against the floor and, for generation caches, against 1/P; timings never asserted), 1-D, 2-D and
+3-D layers (3-D also causal time x circular space), the nvSubquadratic section with and without
+the peer installed, the GPU section's code on CPU, and the measurement helpers on cases small
+enough to count by hand."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,10 +15,11 @@ import torch
 from torch import nn
 
 from hyena_cp.bench import gpu
-from hyena_cp.bench.layer import comm_floor_bytes
+from hyena_cp.bench.layer import CAUSAL_TIME, comm_floor_bytes
 from hyena_cp.bench.measure import TrafficCounter, peak_memory, saved_for_backward, timed_rounds
 from hyena_cp.bench.ranks import RankFailure, RankPools
-from hyena_cp.bench.scaling import crossover
+from hyena_cp.bench.scaling import crossover, extrapolate
+from hyena_cp.modules.geometry import Geometry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +55,7 @@ def test_quick_run_writes_every_section(quick_run):
     for title in ("Communication per rank", "Activation memory per rank", "Hyena vs attention (one process)",
                   "CP efficiency (CPU)", "Generation: cached decoding and cache memory"):
         assert f"## {title}" in text
-    for plot in ("comm_bytes.png", "memory_per_rank.png", "scaling_1d.png", "scaling_2d.png"):
+    for plot in ("comm_bytes.png", "memory_per_rank.png", "scaling_1d.png", "scaling_2d.png", "scaling_3d.png"):
         assert (out / plot).stat().st_size > 0
     assert set(json.loads((out / "bench.json").read_text())) == set(sections)
     if not torch.cuda.is_available():
@@ -65,13 +68,28 @@ def test_quick_run_default_mode_sends_exactly_the_floor(quick_run):
     rows = quick_run[1]["Communication per rank"].data["rows"]
     default = [r for r in rows if r["mode"].startswith("default")]
     assert {(r["layer"], r["world"]) for r in default} == {(r["layer"], w) for r in default for w in (2, 4)}
+    assert {len(r["shape"]) - 2 for r in default} == {1, 2, 3}
+    assert any(tuple(r["boundaries"]) == CAUSAL_TIME for r in default)
     for r in default:
-        world = r["world"]
+        world, geometry = r["world"], Geometry(tuple(r["boundaries"]))
         for rank in range(world):
-            assert r["measured"][rank] == comm_floor_bytes(tuple(r["shape"]), r["kernel"], world, rank, 4), r
-            p2p = 2 * ((rank < world - 1) + (rank > 0))
+            floor = comm_floor_bytes(tuple(r["shape"]), r["kernel"], world, rank, 4, geometry)
+            assert r["measured"][rank] == floor, r
+            p2p = 2 * geometry.halo_traffic(r["kernel"], world, rank)[0]  # one send and receive per peer and pass
             assert r["calls"][rank] == {"alltoall_base_": 4, "send": p2p, "recv_": p2p}, r
             assert r["counted_calls"][rank] == {"all_to_all": 4, "p2p": p2p}, r
+
+
+def test_quick_run_floor_of_the_wrong_geometry_does_not_match(quick_run):
+    """Negative twin: the causal video's measured bytes are NOT the floor of a linear volume of the same
+    shape (its zigzag chunks exchange K-1 frames with each peer, rows blocks K//2), so the geometry the
+    floor is computed for matters and the check above can fail."""
+    rows = quick_run[1]["Communication per rank"].data["rows"]
+    video = [r for r in rows if r["mode"].startswith("default") and tuple(r["boundaries"]) == CAUSAL_TIME]
+    assert video
+    for r in video:
+        wrong = [comm_floor_bytes(tuple(r["shape"]), r["kernel"], r["world"], rank, 4) for rank in range(r["world"])]
+        assert wrong != r["measured"], r
 
 
 def test_quick_run_booked_bytes_equal_the_measured_ones(quick_run):
@@ -102,6 +120,8 @@ def test_quick_run_memory_per_rank_meets_the_target(quick_run):
     1.15/P of P=1, and with the filter MLP stored so is everything but the filter."""
     layers = quick_run[1]["Activation memory per rank"].data["layers"]
     assert any("ViT-5-Hyena tiny" in label for label in layers)
+    assert any(label.count("x") == 2 and "stored" not in label for label in layers)  # a 3-D volume
+    assert any("causal x circular x circular" in label for label in layers)  # causal time x periodic space
     for label, per_world in layers.items():
         if "ViT" in label:  # the nets also pad grid rows to a multiple of P
             continue
@@ -314,3 +334,65 @@ def worker_parameter_count() -> tuple[int, int]:
 def test_byte_model_counts_the_parameters_of_a_converted_evo2(dist_run):
     counted, formula = dist_run(worker_parameter_count, 1)[0]
     assert counted == formula
+
+
+def test_quick_run_scaling_has_the_3d_volume_with_attention_extrapolated(quick_run):
+    data = quick_run[1]["Hyena vs attention (one process)"].data["3d"]
+    vol = data["volume"]
+    assert vol["tokens"] > data["tokens"][-1] and vol["hyena"]["fb_s"] > 0
+    assert vol["attention_extrapolated"]["fb_s"] == pytest.approx(
+        data["results"][-1]["attention"]["fb_s"] * (vol["tokens"] / data["tokens"][-1]) ** 2)
+    table = quick_run[1]["Hyena vs attention (one process)"].tables[-1]
+    assert "extrapolated" in table.rows[-1][0] and table.rows[-1][3].startswith("~")
+
+
+def test_extrapolate_is_quadratic_from_the_largest_size():
+    seconds, slope = extrapolate([1000, 2000], [1.0, 4.0], 8000)
+    assert seconds == pytest.approx(64.0) and slope == pytest.approx(2.0)
+    assert extrapolate([1000, 2000], [1.0, 2.0], 4000)[1] == pytest.approx(1.0)
+
+
+def test_quick_run_nvsub_section_says_how_to_install_the_peer_when_missing(quick_run):
+    from hyena_cp.bench import peer
+
+    section = quick_run[1][peer.TITLE]
+    if peer.installed():
+        assert section.data["installed"] and section.data["results"]
+        return
+    assert section.data == {"installed": False} and not section.tables
+    assert any("pip install --no-deps nvsubquadratic==0.2.0" in n for n in section.notes)
+
+
+def test_nvsub_section_without_the_peer_measures_nothing(tmp_path, monkeypatch):
+    from hyena_cp.bench import BenchContext, peer
+
+    monkeypatch.setattr(peer, "installed", lambda: False)
+    section = peer.run(BenchContext(out=tmp_path, quick=True, threads=1, pools=None))
+    assert not section.tables and len(section.notes) == 1 and peer.INSTALL in section.notes[0]
+
+
+def test_nvsub_section_quick_with_the_peer(tmp_path):
+    """With nvSubquadratic installed: the converted layer computes its function (asserted inside,
+    to float32 round-off) and every ratio is measured; timings are never asserted."""
+    pytest.importorskip("nvsubquadratic")
+    from hyena_cp.bench import BenchContext, peer
+
+    section = peer.run(BenchContext(out=tmp_path, quick=True, threads=1, pools=None))
+    (r,) = section.data["results"]
+    assert max(r["agreement"].values()) < peer.AGREE_TOL
+    assert all(v > 0 for ratios in r["ratios"].values() for v in ratios.values())
+    assert all(len(t["wall"]) == peer.sizes(True)[2] for t in r["times"].values())
+
+
+def test_nvsub_agreement_check_fails_on_a_different_function():
+    """Negative twin of the agreement check: a perturbed weight in ours is caught before timing."""
+    pytest.importorskip("nvsubquadratic")
+    from hyena_cp.bench import peer
+
+    layers = peer.matched_layers(16, 8)
+    x = torch.randn(1, 8, 8, 16)
+    assert max(peer.agreement(layers["nvSubquadratic"], layers["ours"], x).values()) < peer.AGREE_TOL
+    with torch.no_grad():
+        layers["ours"].hyena.skip.mul_(1.5)
+    with pytest.raises(ValueError, match="does not compute"):
+        peer.agreement(layers["nvSubquadratic"], layers["ours"], x)

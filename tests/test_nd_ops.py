@@ -50,6 +50,28 @@ def test_fft_conv_nd_matches_direct(boundaries, size, per_sample):
         assert rel_err(a, b) < TOL64, name
 
 
+@pytest.mark.parametrize("boundaries,size", [GRIDS[4], GRIDS[6], GRIDS[10]], ids=lambda v: str(v))
+def test_fft_conv_nd_keeps_a_channels_last_layout(boundaries, size):
+    """A channels-last ``u`` (a grid mixer's z) gives the same values and gradients as a contiguous one,
+    and its output and ``u``'s gradient come back channels last (the layout the caller works in)."""
+    g = torch.Generator().manual_seed(7)
+    taps = tuple(kernel_extent(n, b) for n, b in zip(size, boundaries))
+    u = torch.randn(2, 4, *size, generator=g, dtype=torch.float64)
+    k = torch.randn(2, *taps, generator=g, dtype=torch.float64)
+    d = torch.randn(4, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, 4, *size, generator=g, dtype=torch.float64)
+    last = lambda t: t.movedim(1, -1).contiguous().movedim(-1, 1)  # noqa: E731  same values, channels last
+    y, grads = _grads(lambda u, k, d: fft_conv_nd(u, k, d, boundaries), [u, k, d], grad_out)
+    inputs = [last(u).requires_grad_(True), k.clone().requires_grad_(True), d.clone()]  # d: no gradient wanted
+    y_cl = fft_conv_nd(*inputs, boundaries)
+    y_cl.backward(last(grad_out))
+    assert y_cl.movedim(1, -1).is_contiguous() and inputs[0].grad.movedim(1, -1).is_contiguous()
+    torch.testing.assert_close(y_cl, y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(inputs[0].grad, grads[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(inputs[1].grad, grads[1], rtol=0, atol=1e-12)
+    assert inputs[2].grad is None
+
+
 def test_direct_reference_is_not_vacuous():
     """The references tell the boundaries apart: causal, linear and circular give different sums."""
     u = torch.randn(1, 1, 6, dtype=torch.float64)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from hyena_cp.bench.common import BenchContext, Section, Table, fmt_bytes
-from hyena_cp.bench.layer import LayerSpec, build_layer, comm_floor_bytes, fwd_bwd, local_input, ring_attention_bytes
+from hyena_cp.bench.layer import (CAUSAL_TIME, LayerSpec, build_layer, comm_floor_bytes, fwd_bwd, local_input,
+                                  ring_attention_bytes)
 from hyena_cp.bench.measure import CollectiveCounter
 from hyena_cp.bench.report import bar_plot
 from hyena_cp.parallel import agreed, count_comm
@@ -25,10 +26,14 @@ ITEMSIZE = 4  # float32
 
 
 def layer_specs(quick: bool) -> list[LayerSpec]:
-    """1-D and 2-D layers; byte counts are exact at any size, the full run uses D=256."""
+    """1-D, 2-D and 3-D layers (3-D: linear, and causal time x circular space); byte counts are
+    exact at any size, the full run uses D=256."""
     if quick:
-        return [LayerSpec((64,), channels=16, heads=4), LayerSpec((8, 4), channels=16, heads=4)]
-    return [LayerSpec((4096,)), LayerSpec((64, 64))]
+        return [LayerSpec((64,), channels=16, heads=4), LayerSpec((8, 4), channels=16, heads=4),
+                LayerSpec((8, 4, 4), channels=16, heads=4), LayerSpec((16, 4, 4), channels=16, heads=4,
+                                                                       boundary=CAUSAL_TIME)]
+    return [LayerSpec((4096,)), LayerSpec((64, 64)), LayerSpec((16, 32, 32)),
+            LayerSpec((16, 32, 32), boundary=CAUSAL_TIME)]
 
 
 def rank_bytes(group, spec: LayerSpec) -> dict:
@@ -60,14 +65,15 @@ def run(ctx: BenchContext) -> Section:
     data, ratios, groups = [], {mode: [] for mode in MODES}, []
     for base in layer_specs(ctx.quick):
         for world in WORLDS:
-            floor = [comm_floor_bytes(base.shape, base.kernel, world, r, ITEMSIZE) for r in range(world)]
-            groups.append(f"{'1-D' if base.dims == 1 else '2-D'} P={world}")
+            floor = [comm_floor_bytes(base.shape, base.kernel, world, r, ITEMSIZE, base.geometry) for r in range(world)]
+            groups.append(f"{base.kind()} P={world}")
             for mode, fields in MODES.items():
                 spec = dataclasses.replace(base, **fields)
                 measured = ctx.pools.run(world, rank_bytes, spec)
                 table.rows.append(_row(spec, world, mode, measured, floor))
                 ratios[mode].append(sum(m["bytes"] for m in measured) / sum(floor))
                 data.append({"layer": spec.label(), "shape": list(base.shape), "kernel": base.kernel, "world": world,
+                             "boundaries": list(base.geometry.boundaries),
                              "mode": mode, "measured": [m["bytes"] for m in measured], "floor": floor,
                              "calls": [m["calls"] for m in measured], "counted": [m["counted"] for m in measured],
                              "counted_calls": [m["counted_calls"] for m in measured]})

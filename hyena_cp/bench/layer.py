@@ -21,8 +21,12 @@ from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
 from hyena_cp.parallel import group_rank, group_size, shard
 
-__all__ = ["LayerSpec", "build_layer", "local_input", "comm_floor_bytes", "fir_halo_bytes", "ring_attention_bytes",
+__all__ = ["CAUSAL_TIME", "LayerSpec", "build_layer", "local_input", "comm_floor_bytes", "fir_halo_bytes", "ring_attention_bytes",
            "AttentionMixer", "fwd_bwd"]
+
+
+# a video's boundaries: causal time (zigzag frame chunks under CP) x periodic space
+CAUSAL_TIME = ("causal", "circular", "circular")
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,14 @@ class LayerSpec:
 
     def label(self) -> str:
         size = f"L={self.spatial[0]}" if self.dims == 1 else "x".join(map(str, self.spatial)) + " grid"
+        if self.boundary is not None:
+            size += ", " + " x ".join(self.geometry.boundaries)
         return size if self.checkpoint_filter else f"{size}, filter MLP stored"
+
+    def kind(self) -> str:
+        """``"1-D"``, ``"2-D"`` or ``"3-D"``, with the boundaries when they are not the default."""
+        short = {"causal": "causal", "linear": "lin", "circular": "circ"}
+        return f"{self.dims}-D" + ("" if self.boundary is None else " " + "x".join(short[b] for b in self.geometry.boundaries))
 
 
 def build_layer(spec: LayerSpec, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -152,27 +163,28 @@ def ring_attention_bytes(shape: tuple[int, ...], world: int, itemsize: int) -> i
 
 
 class AttentionMixer(nn.Module):
-    """1-D causal attention baseline with Hyena's projections: qkv Linear(C, 3C) ->
-    ``F.scaled_dot_product_attention(is_causal=True)`` -> Linear(C, C). ``x: [B, L, C]``, the
-    full sequence (single process). The 2-D baseline is the ViT-5 mixer
-    `hyena_cp.models.attention.Attention2d` itself."""
+    """Attention baseline with Hyena's projections: qkv Linear(C, 3C) ->
+    ``F.scaled_dot_product_attention(is_causal=causal)`` -> Linear(C, C). ``x: [B, L, C]``, the
+    full sequence (single process): causal for 1-D, non-causal over a volume's flattened tokens
+    for 3-D. The 2-D baseline is the ViT-5 mixer `hyena_cp.models.attention.Attention2d` itself."""
 
-    def __init__(self, *, hidden_dim: int, num_heads: int):
+    def __init__(self, *, hidden_dim: int, num_heads: int, causal: bool = True):
         super().__init__()
         if hidden_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide hidden_dim={hidden_dim}")
-        self.num_heads = num_heads
+        self.num_heads, self.causal = num_heads, causal
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
         self.proj = nn.Linear(hidden_dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
 
     def flop_count(self, num_tokens: int, inference: bool = False) -> int:
         c = self.proj.in_features
         # a causal (flash) kernel computes only the (query, key) pairs the mask keeps: half
-        parts = {"qkv": flops.linear(num_tokens, c, 3 * c), "core": flops.attention(num_tokens, num_tokens, c) / 2,
+        core = flops.attention(num_tokens, num_tokens, c) / (2 if self.causal else 1)
+        parts = {"qkv": flops.linear(num_tokens, c, 3 * c), "core": core,
                  "proj": flops.linear(num_tokens, c, c)}
         return flops.total(parts, inference)

@@ -10,7 +10,7 @@ import torch
 
 import hyena_cp
 from hyena_cp.bench.common import BenchContext, Section, Table, fmt_bytes
-from hyena_cp.bench.layer import LayerSpec, build_layer, fwd_bwd, local_input
+from hyena_cp.bench.layer import CAUSAL_TIME, LayerSpec, build_layer, fwd_bwd, local_input
 from hyena_cp.bench.measure import peak_memory, saved_for_backward
 from hyena_cp.bench.report import line_plot
 from hyena_cp.lazy import LazyConfig, instantiate
@@ -25,11 +25,18 @@ CONFIGS = Path(hyena_cp.__file__).resolve().parent.parent / "configs"
 
 
 def layer_specs(quick: bool) -> list[LayerSpec]:
-    """Each layer with the default (filter MLP recomputed in backward) and with the filter
-    MLP's activations stored, which shows what the recomputation buys."""
-    sizes = [dict(spatial=(256,), channels=16, heads=4), dict(spatial=(16, 16), channels=16, heads=4)] if quick \
-        else [dict(spatial=(8192,)), dict(spatial=(64, 64))]
-    return [LayerSpec(**size, checkpoint_filter=ckpt) for size in sizes for ckpt in (True, False)]
+    """1-D, 2-D and 3-D layers with the default (filter MLP recomputed in backward), and the first
+    three also with the filter MLP's activations stored, which shows what the recomputation buys.
+    3-D: linear, and causal time x circular space. A causal first axis is cut into 2P zigzag chunks,
+    each with the short conv's K-1 frames before it as a halo that the conv keeps for backward: with
+    32 frames a chunk at P=4 holds 4 frames (16 frames: 2, and the halo alone doubles the conv's
+    saved input per rank, past the 1.15/P target)."""
+    small = dict(channels=16, heads=4)
+    sizes = [dict(spatial=(256,), **small), dict(spatial=(16, 16), **small), dict(spatial=(8, 4, 4), **small)] \
+        if quick else [dict(spatial=(8192,)), dict(spatial=(64, 64)), dict(spatial=(16, 32, 32))]
+    video = dict(spatial=(32, 8, 8), **small) if quick else dict(spatial=(32, 32, 32))
+    return [LayerSpec(**size, checkpoint_filter=ckpt) for size in sizes for ckpt in (True, False)] + \
+        [LayerSpec(**video, boundary=CAUSAL_TIME)]
 
 
 def rank_memory(group, spec: LayerSpec) -> dict:

@@ -114,8 +114,11 @@ def group_major(out: nn.Linear, groups: slice, h: torch.Tensor) -> torch.Tensor:
     """The output layer of a generator for ``groups``, group-major: ``h [..., N, W] -> [..., G_sel, N]``.
     ``W_out @ h^T`` rather than ``(h @ W_out^T)^T``: the kernel (2^dims times a channel's grid) is then
     born contiguous in the layout the FFT conv reads, instead of being transposed by a copy."""
-    k = torch.matmul(out.weight[groups], h.transpose(-1, -2))
-    return k if out.bias is None else k + out.bias[groups, None]
+    weight, h_t = out.weight[groups], h.transpose(-1, -2)
+    if out.bias is None:
+        return torch.matmul(weight, h_t)
+    bias = out.bias[groups, None]  # added inside the matmul: no second pass over the kernel
+    return torch.addmm(bias, weight, h_t) if h.dim() == 2 else torch.baddbmm(bias, weight.expand(h.shape[0], -1, -1), h_t)
 
 
 def _check_dims(num_groups: int, spatial_dims: int, what: str) -> None:

@@ -227,6 +227,7 @@ def depthwise_conv_nd(
     if x.dim() != dims + 2 or weight.dim() != dims + 1:
         raise ValueError(f"depthwise_conv_nd expects x [N, C, *S] and weight [C, *K] with {dims} spatial axes; "
                          f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    padding = []  # per axis, the zeros the conv itself adds on both sides: no padded copy of x
     for axis, (b, taps) in enumerate(zip(boundaries, weight.shape[1:])):
         lo, hi = short_conv_reach(taps, b)
         dim = 2 + axis
@@ -234,10 +235,15 @@ def depthwise_conv_nd(
             x = torch.cat([t for t in (before, x, after) if t is not None], dim=dim)
         elif b == "circular":
             x = torch.cat([x.narrow(dim, x.shape[dim] - lo, lo), x, x.narrow(dim, 0, hi)], dim=dim)
+        elif lo == hi:
+            padding.append(lo)
+            continue
         else:
             x = F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (lo, hi))
+        padding.append(0)
     conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    return conv(x, weight.to(x.dtype).unsqueeze(1), None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+    return conv(x, weight.to(x.dtype).unsqueeze(1), None if bias is None else bias.to(x.dtype), padding=tuple(padding),
+                groups=x.shape[1])
 
 
 def depthwise_conv2d_same(
