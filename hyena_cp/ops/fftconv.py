@@ -36,7 +36,7 @@ from einops import rearrange
 
 from hyena_cp.ops import kernels
 from hyena_cp.ops.boundary import fft_extent, kernel_extent, kernel_offsets
-from hyena_cp.ops.layout import channels_first_copy, copy_in_layout_of
+from hyena_cp.ops.channels_last import channels_first_copy, copy_in_layout_of
 from hyena_cp.ops.packing import DocumentBuckets, is_one_document_per_row
 
 __all__ = ["fft_causal_conv1d", "fft_conv_nd", "fft_conv2d", "fft_size"]
