@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from hyena_cp import Hyena, QKVSequenceMixer, ViT5HierarchicalClassificationNet
-from hyena_cp.parallel import agreed, check_agreement_policy, check_ranks_agree, count_comm, shard
+from hyena_cp.parallel import agreed, agreement, check_agreement_policy, check_ranks_agree, count_comm, shard
+from hyena_cp.parallel.agreement import _active
 
 # A missing check would hang until the gloo timeout (60 s in tests) or abort a worker;
 # the check answers in well under a second.
@@ -168,6 +169,17 @@ def test_policy_is_validated_and_single_process_never_communicates():
         with agreed(None):
             check_ranks_agree(None, "test", {"x.shape": (1, 2)})
     assert stats.control_calls == {} and stats.calls == {}
+
+
+def test_agreement_checks_the_group_first_and_runs_the_body_in_scope():
+    x = torch.ones(2)
+    with pytest.raises(ValueError, match="cp_group must be a torch.distributed ProcessGroup"):
+        with agreement("world", "test", {"x.shape": (2,)}, policy="always", hint="", before=x):
+            pytest.fail("the body ran with a group that is not one")
+    assert _active() == []
+    with agreement(None, "test", {"x.shape": (2,)}, policy="always", hint="", before=x) as y:
+        assert y is x and _active() == [None]  # nested checks on this group return at once
+    assert _active() == []
 
 
 def worker_disagree_unchecked() -> None:

@@ -77,8 +77,7 @@ from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import ATTENTION, HyenaConfigs, check_layer_pattern, get_hybrid_block_spec, hyena_symbols
 from hyena_cp.ops.packing import check_cu_seqlens, is_one_document_per_row
-from hyena_cp.parallel import (agreed, check_agreement_policy, check_ranks_agree, gather_from_group, group_size,
-                               shape_of)
+from hyena_cp.parallel import (agreement, check_agreement_policy, gather_from_group, group_size, shape_of)
 
 __all__ = ["IGNORE_INDEX", "HyenaLanguageModel", "build_hyena_lm"]
 
@@ -236,12 +235,11 @@ class HyenaLanguageModel(MegatronModule):
             cu_seqlens = cu_seqlens_from(packed_seq_params, where="HyenaLanguageModel", batch=input_ids.shape[0],
                                          cp_size=group_size(self.cp_group), allow_thd=True)
         signature = {"input_ids.shape": shape_of(input_ids), "labels.shape": shape_of(labels), "cu_seqlens": cu_seqlens}
-        input_ids = check_ranks_agree(self.cp_group, "HyenaLanguageModel.forward", signature,
-                                      policy=self.check_agreement, before=input_ids,
-                                      hint="Give every CP rank its zigzag shard of the SAME global batch and the same "
-                                           "cu_seqlens")
-        self._check(input_ids, labels, cu_seqlens)
-        with agreed(self.cp_group):  # every layer's shapes follow from the input: no per-layer check
+        # every layer's shapes follow from the input: no per-layer check
+        with agreement(self.cp_group, "HyenaLanguageModel.forward", signature, policy=self.check_agreement,
+                       before=input_ids, hint="Give every CP rank its zigzag shard of the SAME global batch and the "
+                                              "same cu_seqlens") as input_ids:
+            self._check(input_ids, labels, cu_seqlens)
             return self._forward(input_ids, labels, cu_seqlens)
 
     def _forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None,

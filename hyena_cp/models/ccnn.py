@@ -38,8 +38,7 @@ from hyena_cp.models.blocks import MIXERS, Mlp
 from hyena_cp.models.grid_attention import GridAttention
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
-from hyena_cp.parallel import (agreed, check_agreement_policy, check_group, check_ranks_agree, group_rank,
-                               group_size, shape_of, shard)
+from hyena_cp.parallel import agreement, check_agreement_policy, group_rank, group_size, shape_of, shard
 
 __all__ = ["CCNN", "CCNNBlock"]
 
@@ -153,13 +152,12 @@ class CCNN(nn.Module):
     def forward(self, x: torch.Tensor, *, cp_group=None) -> torch.Tensor:
         """``x: [B, *S, C_in]``, the FULL batch on every CP rank -> ``[B, S0/P, *S_rest, C_out]``
         (this rank's block of the first axis; all of it without ``cp_group``)."""
-        check_group(cp_group)
-        x = check_ranks_agree(cp_group, f"{type(self).__name__}.forward", {"x.shape": shape_of(x)},
-                              policy=self.check_agreement, before=x,
-                              hint="Give every rank of the cp_group the same FULL batch (each keeps its own block)")
-        self.check_input(x, group_size(cp_group))
-        h = self.in_proj(self.local_part(x, cp_group).to(self.in_proj.weight.dtype))
-        with agreed(cp_group):  # every block's shapes follow from x: no per-mixer check
+        # every block's shapes follow from x: no per-mixer check
+        with agreement(cp_group, f"{type(self).__name__}.forward", {"x.shape": shape_of(x)},
+                       policy=self.check_agreement, before=x,
+                       hint="Give every rank of the cp_group the same FULL batch (each keeps its own block)") as x:
+            self.check_input(x, group_size(cp_group))
+            h = self.in_proj(self.local_part(x, cp_group).to(self.in_proj.weight.dtype))
             for block in self.blocks:
                 h = block(h, cp_group=cp_group)
         # linear on [B, *S, C] returns a view of its 2-D result; FSDP2 hooks the root's output for

@@ -44,8 +44,8 @@ from hyena_cp import flops
 from hyena_cp.models.adapter import ViT5HyenaAdapter
 from hyena_cp.models.blocks import MIXERS, NORM_EPS, ViT5Block, build_mixer, init_weights_vit5
 from hyena_cp.models.token_grid import StageGrid, StageLayout, merge_source
-from hyena_cp.parallel import (agreed, all_reduce_sum, broadcast_from, check_agreement_policy, check_group,
-                               check_ranks_agree, group_rank, group_size, redistribute, shape_of)
+from hyena_cp.parallel import (agreement, all_reduce_sum, broadcast_from, check_agreement_policy, group_rank,
+                               group_size, redistribute, shape_of)
 
 __all__ = ["ViT5HierarchicalClassificationNet", "ViT5ClassificationNet", "PatchMerge"]
 
@@ -255,13 +255,12 @@ class ViT5HierarchicalClassificationNet(nn.Module):
 
     def forward_pooled(self, images: torch.Tensor, *, cp_group=None) -> torch.Tensor:
         """Pooled features ``[B, C_last]`` (before the final norm), identical on every CP rank."""
-        check_group(cp_group)
-        images = check_ranks_agree(cp_group, f"{type(self).__name__}.forward", {"images.shape": shape_of(images)},
-                                   policy=self.check_agreement, before=images,
-                                   hint="Give every rank of the cp_group the same FULL image batch (each embeds its "
-                                        "own rows)")
-        self.check_input(images, group_size(cp_group))
-        with agreed(cp_group):  # every block's shapes follow from the images: no per-mixer check
+        # every block's shapes follow from the images: no per-mixer check
+        with agreement(cp_group, f"{type(self).__name__}.forward", {"images.shape": shape_of(images)},
+                       policy=self.check_agreement, before=images,
+                       hint="Give every rank of the cp_group the same FULL image batch (each embeds its own "
+                            "rows)") as images:
+            self.check_input(images, group_size(cp_group))
             return self._forward_pooled(images, cp_group)
 
     def _forward_pooled(self, images: torch.Tensor, cp_group) -> torch.Tensor:

@@ -50,8 +50,8 @@ from hyena_cp.modules.geometry import Geometry
 from hyena_cp.ops.filters import FourierFilter, kernel_grid
 from hyena_cp.ops.masks import ExponentialMask
 from hyena_cp.ops.packing import check_cu_seqlens, document_positions, is_one_document_per_row
-from hyena_cp.parallel import (agreed, check_agreement_policy, check_group, check_ranks_agree, copy_to_group,
-                               group_rank, group_size, shape_of, shard)
+from hyena_cp.parallel import (agreement, check_agreement_policy, copy_to_group, group_rank, group_size, shape_of,
+                               shard)
 
 __all__ = ["Hyena"]
 
@@ -373,12 +373,18 @@ class Hyena(nn.Module):
         end to end, the same on every rank; the long conv restarts at each document.
         ``conditioning``: ``[B, cond_dim]``, the same on every rank, for a conditioned filter.
         Returns ``σ_o(q) * (h * z + D z)`` in the same layout as ``q``."""
-        check_group(cp_group)
         signature = {"q.shape": shape_of(q), "k.shape": shape_of(k), "v.shape": shape_of(v),
                      "q.dtype": getattr(q, "dtype", None), "mask.shape": shape_of(mask), "cu_seqlens": cu_seqlens,
                      "conditioning.shape": shape_of(conditioning)}
-        k = check_ranks_agree(cp_group, "Hyena.forward", signature, policy=self.check_agreement,
-                              hint="Give every rank of the cp_group its shard of the same global q, k, v", before=k)
+        with agreement(cp_group, "Hyena.forward", signature, policy=self.check_agreement, before=k,
+                       hint="Give every rank of the cp_group its shard of the same global q, k, v") as k:
+            self._check_call(q, k, v, cp_group, sharded, mask, cu_seqlens, conditioning)
+            return self._forward(q, k, v, cp_group, sharded, mask, cu_seqlens, conditioning)
+
+    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group, sharded: Sharding,
+                    mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                    conditioning: torch.Tensor | None) -> None:
+        """Everything `forward` needs of its arguments on this rank (after the ranks agreed)."""
         world = group_size(cp_group)
         self.check_qkv(q, k, v, sharded, mask, world)
         self.check_conditioning(conditioning, q)
@@ -388,8 +394,6 @@ class Hyena(nn.Module):
         global_spatial = tuple(q.shape[2:]) if sharded == "channel" else self.geometry.global_size(q.shape[2:], world)
         self.check_input(global_spatial, world, sharded)
         self.check_packing(cu_seqlens, q.shape[0], global_spatial[0])
-        with agreed(cp_group):
-            return self._forward(q, k, v, cp_group, sharded, mask, cu_seqlens, conditioning)
 
     def check_conditioning(self, conditioning: torch.Tensor | None, like: torch.Tensor) -> None:
         """``conditioning`` is given exactly when the filter is conditioned, as ``[B, cond_dim]``."""

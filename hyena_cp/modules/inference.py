@@ -46,7 +46,7 @@ from hyena_cp.modules.mixer import QKVSequenceMixer, _project
 from hyena_cp.ops.decode import causal_conv_step
 from hyena_cp.ops.modal import ModalFilter, modal_state, modal_step
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d
-from hyena_cp.parallel import (broadcast_from, channel_to_seq, check_ranks_agree, gather_from_group, group_rank,
+from hyena_cp.parallel import (agreement, broadcast_from, channel_to_seq, gather_from_group, group_rank,
                                group_size, seq_to_channel, shape_of)
 
 __all__ = ["HyenaCache", "LongConvState", "check_decodable"]
@@ -149,11 +149,16 @@ class HyenaCache:
             raise ValueError(f"prefill needs an empty cache; this one holds {self.length} positions")
         mixer, world = self.mixer, group_size(self.cp_group)
         signature = {"x.shape": shape_of(x), "x.dtype": getattr(x, "dtype", None)}  # free inside the LM's check
-        x = check_ranks_agree(self.cp_group, "HyenaCache.prefill", signature, policy=mixer.check_agreement,
-                              hint="Give every CP rank its zigzag shard of the same prompt", before=x)
-        mixer._check(x, None, world, None, long_conv="channel")  # the prefill's long conv runs on channel blocks
-        if x.shape[0] != self.batch_size:
-            raise ValueError(f"x has batch {x.shape[0]}, the cache was built for batch_size={self.batch_size}")
+        with agreement(self.cp_group, "HyenaCache.prefill", signature, policy=mixer.check_agreement,
+                       hint="Give every CP rank its zigzag shard of the same prompt", before=x) as x:
+            mixer._check(x, None, world, None, long_conv="channel")  # the prefill's long conv runs on channel blocks
+            if x.shape[0] != self.batch_size:
+                raise ValueError(f"x has batch {x.shape[0]}, the cache was built for batch_size={self.batch_size}")
+            return self._prefill(x)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """`prefill` once the ranks agreed and ``x`` passed its checks."""
+        mixer, world = self.mixer, group_size(self.cp_group)
         length = x.shape[1] * world
         self._reserve(length)
         u = rearrange(_project(mixer.in_proj, x), "b l c -> b c l")  # b, 3C_l, s_local

@@ -53,8 +53,8 @@ from hyena_cp.modules.norm import build_norm
 from hyena_cp.ops.boundary import short_conv_reach
 from hyena_cp.ops.channels_last import channels_last
 from hyena_cp.ops.packing import document_positions, is_one_document_per_row
-from hyena_cp.parallel import (agreed, channel_to_seq, check_agreement_policy, check_group, check_ranks_agree,
-                               group_rank, group_size, seq_to_channel, shape_of, shard_tp)
+from hyena_cp.parallel import (agreement, channel_to_seq, check_agreement_policy, group_rank, group_size,
+                               seq_to_channel, shape_of, shard_tp)
 
 __all__ = ["QKVSequenceMixer", "init_projection"]
 
@@ -311,13 +311,12 @@ class QKVSequenceMixer(nn.Module):
         Returns:
             Same shape as ``x``.
         """
-        check_group(cp_group)
         signature = {"x.shape": shape_of(x), "x.dtype": getattr(x, "dtype", None), "num_valid_tokens": num_valid_tokens,
                      "conditioning.shape": shape_of(conditioning), "cu_seqlens": cu_seqlens}
-        x = check_ranks_agree(cp_group, "QKVSequenceMixer.forward", signature, policy=self.check_agreement,
-                              hint=_AGREE_HINT, before=x)
-        self._check(x, conditioning, group_size(cp_group), cu_seqlens, num_valid_tokens)
-        with agreed(cp_group):  # the Hyena operator inside need not check again
+        # inside, the Hyena operator need not check again
+        with agreement(cp_group, "QKVSequenceMixer.forward", signature, policy=self.check_agreement,
+                       hint=_AGREE_HINT, before=x) as x:
+            self._check(x, conditioning, group_size(cp_group), cu_seqlens, num_valid_tokens)
             return self._forward(x, conditioning, cp_group, num_valid_tokens, cu_seqlens)
 
     def _forward(self, x: torch.Tensor, conditioning: torch.Tensor | None, cp_group, num_valid_tokens: int | None,

@@ -9,7 +9,7 @@ size 1) always means one process and no communication.
 """
 from __future__ import annotations
 
-from .agreement import AGREEMENT_POLICIES, agreed, check_agreement_policy, check_ranks_agree, shape_of
+from .agreement import AGREEMENT_POLICIES, agreed, agreement, check_agreement_policy, check_ranks_agree, shape_of
 from .comm_stats import CommStats, count_comm, record
 from .groups import check_group, group_rank, group_size, is_parallel
 from .halo import block_halo, causal_halo_1d, row_halo_2d
@@ -38,6 +38,7 @@ __all__ = [
     "TPPartition",
     "LAYOUTS",
     "agreed",
+    "agreement",
     "all_gather_seq",
     "all_reduce_sum",
     "broadcast_from",

@@ -24,6 +24,10 @@ all-gather while its peers (cache hits) enter the AllToAll: exactly the mismatch
 for, now inside the check. A sound cache needs a key all ranks agree on, which only
 communication provides, so the check is either on for every call or off.
 
+Every entry point (a mixer's, the operator's or a network's forward, a cache's prefill) runs
+its body inside `agreement(group, what, fields, ...)`: the group is checked, the ranks agree,
+and the body (the call's own validation, then its collectives) runs inside `agreed(group)`.
+
 Nesting: a network checks once at its outermost forward (its input decides every block's
 shapes) and runs the blocks inside `agreed(group)`, where nested checks on that group return
 at once. A module with ``"off"`` enters the scope too: it vouches for everything inside. The
@@ -54,11 +58,11 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from .groups import group_size
+from .groups import check_group, group_size
 from .signature import encode, encode_traced, gather_and_compare
 from .traceable import agreement_token, group_name
 
-__all__ = ["AGREEMENT_POLICIES", "agreed", "check_agreement_policy", "check_ranks_agree", "shape_of"]
+__all__ = ["AGREEMENT_POLICIES", "agreed", "agreement", "check_agreement_policy", "check_ranks_agree", "shape_of"]
 
 AGREEMENT_POLICIES = ("always", "off")
 
@@ -128,3 +132,24 @@ def check_ranks_agree(group: ProcessGroup | None, what: str, fields: Mapping[str
     values = [s for v in fields.values() for s in encode(v)]
     gather_and_compare(group, what, list(fields), values, hint)
     return before
+
+
+@contextmanager
+def agreement(group: ProcessGroup | None, what: str, fields: Mapping[str, Any], *, policy: str, hint: str,
+              before: Tensor | None) -> Iterator[Tensor | None]:
+    """The one template of an entry point that talks to ``group``: check that ``group`` is a group
+    (`check_group`), compare the ranks' ``fields`` (`check_ranks_agree`, which returns ``before``,
+    ordered after the check under ``torch.compile``) and run the body inside `agreed(group)`.
+
+    The body validates the call on its own rank and then runs it; the ranks agreed first, so a
+    ``ValueError`` it raises is raised on every rank alike, before any collective::
+
+        with agreement(cp_group, "Mixer.forward", {"x.shape": shape_of(x)}, policy=self.check_agreement,
+                       hint="Give every rank its shard of the same x", before=x) as x:
+            self._check(x)
+            return self._forward(x, cp_group)
+    """
+    check_group(group)
+    before = check_ranks_agree(group, what, fields, policy=policy, hint=hint, before=before)
+    with agreed(group):
+        yield before
