@@ -131,7 +131,7 @@ def test_bad_input_raises_before_any_collective(dist_run):
     errors = dist_run(_call_with, 2, case, (2, 4, 5, 6, 1), expect_error=ValueError)  # wrong C_in
     assert all("x must be the full batch [B, *S, C_in] = [B, 4, 5, 6, 3]" in str(e) for e in errors)
     errors = dist_run(_call_with, 4, Case((6, 5, 6)), (1, 6, 5, 6, 3), expect_error=ValueError)  # 6 frames, P=4
-    assert all("first axis (6) must be divisible by 4" in str(e) for e in errors)
+    assert all("first grid axis S0=6 must be divisible by cp_size=4" in str(e) for e in errors)
 
 
 def _call_with(case: Case, shape: tuple) -> None:

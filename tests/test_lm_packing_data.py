@@ -112,6 +112,12 @@ def test_packing_needs_document_starts():
         plain.packed_samples("train", torch.tensor([0]))
 
 
+def test_seq_len_must_split_into_the_zigzag_chunks():
+    data = TokenSplits(train=torch.zeros(100, dtype=torch.uint8), val=torch.zeros(100, dtype=torch.uint8), seq_len=12)
+    with pytest.raises(ValueError, match=r"data.seq_len=12 must be divisible by 2\*parallel.cp=8 .*parallel.cp=4"):
+        LanguageModeling(data=data, global_batch_size=4, groups=groups(4, 0), seed=0)
+
+
 def test_document_ids_follow_the_files(text):
     indices = windows_with_boundaries(text, "train")[:4]
     inputs, _, cu = text.packed_samples("train", indices)

@@ -248,7 +248,10 @@ def test_disagreeing_ranks_all_raise_the_same_error(dist_run, cp):
     assert "input_ids.shape: (1, 8) on rank" in str(errors[0]) and f"(1, 6) on rank {cp - 1}" in str(errors[0])
 
 
-@pytest.mark.parametrize("local_len,match", [(3, "must be even"), (20, "exceeds max_sequence_length")])
+@pytest.mark.parametrize("local_len,match", [
+    (3, r"global sequence length \(s_local=3 x cp_size\)=6 must be divisible by 2\*cp_size=4 .*pad it"),
+    (20, "exceeds max_sequence_length"),
+])
 def test_bad_batch_raises_on_every_rank_before_communicating(dist_run, local_len, match):
     errors = dist_run(worker_bad_batch, 2, LMCase(), local_len, expect_error=ValueError)
     assert all(re.search(match, str(e)) for e in errors), errors

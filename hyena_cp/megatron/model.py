@@ -77,7 +77,8 @@ from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
 from hyena_cp.megatron.specs import ATTENTION, HyenaConfigs, check_layer_pattern, get_hybrid_block_spec, hyena_symbols
 from hyena_cp.ops.packing import check_cu_seqlens, is_one_document_per_row
-from hyena_cp.parallel import (agreement, check_agreement_policy, gather_from_group, group_size, shape_of)
+from hyena_cp.parallel import (agreement, check_agreement_policy, check_divisible, gather_from_group, group_size,
+                               shape_of)
 
 __all__ = ["IGNORE_INDEX", "HyenaLanguageModel", "build_hyena_lm"]
 
@@ -171,9 +172,7 @@ class HyenaLanguageModel(MegatronModule):
         if length > self.max_sequence_length:
             raise ValueError(f"global sequence length {length} (s_local={input_ids.shape[1]} x cp_size={world}) "
                              f"exceeds max_sequence_length={self.max_sequence_length}")
-        if world > 1 and input_ids.shape[1] % 2:
-            raise ValueError(f"s_local={input_ids.shape[1]} must be even (zigzag: two chunks per rank); pad the "
-                             f"global sequence to a multiple of 2*cp_size={2 * world}")
+        check_divisible(length, "zigzag", world, f"global sequence length (s_local={input_ids.shape[1]} x cp_size)")
         if cu_seqlens is None:
             return
         check_cu_seqlens(cu_seqlens, input_ids.shape[0] * length, length)

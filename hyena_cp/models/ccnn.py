@@ -38,7 +38,7 @@ from hyena_cp.models.blocks import MIXERS, Mlp
 from hyena_cp.models.grid_attention import GridAttention
 from hyena_cp.modules.hyena import Hyena
 from hyena_cp.modules.mixer import QKVSequenceMixer
-from hyena_cp.parallel import agreement, check_agreement_policy, group_rank, group_size, shape_of, shard
+from hyena_cp.parallel import agreement, check_agreement_policy, check_divisible, group_rank, group_size, shape_of, shard
 
 __all__ = ["CCNN", "CCNNBlock"]
 
@@ -139,10 +139,7 @@ class CCNN(nn.Module):
         if not x.is_floating_point() or x.device != weight.device:
             raise ValueError(f"x must be a floating-point tensor on the network's device {weight.device}, got "
                              f"{x.dtype} on {x.device}")
-        parts = world * (2 if self.layout == "zigzag" else 1)
-        if self.grid[0] % parts:
-            raise ValueError(f"the first axis ({self.grid[0]}) must be divisible by {parts} for a cp_group of {world} "
-                             f"({self.layout} layout); choose another cp size or grid")
+        check_divisible(self.grid[0], self.layout, world, "first grid axis S0")
         for mixer in {type(b.mixer): b.mixer for b in self.blocks}.values():  # one of each kind: blocks are alike
             if isinstance(mixer, QKVSequenceMixer):
                 mixer.hyena.check_input(self.grid, world)

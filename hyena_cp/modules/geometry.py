@@ -34,8 +34,8 @@ from torch import Tensor
 from hyena_cp.ops.boundary import check_boundaries, fft_extent, kernel_extent, kernel_offsets, short_conv_reach
 from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv_nd
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv_nd
-from hyena_cp.parallel import (all_gather_seq, block_halo, causal_halo_1d, channel_to_seq, from_rank_major,
-                               group_rank, group_size, seq_to_channel, shard)
+from hyena_cp.parallel import (all_gather_seq, block_halo, causal_halo_1d, channel_to_seq, check_divisible,
+                               from_rank_major, group_rank, group_size, num_chunks, seq_to_channel, shard)
 
 __all__ = ["Geometry"]
 
@@ -114,14 +114,10 @@ class Geometry:
             return
         first = global_size[0]
         what = "sequence length L" if self.spatial_dims == 1 else ("grid rows H" if self.spatial_dims == 2 else "frames T")
-        parts = 2 * world if self.layout == "zigzag" else world
-        if first % parts:
-            name = "2*cp_size" if self.layout == "zigzag" else "cp_size"
-            raise ValueError(f"{what}={first} must be divisible by {name}={parts} ({self.layout} layout over the "
-                             f"first axis); pad it to a multiple of {parts} or choose another cp_size")
+        check_divisible(first, self.layout, world, what)
         if not halo:
             return
-        chunk = first // parts
+        chunk = first // num_chunks(self.layout, world)
         reach = max(short_conv_reach(short_kernel, self.short_boundaries[0]))
         if chunk < reach:
             piece = (f"zigzag chunk length {what.split()[-1]}/(2*cp_size)={chunk} is shorter than"

@@ -59,11 +59,14 @@ def rank_major_order(layout: str, world: int) -> list[int]:
     return [c for r in range(world) for c in chunk_ids(layout, world, r)]
 
 
-def check_divisible(length: int, layout: str, world: int, name: str = "sequence length") -> None:
-    """Raise ``ValueError`` unless a global length of ``length`` can be sharded in ``layout``.
+def check_divisible(length: int, layout: str, world: int, name: str = "sequence length",
+                    cp_name: str = "cp_size") -> None:
+    """Raise ``ValueError`` unless a global length of ``length`` can be sharded in ``layout``
+    over ``world`` ranks: divisible by 2P (zigzag) or P (rows). The one check of this rule.
 
-    ``name`` is how the caller's user knows the dimension (e.g. ``"sequence length L"`` or
-    ``"grid rows H"``); it appears in the message together with the fix.
+    ``name`` is how the caller's user knows the dimension (e.g. ``"sequence length L"``,
+    ``"grid rows H"`` or a config key ``"data.seq_len"``) and ``cp_name`` how they set the CP
+    size (``"cp_size"``, ``"parallel.cp"``); both appear in the message with the fix.
     """
     check_layout(layout)
     if world < 1:
@@ -72,10 +75,10 @@ def check_divisible(length: int, layout: str, world: int, name: str = "sequence 
         return
     n = num_chunks(layout, world)
     if length % n:
-        need = f"2*cp_size={n}" if layout == "zigzag" else f"cp_size={n}"
+        need = f"2*{cp_name}={n}" if layout == "zigzag" else f"{cp_name}={n}"
         raise ValueError(
             f"{name}={length} must be divisible by {need} for the {layout} layout "
-            f"(cp_size={world}); pad it to a multiple of {n} or choose another cp_size"
+            f"({cp_name}={world}); pad it to a multiple of {n} or choose another {cp_name}"
         )
 
 

@@ -31,6 +31,7 @@ from hyena_cp.data.associative_recall import RECALL_TARGETS, FreshBatches, Targe
 from hyena_cp.data.sampling import cp_shard_tokens, dp_slice, eval_range
 from hyena_cp.data.stdlib_text import IGNORE_INDEX
 from hyena_cp.distributed.mesh import ParallelGroups
+from hyena_cp.parallel.layouts import check_divisible
 from hyena_cp.parallel.reductions import group_sum
 from hyena_cp.train.tasks import LMBatch
 
@@ -69,9 +70,9 @@ class AssociativeRecall:
         cp = groups.dims.cp
         for name, length in [("lengths", n) for n in self.lengths] + [("eval_len / extra_eval_lens", n)
                                                                       for n in self.eval_lens]:
-            if length < 4 or length % (2 * cp):
-                raise ValueError(f"task.{name}: {length} must be even, >= 4 and divisible by 2*cp={2 * cp} "
-                                 f"(zigzag layout); change it or parallel.cp")
+            if length < 4 or length % 2:
+                raise ValueError(f"task.{name}={length} must be even and >= 4 (key-value pairs and a query); change it")
+            check_divisible(length, "zigzag", cp, f"task.{name}", cp_name="parallel.cp")
         if targets not in RECALL_TARGETS:
             raise ValueError(f"task.targets={targets!r} must be one of {RECALL_TARGETS}")
         if eval_samples < 1 or eval_batch_size < 1:

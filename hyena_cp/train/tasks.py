@@ -32,6 +32,7 @@ from hyena_cp.data.sampling import GlobalBatchSampler, cp_shard_tokens, dp_slice
 from hyena_cp.data.stdlib_text import IGNORE_INDEX, TokenSplits
 from hyena_cp.ops.packing import concat_cu_seqlens
 from hyena_cp.distributed.mesh import ParallelGroups
+from hyena_cp.parallel.layouts import check_divisible
 from hyena_cp.parallel.reductions import group_sum
 
 __all__ = ["ImageClassification", "LanguageModeling", "Task"]
@@ -136,9 +137,7 @@ class LanguageModeling:
     def __init__(self, *, data: TokenSplits, global_batch_size: int, eval_batch_size: int = 16,
                  eval_samples: int | None = 64, pack: bool = False, groups: ParallelGroups, seed: int):
         cp = groups.dims.cp
-        if cp > 1 and data.seq_len % (2 * cp):
-            raise ValueError(f"seq_len={data.seq_len} must be divisible by 2*cp={2 * cp} (zigzag layout); "
-                             f"change the data's seq_len or parallel.cp")
+        check_divisible(data.seq_len, "zigzag", cp, "data.seq_len", cp_name="parallel.cp")
         self.data, self.groups, self.eval_batch_size, self.pack = data, groups, eval_batch_size, pack
         self.sampler = GlobalBatchSampler(num_samples=data.num_samples("train"), global_batch_size=global_batch_size,
                                           seed=seed)
