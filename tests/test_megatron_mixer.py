@@ -2,6 +2,8 @@
 layer-spec helpers, CP-group resolution and the tiny LM config."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import build_module
 
-from hyena_cp import LazyConfig, instantiate
+from hyena_cp import Hyena, LazyConfig, QKVSequenceMixer, instantiate
 from hyena_cp.megatron import (HyenaLanguageModel, HyenaMixerConfig, MegatronHyenaMixer, TorchCoreAttention,
                                get_hybrid_block_spec, get_hyena_layer_spec)
 from hyena_cp.megatron.compat import AttnMaskType, ProcessGroupCollection, TransformerConfig, cpu_config_defaults
@@ -38,6 +40,33 @@ def build_mixer(config: TransformerConfig | None = None, pg_collection=None, **h
 def test_import_hyena_cp_does_not_import_megatron():
     code = "import sys, hyena_cp; assert not [m for m in sys.modules if m.startswith('megatron')]"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# HyenaMixerConfig fields that the constructors also take but that mean something else here.
+OWN_DEFAULTS = {"filter": "a generator's name, not a class", "norm": "the TransformerLayer pre-norms",
+                "bias": "None follows config.add_bias_linear"}
+
+
+def diverging_defaults(config_cls: type) -> dict[str, tuple]:
+    """field -> (its default, the constructor's) for every shared argument whose defaults differ."""
+    constructors = [inspect.signature(c).parameters for c in (Hyena, QKVSequenceMixer)]
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        for params in constructors:
+            if f.name in params and f.name not in OWN_DEFAULTS and f.default != params[f.name].default:
+                out[f.name] = (f.default, params[f.name].default)
+    return out
+
+
+def test_config_defaults_are_the_constructors():
+    shared = {f.name for f in dataclasses.fields(HyenaMixerConfig)} & (
+        set(inspect.signature(Hyena).parameters) | set(inspect.signature(QKVSequenceMixer).parameters))
+    assert len(shared - set(OWN_DEFAULTS)) >= 14  # the comparison below covers the real fields
+    assert diverging_defaults(HyenaMixerConfig) == {}
+    # the negative twin: a config that re-declares a default and misses a change in Hyena
+    heads, skip = (inspect.signature(Hyena).parameters[n].default for n in ("num_heads", "skip"))
+    stale = dataclasses.make_dataclass("Stale", [("num_heads", int, heads + 1), ("skip", bool, skip)])
+    assert diverging_defaults(stale) == {"num_heads": (heads + 1, heads)}
 
 
 def test_spec_params_reach_the_mixer():

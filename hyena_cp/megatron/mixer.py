@@ -36,6 +36,7 @@ with absolute positions (``HyenaMixerConfig.max_len``); with ``max_len=None`` pa
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -61,6 +62,15 @@ __all__ = ["FILTERS", "HyenaMixerConfig", "MegatronHyenaMixer", "build_hyena"]
 # ignored them; the others (masks, rotary embeddings, attention bias) concern attention.
 # (packed_seq_params is one too, and is supported.)
 _UNSUPPORTED_FORWARD_ARGS = ("inference_context", "inference_params")
+
+
+def _default_of(cls: type, name: str) -> Any:
+    """The default of ``cls``'s constructor argument ``name``: declared there only, so a changed
+    default of `Hyena` or `QKVSequenceMixer` is the megatron mixer's too."""
+    return inspect.signature(cls).parameters[name].default
+
+
+_hyena, _mixer = functools.partial(_default_of, Hyena), functools.partial(_default_of, QKVSequenceMixer)
 
 
 @dataclass(frozen=True)
@@ -97,26 +107,29 @@ class HyenaMixerConfig:
         short_conv_cp: "halo" (default) or "a2a" (comparison mode), see QKVSequenceMixer.
         check_agreement: "always" (default) or "off": the CP ranks compare their shard shapes
             and ``cu_seqlens`` before the mixer's first collective (see QKVSequenceMixer).
+
+    The defaults of the fields that `Hyena` and `QKVSequenceMixer` also take are read from their
+    constructors; only ``filter`` (a name here), ``norm`` and ``bias`` differ, for the reasons above.
     """
 
-    num_heads: int = 1
-    short_kernel_size: int = 3
+    num_heads: int = _hyena("num_heads")
+    short_kernel_size: int = _mixer("short_kernel_size")
     filter: Literal["fourier", "explicit", "modal", "safari"] = "fourier"
     filter_options: Mapping[str, Any] = field(default_factory=dict)
-    filter_bands: int = 8
-    filter_width: int = 64
-    filter_depth: int = 2
-    filter_sin_freq: float = 1.0
-    max_len: int | None = None
-    skip: bool = True
-    norm: str | None = None
-    bias: bool | None = None
-    in_proj_bias: bool | None = None
-    short_conv_bias: bool | None = None
-    out_proj_bias: bool | None = None
-    cp_comm: Literal["alltoall", "allgather"] = "alltoall"
-    short_conv_cp: Literal["halo", "a2a"] = "halo"
-    check_agreement: Literal["always", "off"] = "always"
+    filter_bands: int = _hyena("filter_bands")
+    filter_width: int = _hyena("filter_width")
+    filter_depth: int = _hyena("filter_depth")
+    filter_sin_freq: float = _hyena("filter_sin_freq")
+    max_len: int | None = _hyena("max_len")
+    skip: bool = _hyena("skip")
+    norm: str | None = None  # the TransformerLayer pre-norms
+    bias: bool | None = None  # follows config.add_bias_linear
+    in_proj_bias: bool | None = _mixer("in_proj_bias")
+    short_conv_bias: bool | None = _mixer("short_conv_bias")
+    out_proj_bias: bool | None = _mixer("out_proj_bias")
+    cp_comm: Literal["alltoall", "allgather"] = _hyena("cp_comm")
+    short_conv_cp: Literal["halo", "a2a"] = _mixer("short_conv_cp")
+    check_agreement: Literal["always", "off"] = _mixer("check_agreement")
 
 
 def _check_parallelism(config: TransformerConfig, tp_size: int, cp_size: int, hyena_config: HyenaMixerConfig) -> None:
