@@ -69,7 +69,7 @@ from omegaconf import Container, DictConfig, ListConfig, OmegaConf
 
 from hyena_cp.value_types import check_value
 
-__all__ = ["LazyCall", "LazyConfig", "check_types", "instantiate", "locate"]
+__all__ = ["ConfigKeyError", "LazyCall", "LazyConfig", "check_types", "instantiate", "locate"]
 
 _FLAGS = {"allow_objects": True}  # callables, dtypes and classes are legal config values
 _counter = itertools.count()
@@ -103,6 +103,14 @@ if _register is None or "use_cache" not in inspect.signature(_register).paramete
     _register = OmegaConf.register_new_resolver  # omegaconf 2.1-2.3
 if not OmegaConf.has_resolver("locate"):
     _register("locate", locate)
+
+
+class ConfigKeyError(KeyError):
+    """An override names a key the config does not have. A ``KeyError`` whose text is the message
+    itself (``str(KeyError(m))`` quotes ``m``), and a user's mistake to the launchers, not a bug."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class LazyCall:
@@ -442,8 +450,9 @@ class LazyConfig:
     def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         """Apply command-line ``key=value`` items to ``cfg`` in place and return it.
 
-        A key must exist already (else ``KeyError`` with near matches); ``model.dims.0=3`` and
-        ``model.dims[0]=3`` index lists; ``model.act=${locate:torch.nn.ReLU}`` sets an object.
+        A key must exist already (else `ConfigKeyError`, a ``KeyError``, with near matches);
+        ``model.dims.0=3`` and ``model.dims[0]=3`` index lists; ``model.act=${locate:torch.nn.ReLU}``
+        sets an object.
 
         >>> LazyConfig.apply_overrides(cfg, ["model.hidden_dim=128", "train.lr=3e-4", "model.norm=null"])
         """
@@ -456,7 +465,7 @@ class LazyConfig:
             if key not in keys:
                 near = difflib.get_close_matches(key, keys, n=3)
                 there = [k for k in keys if k.rpartition(".")[0] == key.rpartition(".")[0]][:20]
-                raise KeyError(f"override {item!r}: no key {key!r} in the config; "
+                raise ConfigKeyError(f"override {item!r}: no key {key!r} in the config; "
                                + (f"did you mean {near}?" if near else f"keys there: {there}"))
             value = "" if not text.strip() else yaml.load(text, Loader=_YamlLoader)
             OmegaConf.update(cfg, key, value, merge=False)

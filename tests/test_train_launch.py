@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from hyena_cp.lazy import LazyConfig
 from train_helpers import CONFIGS, ROOT, VISION
 
 
@@ -62,7 +63,10 @@ def test_slurm_dry_run_checks_the_layout_and_the_config_before_starting_anything
 
 
 def test_a_user_error_is_printed_once_by_rank_zero_and_recorded_for_torchrun(tmp_path, monkeypatch, capsys):
+    from hyena_cp.train import cli
     from hyena_cp.train.cli import run_launcher
+
+    monkeypatch.setattr(cli, "PEER_GRACE_S", 0.0)  # rank 1's wait for rank 0 (nothing to wait for here)
 
     def fails() -> int:
         raise ValueError("train.steps='abc': expected int, got str")
@@ -76,11 +80,35 @@ def test_a_user_error_is_printed_once_by_rank_zero_and_recorded_for_torchrun(tmp
         assert ("error: ValueError: train.steps='abc'" in err) == printed and "Traceback" not in err
         assert "train.steps='abc'" in json.loads(error_file.read_text())["message"]["message"]
 
+    def bad_key() -> int:  # an override naming no key is the user's mistake, said without quotes
+        LazyConfig.apply_overrides(LazyConfig.load(CONFIGS / "digits_hyena_tiny.py"), ["train.stpes=5"])
+        return 0
+
+    monkeypatch.setenv("RANK", "0")
+    assert run_launcher(bad_key) == 1
+    assert "error: ConfigKeyError: override 'train.stpes=5': no key 'train.stpes'" in capsys.readouterr().err
+
     def bug() -> int:
         raise ZeroDivisionError("a bug keeps its traceback")
 
     with pytest.raises(ZeroDivisionError):
         run_launcher(bug)
+
+
+def test_under_torchrun_rank_zero_prints_the_error_once_and_the_banner_names_it():
+    """The same mistake on both ranks: one ``error:`` line (rank 0's; rank 1 waits for it instead of
+    racing it to the exit, where torchrun would stop rank 0 before it prints), no Python traceback of
+    the launcher, and torchrun's root cause is rank 0 with that message."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "launch/train.py", "configs/digits_hyena_tiny.py", "train.stpes=5"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert out.count("error: ConfigKeyError: override 'train.stpes=5'") == 1, out
+    assert 'launch/train.py", line' not in out, out
+    root = out.split("Root Cause")[1]
+    assert "rank      : 0 (local_rank: 0)" in root and "ConfigKeyError: override 'train.stpes=5'" in root, out
 
 
 @pytest.mark.parametrize("world", ["1", "2"])

@@ -6,9 +6,10 @@ what validation does), so printing it P times with P tracebacks, then torchrun's
 ``error_file: <N/A>``, buries the one line that matters. `run_launcher` prints
 ``error: <message>`` on rank 0 only, exits with 1, and every rank records its own message in the
 error file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so the banner's "Root Cause" shows that
-message, and a failure that happened on one rank only is still named there. The Python traceback is
-kept out of sight unless ``HYENA_CP_TRACEBACK=1``; errors that are not a user's input (anything other
-than the exception types below) propagate with their traceback, as bugs should.
+message, and a failure that happened on one rank only is still named there. torchrun stops every rank
+as soon as one exits, so the other ranks wait (`PEER_GRACE_S`) for rank 0 to print and exit first. The
+Python traceback is kept out of sight unless ``HYENA_CP_TRACEBACK=1``; errors that are not a user's
+input (anything other than the exception types below) propagate with their traceback, as bugs should.
 """
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from hyena_cp.lazy import ConfigKeyError
+
 __all__ = ["config_args", "run_launcher", "check_launch", "USER_ERRORS"]
 
 CONFIG_SUFFIXES = (".py", ".yaml", ".yml")
 # what a user's config, overrides or inputs raise: a message, not a bug (the checkpoint and
 # non-finite errors of the training loop are ValueError / RuntimeError subclasses named below)
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, ImportError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, ImportError, ConfigKeyError)
+# Seconds a rank other than 0 waits after a user error before it exits: the same error is on its way
+# on rank 0, and torchrun would otherwise stop rank 0 before it prints it. Ended early when rank 0
+# exits (torchrun then stops this rank); only a failure on this rank alone costs the wait.
+PEER_GRACE_S = 10.0
 
 
 def config_args(argv: list[str] | None, usage: str) -> list[str] | None:
@@ -73,6 +80,8 @@ def run_launcher(main: Callable[[], int]) -> int:
             raise
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(PEER_GRACE_S)
         return 1
 
 
