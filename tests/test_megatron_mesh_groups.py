@@ -1,15 +1,19 @@
 """One route for process groups: the megatron LM built on the run mesh's groups
 (`hyena_cp.megatron.groups.mesh_pg_collection`) with megatron's ``parallel_state`` never
 initialised runs TP x CP (2 x 2) and equals the single-process model (tests/lm_parity.py: logits,
-the model's own vocab-parallel loss, every gradient), and every group any of its modules holds
+the model's own vocab-parallel loss, every gradient; greedy generation), builds its sharded state
+dict, and every group any of its modules holds
 IS one of the mesh's groups (object identity). Negative twins: the same model built from
 ``parallel_state`` holds groups of the same ranks that are not the mesh's, and the identity
 check reports them; a loss reduced over the wrong group differs.
 
 The vocab-parallel loss over a given TP group equals megatron-core's own (which reads
 ``parallel_state``) to the bit, values and gradients. The trainer's `build_model` hands the mesh's
-groups to a model that takes ``pg_collection`` and leaves any other model alone."""
+groups to a model that takes ``pg_collection`` and leaves any other model alone, and the LM's TP x CP
+training (losses, gradient norms, evaluation, checkpoints) is the same to the bit without ``parallel_state``."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +29,7 @@ from hyena_cp.megatron.compat import ProcessGroupCollection
 from hyena_cp.megatron.groups import MESH_PG_FIELDS, mesh_pg_collection
 from hyena_cp.parallel import tp_partition
 from hyena_cp.train.build_model import build_model as build_run_model
+from train_helpers import LM, run_config
 from lm_parity import ParityCase, assert_parity, batch, build_model, forward_backward, load_full_weights, perturb
 
 GROUP_ATTRS = ("tp_group", "cp_group", "_tp_group")  # megatron's layers, our wrappers, TE attention
@@ -65,6 +70,9 @@ def worker_mesh_groups(case: ParityCase) -> dict:
                "ref": forward_backward(reference, inputs, labels, 1, 0) if rank == 0 else None,
                "exact": forward_backward(model, inputs, labels, case.cp, groups.cp_rank),
                "held": sorted(held_groups(model)), "foreign": foreign_groups(model, groups),
+               "sharded_keys": len(model.sharded_state_dict()),  # megatron's would read dp_cp from parallel_state
+               "generated": model.eval().generate(inputs[:, :20], 4, temperature=0.0),
+               "ref_generated": reference.eval().generate(inputs[:, :20], 4, temperature=0.0) if rank == 0 else None,
                "parallel_state_after": parallel_state.model_parallel_is_initialized()}
         out["partitions"] = {n: tp_partition(p) for n, p in model.named_parameters()}
         # negative twin: the same model from parallel_state (same ranks, megatron's own group objects)
@@ -84,6 +92,8 @@ def test_lm_on_mesh_groups_without_parallel_state_matches_reference(dist_run):
     for r in results:
         assert not r["parallel_state_after"], "building or running the model initialised parallel_state"
         assert r["foreign"] == [], f"modules hold groups that are not the mesh's: {r['foreign']}"
+        assert r["sharded_keys"] > 0
+        assert torch.equal(r["generated"], results[0]["ref_generated"])
         paths = r["held"]  # the identity check saw the groups that matter
         assert any(p.endswith("output_layer.tp_group") for p in paths), paths
         assert any("self_attention.cp_group" in p for p in paths), paths  # Hyena mixer and attention
@@ -152,3 +162,32 @@ def test_trainer_builds_megatron_models_on_the_mesh_groups(dist_run):
     assert r["lm"] == [] and r["lm_held"] > 0, r
     assert r["plain"] == "NoGroupsModel"
     assert r["from_parallel_state"], "without megatron=True the model reads parallel_state: the twin must differ"
+
+
+# ------------------------------------------------------------------ the training loop
+def run_lm(overrides: list[str], output_dir: str, with_parallel_state: bool) -> dict:
+    """The shipped LM config through `train`; ``with_parallel_state=False`` skips megatron's
+    ``parallel_state`` (init_parallel's private initialiser, patched out in this worker only)."""
+    import hyena_cp.distributed.mesh as mesh
+
+    initialise = mesh._init_megatron
+    if not with_parallel_state:
+        assert not parallel_state.model_parallel_is_initialized()  # a reused pool worker starts clean
+        mesh._init_megatron = lambda *args, **kwargs: None
+    try:
+        summary = run_config("lm_tiny.py", overrides, output_dir)
+    finally:
+        mesh._init_megatron = initialise
+    return {"summary": summary, "checkpoints": sorted(p.name for p in (Path(output_dir) / "checkpoints").iterdir())}
+
+
+def test_lm_training_needs_no_parallel_state(dist_run, tmp_path):
+    """TP x CP training (loss, grad norms, evaluation, checkpoints) reads no group from
+    ``parallel_state``: the run without it is the run with it, to the bit."""
+    overrides = LM + ["model.layer_pattern=HA", "model.num_layers=2", "parallel.tp=2", "parallel.cp=2",
+                      "train.ckpt_every=2"]
+    runs = {flag: dist_run(run_lm, 4, overrides, str(tmp_path / str(flag)), flag) for flag in (True, False)}
+    with_ps, without = runs[True][0], runs[False][0]
+    assert without["checkpoints"] and without["checkpoints"] == with_ps["checkpoints"]
+    for key in ("losses", "grad_norms", "final"):
+        assert without["summary"][key] == with_ps["summary"][key], key

@@ -13,9 +13,9 @@ What megatron-core needs on CPU and what differs between versions, found by runn
   seeds CUDA and registers CUDA RNG states in the RNG tracker. Nothing on the Hyena path
   forks that tracker (it is forked only by the stock ``DotProductAttention``'s dropout and
   by ``TransformerBlock`` under sequence parallelism, which Hyena rejects).
-- Every megatron module needs a real tensor-parallel process group, even of size 1:
-  initialise ``parallel_state`` (a one-process gloo group is enough) or pass a
-  ``ProcessGroupCollection(tp=..., pp=..., cp=...)``.
+- Every megatron module needs a real tensor-parallel process group, even of size 1: pass a
+  ``ProcessGroupCollection`` (`hyena_cp.megatron.groups.mesh_pg_collection`: the run mesh's) or
+  initialise ``parallel_state`` (a one-process gloo group is enough). See "Process groups" below.
 - The stock local ``DotProductAttention`` allocates its score buffer with
   ``torch.cuda.current_device()`` (the global memory buffer), forks the CUDA RNG tracker
   for dropout, and refuses CP > 1. `hyena_cp.megatron.attention.TorchCoreAttention`
@@ -38,8 +38,9 @@ What megatron-core needs on CPU and what differs between versions, found by runn
   It ignores ``config.params_dtype``; `HyenaLanguageModel` casts itself to that dtype.
 - ``tensor_parallel.vocab_parallel_cross_entropy`` runs on CPU/gloo, always in float32. In
   0.16 it takes no group and reads ``parallel_state``'s TP group and rank;
-  `vocab_parallel_cross_entropy` passes ``tp_group`` where megatron accepts it and
-  `check_vocab_parallel_loss_group` refuses, at construction, a TP group it would not use.
+  `vocab_parallel_cross_entropy` passes ``tp_group`` where megatron accepts it, and otherwise
+  runs megatron's own steps (``VocabParallelCrossEntropy``'s static methods, in its order) with
+  the two all-reduces over the given group: the same values to the bit.
 - ``dist_checkpointing``: ``MegatronModule.sharded_state_dict`` treats tensors of non-megatron
   children as replicas and ``ColumnParallelLinear``'s ignores ``partition_stride``, so the
   Hyena mixer places its own shards (`hyena_cp.megatron.sharded_state`); a hybrid pattern needs
@@ -49,6 +50,46 @@ What megatron-core needs on CPU and what differs between versions, found by runn
 - ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to CUDA and its CP slicing builds a CUDA
   index, so `hyena_cp.megatron.rope` builds the table itself; ``SelfAttention`` applies a
   given ``rotary_pos_emb`` on CPU (``apply_rope_fusion=False``) without slicing it for CP.
+
+Process groups. The run mesh owns them (`hyena_cp.distributed.mesh`); the models of a run are
+built on a ``ProcessGroupCollection`` of the mesh's own groups (`hyena_cp.megatron.groups`,
+passed by `hyena_cp.train.build_model`), and nothing on their path (forward, backward, the
+loss, ``sharded_state_dict``, generation, training with FSDP2 and checkpoints) reads
+``parallel_state``: tests/test_megatron_mesh_groups.py runs it with ``parallel_state`` never
+initialised. The megatron-core 0.16.1 code that still reads ``parallel_state``, and what keeps
+hyena_cp off it:
+
+- any megatron module built WITHOUT groups: ``TransformerBlock`` / ``TransformerLayer`` /
+  ``SelfAttention`` with ``pg_collection=None`` (``ProcessGroupCollection.use_mpu_process_groups``),
+  the tensor-parallel linears, ``VocabParallelEmbedding`` and ``MLP`` with ``tp_group=None``
+  (``get_tensor_model_parallel_group_if_none``). hyena_cp builds every module with its groups;
+  ``HyenaLanguageModel(pg_collection=None)`` and a user's own megatron modules (a config whose
+  model takes no ``pg_collection``) read ``parallel_state``. THIS is why
+  ``init_parallel(megatron=True)`` still initialises it.
+- ``apply_rotary_pos_emb`` (``rope_utils``) reads ``parallel_state``'s CP group when
+  ``pg_collection.cp`` is None, even without CP: `mesh_pg_collection` gives a real group (size 1
+  included).
+- ``sharded_state_dict`` (``MegatronModule``'s, ``sharded_state_dict_default``,
+  ``ensure_metadata_has_dp_cp_group``, ``make_sharded_tensors_for_checkpoint``): the DP x CP
+  group when ``metadata`` has no ``dp_cp_group`` (`with_dp_cp_group` fills it from
+  ``pg_collection.dp_cp``), the TP group for a module without a ``tp_group`` attribute (ours all
+  have one).
+- ``vocab_parallel_cross_entropy`` (no group argument in 0.16): replaced, see above.
+- ``SelfAttention.get_query_key_value_tensors`` with ``num_query_groups`` < TP size (TP rank and
+  an all-gather from ``parallel_state``): refused (`hyena_cp.megatron.attention`).
+- ``get_transformer_layer_offset`` / ``get_num_layers_to_build``: the pipeline rank, only when none
+  is given; with a collection megatron passes ``get_pg_rank(pg_collection.pp)`` (0 for None).
+- the CUDA RNG tracker (``model_parallel_cuda_manual_seed`` reads the TP rank; forked by
+  activation recompute, by the stock attention's dropout and by dropout under sequence
+  parallelism), megatron's ``DistributedDataParallel``, optimizers and grad clipping
+  (``param_is_not_tensor_parallel_duplicate`` without a group), the fully parallel
+  ``dist_checkpointing`` strategy wrappers and ``TransformerConfig.test_mode``: not used by
+  hyena_cp (CPU init, FSDP2, `hyena_cp.distributed.grad_norm`, megatron's default strategies).
+
+``parallel_state``'s groups cannot BE the mesh's: ``initialize_model_parallel`` creates every
+group itself (``create_group``) and 0.16 has no way to hand it existing ones (its group
+globals are private). So `init_parallel` keeps the two sets and checks, on every rank, that
+megatron's TP, CP, DP and DP x CP groups hold the mesh's ranks.
 """
 from __future__ import annotations
 

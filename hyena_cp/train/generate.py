@@ -120,7 +120,7 @@ def generate_text(cfg: DictConfig, *, name: str) -> list[str]:
     settings = GenerateConfig(**instantiate(cfg.generate))
     parallel = ParallelConfig(**instantiate(cfg.parallel))
     if not parallel.megatron:
-        raise ValueError("generation runs the megatron-core LM, which reads its groups from parallel_state: set "
+        raise ValueError("generation runs the megatron-core LM (built on the run mesh's TP and CP groups): set "
                          "parallel.megatron=true")
     groups = init_parallel(parallel.cp, tp=parallel.tp, backend=parallel.backend, timeout_s=parallel.timeout_s,
                            megatron=True)
