@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 # Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
@@ -191,3 +192,9 @@ def test_lm_training_needs_no_parallel_state(dist_run, tmp_path):
     assert without["checkpoints"] and without["checkpoints"] == with_ps["checkpoints"]
     for key in ("losses", "grad_norms", "final"):
         assert without["summary"][key] == with_ps["summary"][key], key
+
+
+@pytest.mark.parametrize("fields", [dict(pp=None), dict(tp=None, pp=None), dict(cp=None)])
+def test_a_collection_without_a_tp_group_or_pp_is_refused(fields):
+    with pytest.raises(ValueError, match="pg_collection needs tp"):
+        compat.resolve_pg_collection(ProcessGroupCollection(**fields))

@@ -244,11 +244,11 @@ def resolve_pg_collection(pg_collection: ProcessGroupCollection | None) -> Proce
                 "CPU), or call megatron.core.parallel_state.initialize_model_parallel(...) first")
         return ProcessGroupCollection.use_mpu_process_groups()
     fields = vars(pg_collection)  # an unset field raises AttributeError up to 0.18, reads None from 0.19
-    missing = [name for name in ("tp", "pp") if name not in fields] + (["tp"] if fields.get("tp", 0) is None else [])
-    if missing:
-        raise ValueError(f"pg_collection lacks process group(s) {missing}; set tp to a group (a one-rank group when "
-                         f"not tensor-parallel: hyena_cp.megatron.groups.mesh_pg_collection gives the run mesh's) "
-                         f"and pp to a group or None (one pipeline stage)")
+    unset = [name for name in ("tp", "pp") if name not in fields]
+    if unset or fields["tp"] is None:
+        raise ValueError(f"pg_collection needs tp (a process group; a one-rank group when not tensor-parallel) and pp "
+                         f"(a group, or None for one pipeline stage); unset: {unset}, tp={fields.get('tp')}; "
+                         f"hyena_cp.megatron.groups.mesh_pg_collection gives the run mesh's")
     return pg_collection
 
 
