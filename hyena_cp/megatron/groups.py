@@ -12,8 +12,9 @@ Fields (megatron's names):
 - ``tp``, ``cp``, ``dp``, ``dp_cp``: the mesh's groups of those dimensions, size 1 included:
   megatron's tensor-parallel layers call ``tp_group.size()``, so they need a real group even
   for one rank, and a size-1 group means one process to hyena_cp's own code as well.
-- ``pp``: None. The mesh has no pipeline dimension; megatron reads the pipeline group only
-  through ``get_pg_rank`` / ``get_pg_size``, which take None as one stage (rank 0 of 1).
+- ``pp``: None. The mesh has no pipeline dimension; the megatron modules hyena_cp builds read
+  the pipeline group only through ``get_pg_rank`` / ``get_pg_size``, which take None as one
+  stage (rank 0 of 1).
 
 Why TP groups are bound at construction and CP groups travel per call: a TP module's weights ARE
 its shard (megatron's ``ColumnParallelLinear`` / ``RowParallelLinear`` / ``VocabParallelEmbedding``
