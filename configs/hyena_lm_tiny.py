@@ -2,8 +2,8 @@
 training steps take minutes on 2 cores). Context parallel as is: num_heads=4 and
 hidden_size=64 allow CP sizes 1, 2 and 4; seq 256 keeps zigzag chunks >= the short-conv halo.
 
-    model = instantiate(cfg.model)                   # after parallel_state.initialize_model_parallel
-    model = instantiate(cfg.model, pg_collection=pgs)  # or with explicit process groups
+    model = instantiate(cfg.model, pg_collection=mesh_pg_collection(groups))  # the run mesh's groups
+    model = instantiate(cfg.model)                   # or after parallel_state.initialize_model_parallel
 
 Hybrid variant: ``model.layer_pattern=HAH model.num_layers=3``: attention layers run under CP
 (K/V gathered over the CP group) with rotary embeddings; ``model.position_embedding=none`` for NoPE.

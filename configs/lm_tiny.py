@@ -28,7 +28,7 @@ optimizer = LazyCall(torch.optim.AdamW)(lr=3e-3, betas=(0.9, 0.95), weight_decay
 parallel = dict(
     cp=2,
     tp=1,  # tensor-parallel size; world = dp * cp * tp, and model.hyena.num_heads % (tp * cp) == 0
-    megatron=True,  # the megatron-core model reads its TP and CP groups from parallel_state
+    megatron=True,  # a megatron-core model: built on the run mesh's TP and CP groups
     dp_mode="fsdp",  # FSDP2 over the dp x cp ranks of each TP shard, per TransformerLayer; "ddp" replicates
 )
 train = dict(

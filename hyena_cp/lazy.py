@@ -69,7 +69,7 @@ from omegaconf import Container, DictConfig, ListConfig, OmegaConf
 
 from hyena_cp.value_types import check_value
 
-__all__ = ["ConfigKeyError", "LazyCall", "LazyConfig", "check_types", "instantiate", "locate"]
+__all__ = ["ConfigKeyError", "LazyCall", "LazyConfig", "check_types", "instantiate", "locate", "takes_keyword"]
 
 _FLAGS = {"allow_objects": True}  # callables, dtypes and classes are legal config values
 _counter = itertools.count()
@@ -178,6 +178,25 @@ def _check_kwargs(target: Any, kwargs: Mapping[str, Any], path: str) -> None:
             near = difflib.get_close_matches(key, names, n=3)
             raise TypeError(f"unexpected keyword {key!r} ({_join(path, key)}); "
                             + (f"did you mean {near}?" if near else f"accepted: {names}"))
+
+
+def takes_keyword(cfg: Any, name: str) -> bool:
+    """Whether the call that config node ``cfg`` describes has a parameter ``name`` that can be passed
+    by keyword (False for a node without a target, or a target without a signature)."""
+    if isinstance(cfg, LazyConfig):
+        cfg = cfg()
+    if not isinstance(cfg, (DictConfig, Mapping)):
+        return False
+    key = _target_key(cfg, "")
+    if key is None:
+        return False
+    target = cfg[key]
+    try:
+        params = inspect.signature(locate(target) if isinstance(target, str) else target).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                    inspect.Parameter.KEYWORD_ONLY)
 
 
 def _build(node: Any, path: str, overrides: Mapping[str, Any] | None = None) -> Any:

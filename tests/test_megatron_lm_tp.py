@@ -9,12 +9,10 @@ projections and TP-sharded short conv / D, next to megatron's TP attention)."""
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 # Imported at module level so the forked dist_run workers inherit megatron (~5 s per import).
 from megatron.core import parallel_state
 
-from hyena_cp.megatron import build_hyena_lm, compat
-from hyena_cp.megatron.compat import ProcessGroupCollection
+from hyena_cp.megatron import build_hyena_lm
 from lm_parity import ParityCase, assert_parity, assert_parity_fails, parity_worker
 
 TP_PATTERNS = ["AA", "HHA", "HAH"]
@@ -41,16 +39,12 @@ def test_tp2_cp2_parity_with_explicit_process_groups(dist_run, pattern):
 
 
 # ------------------------------------------------------------------------- validation
-def worker_bad_tp_lm(kwargs: dict, overrides: dict, own_tp_group: bool) -> None:
+def worker_bad_tp_lm(kwargs: dict, overrides: dict) -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=1)
     try:
-        pgs = None
-        if own_tp_group:  # a TP group that is not parallel_state's
-            pp = parallel_state.get_pipeline_model_parallel_group()
-            pgs = ProcessGroupCollection(tp=dist.new_group([0, 1]), pp=pp, cp=None)
         fields = dict(vocab_size=32, max_sequence_length=16, num_layers=2, hidden_size=16, ffn_hidden_size=32,
                       num_attention_heads=4, layer_pattern="AA")
-        build_hyena_lm(**{**fields, **kwargs}, config_overrides=overrides, pg_collection=pgs)
+        build_hyena_lm(**{**fields, **kwargs}, config_overrides=overrides)
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -64,12 +58,6 @@ def worker_bad_tp_lm(kwargs: dict, overrides: dict, own_tp_group: bool) -> None:
     ({}, dict(tensor_model_parallel_size=2, sequence_parallel=True), "sequence_parallel=True is not supported"),
 ])
 def test_bad_tp_setup_raises_on_every_rank(dist_run, kwargs, overrides, match):
-    errors = dist_run(worker_bad_tp_lm, 2, kwargs, overrides, False, expect_error=ValueError)
+    errors = dist_run(worker_bad_tp_lm, 2, kwargs, overrides, expect_error=ValueError)
     assert all(match in str(e) for e in errors), errors
 
-
-def test_tp_group_that_megatrons_loss_cannot_use_raises(dist_run):
-    if compat.CROSS_ENTROPY_TAKES_TP_GROUP:
-        pytest.skip("this megatron-core's vocab_parallel_cross_entropy takes the TP group")
-    errors = dist_run(worker_bad_tp_lm, 2, {}, {}, True, expect_error=ValueError)
-    assert all("reads the tensor-parallel group from parallel_state" in str(e) for e in errors), errors

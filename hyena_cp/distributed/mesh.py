@@ -15,13 +15,15 @@ Group ownership (one object per job, no group is built by hand):
 - **The mesh** (`ParallelGroups.mesh`) owns every group this package uses: ``dp_cp`` (FSDP2 /
   replicate shard and reduce over it, `hyena_cp.distributed.fsdp`; loss and metric sums), ``cp``
   (the ViT-5 nets' ``cp_group``, the data path's zigzag/row shards), ``dp`` (metrics summed
-  over replicas) and ``tp`` (the TP-aware grad norm; checkpoints place TP shards on it).
-- **megatron-core's ``parallel_state``** (``parallel.megatron=true``) keeps its own TP, CP and
-  DP groups for megatron-core modules, which read them there (megatron 0.16's
-  ``vocab_parallel_cross_entropy`` only accepts ``parallel_state``'s TP group).
-  `init_parallel` initialises it with the same sizes and checks, on every rank, that each of
-  its groups holds the same ranks as the mesh's (a ``RuntimeError`` if a megatron version
-  ever orders ranks differently); tests hold both to the formula above.
+  over replicas) and ``tp`` (the TP-aware grad norm; checkpoints place TP shards on it). The
+  megatron-core models of a run are built on these same groups too
+  (`hyena_cp.megatron.groups.mesh_pg_collection`, passed by `hyena_cp.train.build_model`).
+- **megatron-core's ``parallel_state``** (``parallel.megatron=true``) keeps TP, CP and DP groups
+  of its own, for megatron modules built WITHOUT groups (which read them there; what in
+  megatron-core 0.16 does so: `hyena_cp.megatron.compat`). megatron cannot adopt the mesh's
+  groups, so `init_parallel` initialises it with the same sizes and checks, on every rank, that
+  each of its groups holds the same ranks as the mesh's (a ``RuntimeError`` if a megatron
+  version ever orders ranks differently); tests hold both to the formula above.
 
 The dp x tp x cp invariant, and how the groups meet it:
 
@@ -257,8 +259,8 @@ def _run_mesh(device: torch.device, dims: ParallelDims, timeout: timedelta | Non
 
 
 def _init_megatron(dims: ParallelDims, groups: ParallelGroups, timeout: timedelta | None) -> None:
-    """Initialise megatron-core's ``parallel_state`` (its modules read their groups there) and
-    check that its groups hold the mesh's ranks. Imported here, not at module level, so
+    """Initialise megatron-core's ``parallel_state`` (megatron modules built without groups read
+    theirs there) and check that its groups hold the mesh's ranks. Imported here, not at module level, so
     `hyena_cp` imports without megatron-core and runs that do not need it skip its ~6 s import."""
     from megatron.core import parallel_state as ps
 
@@ -288,7 +290,9 @@ def init_parallel(cp: int, *, tp: int = 1, backend: str = "auto", timeout_s: flo
         timeout_s: collective timeout of the default group and (when this call creates the default
             group) of every group of the mesh.
         megatron: also initialise megatron-core's ``parallel_state`` (same sizes; its groups
-            are checked against the mesh's).
+            are checked against the mesh's), for megatron modules built without groups; a
+            model built with ``hyena_cp.megatron.groups.mesh_pg_collection(groups)`` does not
+            need it.
     """
     for name, size in (("cp", cp), ("tp", tp)):
         if size < 1:

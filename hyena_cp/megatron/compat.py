@@ -13,9 +13,9 @@ What megatron-core needs on CPU and what differs between versions, found by runn
   seeds CUDA and registers CUDA RNG states in the RNG tracker. Nothing on the Hyena path
   forks that tracker (it is forked only by the stock ``DotProductAttention``'s dropout and
   by ``TransformerBlock`` under sequence parallelism, which Hyena rejects).
-- Every megatron module needs a real tensor-parallel process group, even of size 1:
-  initialise ``parallel_state`` (a one-process gloo group is enough) or pass a
-  ``ProcessGroupCollection(tp=..., pp=..., cp=...)``.
+- Every megatron module needs a real tensor-parallel process group, even of size 1: pass a
+  ``ProcessGroupCollection`` (`hyena_cp.megatron.groups.mesh_pg_collection`: the run mesh's) or
+  initialise ``parallel_state`` (a one-process gloo group is enough). See "Process groups" below.
 - The stock local ``DotProductAttention`` allocates its score buffer with
   ``torch.cuda.current_device()`` (the global memory buffer), forks the CUDA RNG tracker
   for dropout, and refuses CP > 1. `hyena_cp.megatron.attention.TorchCoreAttention`
@@ -38,8 +38,9 @@ What megatron-core needs on CPU and what differs between versions, found by runn
   It ignores ``config.params_dtype``; `HyenaLanguageModel` casts itself to that dtype.
 - ``tensor_parallel.vocab_parallel_cross_entropy`` runs on CPU/gloo, always in float32. In
   0.16 it takes no group and reads ``parallel_state``'s TP group and rank;
-  `vocab_parallel_cross_entropy` passes ``tp_group`` where megatron accepts it and
-  `check_vocab_parallel_loss_group` refuses, at construction, a TP group it would not use.
+  `vocab_parallel_cross_entropy` passes ``tp_group`` where megatron accepts it, and otherwise
+  runs megatron's own steps (``VocabParallelCrossEntropy``'s static methods, in its order) with
+  the two all-reduces over the given group: the same values to the bit.
 - ``dist_checkpointing``: ``MegatronModule.sharded_state_dict`` treats tensors of non-megatron
   children as replicas and ``ColumnParallelLinear``'s ignores ``partition_stride``, so the
   Hyena mixer places its own shards (`hyena_cp.megatron.sharded_state`); a hybrid pattern needs
@@ -49,6 +50,46 @@ What megatron-core needs on CPU and what differs between versions, found by runn
 - ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to CUDA and its CP slicing builds a CUDA
   index, so `hyena_cp.megatron.rope` builds the table itself; ``SelfAttention`` applies a
   given ``rotary_pos_emb`` on CPU (``apply_rope_fusion=False``) without slicing it for CP.
+
+Process groups. The run mesh owns them (`hyena_cp.distributed.mesh`); the models of a run are
+built on a ``ProcessGroupCollection`` of the mesh's own groups (`hyena_cp.megatron.groups`,
+passed by `hyena_cp.train.build_model`), and nothing on their path (forward, backward, the
+loss, ``sharded_state_dict``, generation, training with FSDP2 and checkpoints) reads
+``parallel_state``: tests/test_megatron_mesh_groups.py runs it with ``parallel_state`` never
+initialised. The megatron-core 0.16.1 code that still reads ``parallel_state``, and what keeps
+hyena_cp off it:
+
+- any megatron module built WITHOUT groups: ``TransformerBlock`` / ``TransformerLayer`` /
+  ``SelfAttention`` with ``pg_collection=None`` (``ProcessGroupCollection.use_mpu_process_groups``),
+  the tensor-parallel linears, ``VocabParallelEmbedding`` and ``MLP`` with ``tp_group=None``
+  (``get_tensor_model_parallel_group_if_none``). hyena_cp builds every module with its groups;
+  ``HyenaLanguageModel(pg_collection=None)`` and a user's own megatron modules (a config whose
+  model takes no ``pg_collection``) read ``parallel_state``. THIS is why
+  ``init_parallel(megatron=True)`` still initialises it.
+- ``apply_rotary_pos_emb`` (``rope_utils``) reads ``parallel_state``'s CP group when
+  ``pg_collection.cp`` is None, even without CP: `mesh_pg_collection` gives a real group (size 1
+  included).
+- ``sharded_state_dict`` (``MegatronModule``'s, ``sharded_state_dict_default``,
+  ``ensure_metadata_has_dp_cp_group``, ``make_sharded_tensors_for_checkpoint``): the DP x CP
+  group when ``metadata`` has no ``dp_cp_group`` (`with_dp_cp_group` fills it from
+  ``pg_collection.dp_cp``), the TP group for a module without a ``tp_group`` attribute (ours all
+  have one).
+- ``vocab_parallel_cross_entropy`` (no group argument in 0.16): replaced, see above.
+- ``SelfAttention.get_query_key_value_tensors`` with ``num_query_groups`` < TP size (TP rank and
+  an all-gather from ``parallel_state``): refused (`hyena_cp.megatron.attention`).
+- ``get_transformer_layer_offset`` / ``get_num_layers_to_build``: the pipeline rank, only when none
+  is given; with a collection megatron passes ``get_pg_rank(pg_collection.pp)`` (0 for None).
+- the CUDA RNG tracker (``model_parallel_cuda_manual_seed`` reads the TP rank; forked by
+  activation recompute, by the stock attention's dropout and by dropout under sequence
+  parallelism), megatron's ``DistributedDataParallel``, optimizers and grad clipping
+  (``param_is_not_tensor_parallel_duplicate`` without a group), the fully parallel
+  ``dist_checkpointing`` strategy wrappers and ``TransformerConfig.test_mode``: not used by
+  hyena_cp (CPU init, FSDP2, `hyena_cp.distributed.grad_norm`, megatron's default strategies).
+
+``parallel_state``'s groups cannot BE the mesh's: ``initialize_model_parallel`` creates every
+group itself (``create_group``) and 0.16 has no way to hand it existing ones (its group
+globals are private). So `init_parallel` keeps the two sets and checks, on every rank, that
+megatron's TP, CP, DP and DP x CP groups hold the mesh's ranks.
 """
 from __future__ import annotations
 
@@ -66,6 +107,8 @@ from megatron.core.package_info import __version__ as MEGATRON_VERSION
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as _vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from megatron.core.tensor_parallel.utils import VocabUtility
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -75,10 +118,11 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from hyena_cp.parallel import group_size
+from hyena_cp.parallel import group_max, group_rank, group_size, group_sum
 
 __all__ = [
     "AttnMaskType", "ColumnParallelLinear", "LanguageModelEmbedding", "MEGATRON_VERSION", "MegatronModule",
@@ -87,8 +131,8 @@ __all__ = [
     "SelfAttention", "SelfAttentionSubmodules", "TransformerBlock", "TransformerBlockSubmodules",
     "TransformerConfig", "TransformerLayer", "TransformerLayerSubmodules", "WrappedTorchNorm",
     "cpu_config_defaults", "get_bias_dropout_add", "mlp_submodule", "resolve_cp_group", "resolve_pg_collection",
-    "resolve_tp_group", "set_tensor_model_parallel_attributes",
-    "CROSS_ENTROPY_TAKES_TP_GROUP", "check_vocab_parallel_loss_group", "vocab_parallel_cross_entropy",
+    "resolve_tp_group", "set_tensor_model_parallel_attributes", "with_dp_cp_group",
+    "CROSS_ENTROPY_TAKES_TP_GROUP", "vocab_parallel_cross_entropy",
 ]
 
 SUPPORTED = ((0, 16), (0, 19))
@@ -175,21 +219,36 @@ def dp_cp_group_of(metadata: dict | None) -> ProcessGroup | None:
     return None
 
 
+def with_dp_cp_group(metadata: dict | None, pg_collection: ProcessGroupCollection) -> dict:
+    """megatron's ``sharded_state_dict`` metadata with ``dp_cp_group`` set from ``pg_collection``
+    when the caller gave none and the collection has one: megatron (``ensure_metadata_has_dp_cp_group``)
+    would otherwise read it from ``parallel_state``. A fresh dict; ``metadata`` is not modified."""
+    metadata = dict(metadata or {})
+    if metadata.get("dp_cp_group") is None and vars(pg_collection).get("dp_cp") is not None:
+        metadata["dp_cp_group"] = pg_collection.dp_cp
+    return metadata
+
+
 def resolve_pg_collection(pg_collection: ProcessGroupCollection | None) -> ProcessGroupCollection:
-    """The process groups a model is built with: ``pg_collection`` (which must hold ``tp`` and
-    ``pp``), else ``parallel_state``'s. Raises ``ValueError`` when there are none, because
-    every megatron module needs a (size-1 is enough) tensor-parallel group."""
+    """The process groups a model is built with: ``pg_collection``, else ``parallel_state``'s.
+
+    ``pg_collection.tp`` must be a process group (megatron's tensor-parallel layers need one, even of
+    size 1); ``pg_collection.pp`` must be set, to a group or to None (one pipeline stage: megatron
+    reads it through ``get_pg_rank`` / ``get_pg_size``, which take None as rank 0 of 1). Raises
+    ``ValueError`` otherwise, and when there is neither a collection nor ``parallel_state``."""
     if pg_collection is None:
         if not _has_model_parallel_state():
             raise ValueError(
-                "megatron-core needs process groups: call megatron.core.parallel_state."
-                "initialize_model_parallel(...) after torch.distributed.init_process_group (one gloo "
-                "process is enough on CPU), or pass pg_collection=ProcessGroupCollection(tp=..., pp=..., cp=...)")
+                "megatron-core needs process groups: pass pg_collection=hyena_cp.megatron.groups."
+                "mesh_pg_collection(init_parallel(...)) (the run mesh's groups; one gloo process is enough on "
+                "CPU), or call megatron.core.parallel_state.initialize_model_parallel(...) first")
         return ProcessGroupCollection.use_mpu_process_groups()
-    missing = [name for name in ("tp", "pp") if getattr(pg_collection, name, None) is None]
-    if missing:
-        raise ValueError(f"pg_collection lacks process group(s) {missing}; set them, e.g. a one-rank "
-                         f"group from torch.distributed.new_group([rank]) when not model-parallel")
+    fields = vars(pg_collection)  # an unset field raises AttributeError up to 0.18, reads None from 0.19
+    unset = [name for name in ("tp", "pp") if name not in fields]
+    if unset or fields["tp"] is None:
+        raise ValueError(f"pg_collection needs tp (a process group; a one-rank group when not tensor-parallel) and pp "
+                         f"(a group, or None for one pipeline stage); unset: {unset}, tp={fields.get('tp')}; "
+                         f"hyena_cp.megatron.groups.mesh_pg_collection gives the run mesh's")
     return pg_collection
 
 
@@ -197,23 +256,40 @@ def resolve_pg_collection(pg_collection: ProcessGroupCollection | None) -> Proce
 CROSS_ENTROPY_TAKES_TP_GROUP = "tp_group" in inspect.signature(_vocab_parallel_cross_entropy).parameters
 
 
-def check_vocab_parallel_loss_group(tp_group: ProcessGroup | None) -> None:
-    """Raise ``ValueError`` unless `vocab_parallel_cross_entropy` reduces over ``tp_group``:
-    versions whose cross entropy takes no group use ``parallel_state``'s TP group."""
-    if group_size(tp_group) == 1 or CROSS_ENTROPY_TAKES_TP_GROUP:
-        return
-    if not (_has_model_parallel_state() and parallel_state.get_tensor_model_parallel_group() is tp_group):
-        raise ValueError(
-            f"megatron-core {MEGATRON_VERSION}'s vocab_parallel_cross_entropy reads the tensor-parallel group "
-            f"from parallel_state: with TP > 1 call parallel_state.initialize_model_parallel("
-            f"tensor_model_parallel_size=...) and build with its groups (pg_collection=None, or a "
-            f"ProcessGroupCollection whose tp is parallel_state.get_tensor_model_parallel_group())")
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """megatron 0.16's ``_VocabParallelCrossEntropy`` (label smoothing 0) over a GIVEN TP group:
+    megatron's own steps (``VocabParallelCrossEntropy``'s static methods) in megatron's order,
+    with its two all-reduces (max, then the two sums) over ``tp_group`` instead of
+    ``parallel_state``'s group, so the values are megatron's to the bit."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, tp_group: ProcessGroup) -> Tensor:
+        logits, logits_max = VocabParallelCrossEntropy.calculate_logits_max(logits)
+        logits_max = group_max(logits_max, tp_group)
+        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(logits.size(-1), group_rank(tp_group),
+                                                                            group_size(tp_group))
+        target_mask, masked_target, predicted, sum_exp, exp_logits = (
+            VocabParallelCrossEntropy.calculate_predicted_logits(logits, target, logits_max, start, end))
+        predicted, sum_exp = group_sum(predicted, tp_group), group_sum(sum_exp, tp_group)
+        softmax, loss = VocabParallelCrossEntropy.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
+        ctx.save_for_backward(softmax, target_mask, masked_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        softmax, target_mask, masked_target = ctx.saved_tensors
+        grad_2d, arange_1d, softmax_update, grad_input = (
+            VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask))
+        grad_input = VocabParallelCrossEntropy.calculate_gradients(grad_2d, arange_1d, masked_target, softmax_update,
+                                                                   grad_input, grad_output)
+        return grad_input, None, None
 
 
 def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, tp_group: ProcessGroup) -> Tensor:
     """megatron's per-token cross entropy of vocab-sharded ``logits [s, b, vocab/tp]`` against
-    ``target [s, b]`` (global ids) -> float32 ``[s, b]``, the same on every TP rank. Targets
-    outside [0, vocab) get ``logsumexp``: mask them afterwards."""
+    ``target [s, b]`` (global ids) -> float32 ``[s, b]``, the same on every TP rank, reduced over
+    ``tp_group`` (megatron's function where it takes the group, else `_VocabParallelCrossEntropy`).
+    Targets outside [0, vocab) get ``logsumexp``: mask them afterwards."""
     if CROSS_ENTROPY_TAKES_TP_GROUP:
         return _vocab_parallel_cross_entropy(logits, target, tp_group=tp_group)
-    return _vocab_parallel_cross_entropy(logits, target)
+    return _VocabParallelCrossEntropy.apply(logits, target, tp_group)

@@ -70,8 +70,8 @@ from hyena_cp.megatron.evo2_block import MLP_ACTIVATIONS
 from hyena_cp.megatron.generation import generate
 from hyena_cp.megatron.compat import (ColumnParallelLinear, LanguageModelEmbedding, MegatronModule, PackedSeqParams,
                                       ProcessGroupCollection, TransformerBlock, TransformerConfig,
-                                      check_vocab_parallel_loss_group, cpu_config_defaults, resolve_cp_group,
-                                      resolve_pg_collection, vocab_parallel_cross_entropy)
+                                      cpu_config_defaults, resolve_cp_group,
+                                      resolve_pg_collection, vocab_parallel_cross_entropy, with_dp_cp_group)
 from hyena_cp.megatron.mixer import HyenaMixerConfig, MegatronHyenaMixer
 from hyena_cp.megatron.packing import cu_seqlens_from, make_packed_seq_params
 from hyena_cp.megatron.rope import POSITION_EMBEDDINGS, document_rotary_pos_emb, rotary_angles, rotary_pos_emb
@@ -111,8 +111,10 @@ class HyenaLanguageModel(MegatronModule):
         rotary_base: RoPE base (megatron's ``rotary_base``).
         rotary_scaling: positions are divided by it (linearly interpolated RoPE; 1: plain).
         core_attention: the attention layers' core attention (``TEDotProductAttention`` on GPUs).
-        pg_collection: process groups (``tp``, ``pp``, ``cp``), else megatron's ``parallel_state``.
-            The groups are fixed here: ``self.tp_group``, ``self.cp_group``.
+        pg_collection: process groups (``tp``, ``pp``, ``cp``; ``dp_cp`` for checkpoints), e.g. the run
+            mesh's (`hyena_cp.megatron.groups.mesh_pg_collection`), else megatron's ``parallel_state``.
+            The groups are fixed here: ``self.tp_group``, ``self.cp_group`` (see
+            `hyena_cp.megatron.groups` for why both are bound at construction in this wrapper).
 
     Raises:
         ValueError: on every rank, before any collective, for what cannot be split (see
@@ -128,7 +130,7 @@ class HyenaLanguageModel(MegatronModule):
         configs = hyena_symbols(hyena_config)
         pattern = next(iter(configs)) * config.num_layers if layer_pattern is None else layer_pattern
         check_layer_pattern(pattern, config.num_layers, {**{s: "Hyena" for s in configs}, ATTENTION: "attention"})
-        pg_collection = resolve_pg_collection(pg_collection)
+        self.pg_collection = pg_collection = resolve_pg_collection(pg_collection)
         self.cp_group, self.tp_group = resolve_cp_group(pg_collection), pg_collection.tp
         _check_parallelism(config, pattern, vocab_size, position_embedding, self.tp_group, group_size(self.cp_group))
         if not rotary_scaling > 0:
@@ -153,8 +155,9 @@ class HyenaLanguageModel(MegatronModule):
         """megatron ``dist_checkpointing`` state of the whole model, with true global offsets at
         every TP size (the Hyena mixers place their own shards: `MegatronHyenaMixer.sharded_state_dict`).
         The layers of a hybrid pattern differ, so they are keyed one by one (megatron's
-        ``non_homogeneous_layers``); a pattern of one kind keeps megatron's stacked layer axis."""
-        metadata = dict(metadata or {})
+        ``non_homogeneous_layers``); a pattern of one kind keeps megatron's stacked layer axis. The
+        replicas of this rank's shards are ``pg_collection.dp_cp``'s ranks unless ``metadata`` names them."""
+        metadata = with_dp_cp_group(metadata, self.pg_collection)
         if len(set(self.layer_pattern)) > 1:
             metadata["non_homogeneous_layers"] = True
         return super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -315,7 +318,6 @@ def _check_parallelism(config: TransformerConfig, pattern: str, vocab_size: int,
     if position_embedding == "rope" and config.rotary_interleaved:
         raise ValueError("position_embedding='rope' builds megatron's non-interleaved table; set "
                          "rotary_interleaved=False")
-    check_vocab_parallel_loss_group(tp_group)
 
 
 def build_hyena_lm(*, vocab_size: int = 256, max_sequence_length: int = 1024, num_layers: int = 2,

@@ -27,7 +27,8 @@ from .layouts import (
 )
 from .p2p import p2p_exchange
 from .redistribute import redistribute
-from .reductions import all_gather_seq, all_reduce_sum, broadcast_from, copy_to_group, gather_from_group, group_sum
+from .reductions import (all_gather_seq, all_reduce_sum, broadcast_from, copy_to_group, gather_from_group, group_max,
+                         group_sum)
 from .tp_dtensor import stored_view, tp_full_view, tp_unfold
 from .tp_layout import TPPartition, shard_tp, tp_partition, unshard_tp
 from .swap import channel_to_seq, seq_to_channel
@@ -57,6 +58,7 @@ __all__ = [
     "from_rank_major",
     "gather_from_group",
     "group_rank",
+    "group_max",
     "group_size",
     "group_sum",
     "is_parallel",

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from .groups import group_size
-from .traceable import (all_gather_op, all_reduce_sum_op, broadcast_op, group_name,
+from .traceable import (all_gather_op, all_reduce_max_op, all_reduce_sum_op, broadcast_op, group_name,
                         reduce_scatter_op, reduce_sum_op)
 
 class _AllReduceSum(torch.autograd.Function):
@@ -109,6 +109,14 @@ def group_sum(values: Tensor, group: ProcessGroup | None) -> Tensor:
     """Non-differentiable sum over ranks (metrics, loss logging); ``values`` is not modified."""
     with torch.no_grad():
         return all_reduce_sum(values.detach(), group)
+
+
+def group_max(values: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Non-differentiable elementwise maximum over ranks (a softmax's shift); ``values`` is not
+    modified (returned as is for one process)."""
+    if group_size(group) == 1:
+        return values
+    return all_reduce_max_op(values.detach(), group_name(group))
 
 
 

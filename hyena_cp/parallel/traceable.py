@@ -23,6 +23,7 @@ Ops (namespace ``hyena_cp``):
   travel flattened (``recv_ndims`` splits them) because a schema has no nested int lists.
 - ``all_reduce_sum``, ``all_gather``, ``reduce_scatter`` (dim 0), ``broadcast``, ``reduce_sum``:
   forward-only, inside the autograd.Functions of `reductions` (dynamo traces those).
+- ``all_reduce_max``: forward-only, for values no gradient flows through (`reductions.group_max`).
 - ``agreement_token(values, group_name, what, names, hint, like)``: the cross-rank agreement
   check of a compiled call (`agreement`): all-gathers the signature ``values`` and raises the
   same ``ValueError`` on every rank on a mismatch; returns a zero that the caller adds to its
@@ -43,7 +44,8 @@ from .c10d import all_gather_tensor, reduce_scatter_tensor
 from .comm_stats import nbytes, record
 from .signature import gather_and_compare
 
-__all__ = ["all_to_all", "all_to_all_uneven_op", "p2p_exchange_op", "agreement_token", "all_reduce_sum_op", "all_gather_op",
+__all__ = ["all_to_all", "all_to_all_uneven_op", "p2p_exchange_op", "agreement_token", "all_reduce_sum_op",
+           "all_reduce_max_op", "all_gather_op",
            "reduce_scatter_op", "broadcast_op", "reduce_sum_op", "group_name", "run_body"]
 
 
@@ -180,6 +182,17 @@ def all_reduce_sum_op(x: Tensor, group_name: str) -> Tensor:
     return out
 
 
+@_collective("all_reduce_max")
+def all_reduce_max_op(x: Tensor, group_name: str) -> Tensor:
+    """Elementwise maximum of ``x`` over the group, on every rank (a new tensor)."""
+    group = _resolve_process_group(group_name)
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    world = group.size()
+    record("all_reduce", 2 * (world - 1) * nbytes(out) // world)
+    return out
+
+
 @_collective("all_gather")
 def all_gather_op(x: Tensor, group_name: str) -> Tensor:
     """Every rank's ``x`` concatenated along dim 0 in rank order."""
@@ -239,7 +252,7 @@ def _scatter_fake(x: Tensor, group_name: str) -> Tensor:
     return x.new_empty((x.shape[0] // world, *x.shape[1:]))
 
 
-for _op in (all_reduce_sum_op, broadcast_op, reduce_sum_op):
+for _op in (all_reduce_sum_op, all_reduce_max_op, broadcast_op, reduce_sum_op):
     _op.register_fake(_like_fake)
 all_gather_op.register_fake(_gather_fake)
 reduce_scatter_op.register_fake(_scatter_fake)

@@ -28,17 +28,18 @@ class ParallelConfig:
 
     cp: context-parallel size.
     tp: tensor-parallel size; the data-parallel size is ``world // (cp * tp)``. Only
-        megatron-core models are tensor parallel (they read their TP group from
-        ``parallel_state``), so ``tp > 1`` needs ``megatron=true``. Rank order is megatron's
+        megatron-core models are tensor parallel (built on the mesh's TP group, see
+        ``megatron``), so ``tp > 1`` needs ``megatron=true``. Rank order is megatron's
         (tp innermost, then cp, then dp; `hyena_cp.distributed.mesh`).
     backend: "auto" (NCCL on GPU, gloo on CPU), "gloo" or "nccl".
     timeout_s: collective timeout of every group of the run (the default group and the mesh's);
         a dead or hung peer fails the job after this long instead of hanging it, with a
         `hyena_cp.distributed.liveness.PeerTimeoutError` naming the ranks that had not started
         the step (torchrun can then restart it from the last checkpoint).
-    megatron: also initialise megatron-core's ``parallel_state`` (models built on megatron-core
-        read their TP and CP groups there; checked to hold the DeviceMesh's ranks); False
-        skips megatron-core's import.
+    megatron: the model is built on megatron-core: a model that takes ``pg_collection`` gets the
+        DeviceMesh's own groups (`hyena_cp.train.build_model`), and megatron-core's
+        ``parallel_state`` is initialised too, for megatron modules built without groups
+        (checked to hold the DeviceMesh's ranks); False skips megatron-core's import.
     dp_mode: how parameters, gradients and optimizer state live over the ``dp * cp`` ranks of
         a TP shard (`hyena_cp.distributed.fsdp`): "fsdp" (FSDP2 ``fully_shard`` per block and at
         the root: each rank holds ~1/(dp*cp) of them) or "ddp" (FSDP2's ``replicate``: every
@@ -68,8 +69,7 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.tp > 1 and not self.megatron:
             raise ValueError(f"parallel.tp={self.tp} needs parallel.megatron=true: only megatron-core models are "
-                             "tensor parallel, and they read their TP group from megatron's parallel_state; "
-                             "set parallel.megatron=true (with a megatron-core model) or parallel.tp=1")
+                             "tensor parallel; set parallel.megatron=true (with a megatron-core model) or parallel.tp=1")
         if self.dp_mode not in DP_MODES:
             raise ValueError(f"parallel.dp_mode={self.dp_mode!r} must be one of {list(DP_MODES)}")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from hyena_cp.lazy import instantiate
 from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
+from hyena_cp.train.build_model import build_model
 from hyena_cp.train.checkpoint import load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
 from hyena_cp.train.export import load_initial_weights
@@ -124,7 +125,7 @@ def embed_sequences(cfg: DictConfig) -> dict[str, Tensor]:
             raise ValueError(f"embedding runs on cp x tp = {parallel.cp * parallel.tp} processes, got a world of "
                              f"{groups.dims.world}; launch that many or change parallel.cp / parallel.tp")
         torch.manual_seed(0)  # every weight is overwritten; a seed keeps the build deterministic
-        model = instantiate(cfg.model).to(groups.device)
+        model = build_model(cfg.model, groups, megatron=True)
         _load_weights(model, cfg, settings, groups.tp_group)
         out = {}
         for name, ids in records:

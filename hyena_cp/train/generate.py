@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from hyena_cp.lazy import instantiate
 from hyena_cp.parallel import group_rank, group_size, shard_tp, tp_partition
 from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
+from hyena_cp.train.build_model import build_model
 from hyena_cp.train.checkpoint import CheckpointWarning, load_model_state
 from hyena_cp.train.config import ParallelConfig, fill_section_defaults
 from hyena_cp.train.verify import newest_verified
@@ -119,7 +120,7 @@ def generate_text(cfg: DictConfig, *, name: str) -> list[str]:
     settings = GenerateConfig(**instantiate(cfg.generate))
     parallel = ParallelConfig(**instantiate(cfg.parallel))
     if not parallel.megatron:
-        raise ValueError("generation runs the megatron-core LM, which reads its groups from parallel_state: set "
+        raise ValueError("generation runs the megatron-core LM (built on the run mesh's TP and CP groups): set "
                          "parallel.megatron=true")
     groups = init_parallel(parallel.cp, tp=parallel.tp, backend=parallel.backend, timeout_s=parallel.timeout_s,
                            megatron=True)
@@ -130,7 +131,7 @@ def generate_text(cfg: DictConfig, *, name: str) -> list[str]:
         output_dir = Path(cfg.train.output_dir or Path("outputs") / name)
         path = Path(settings.checkpoint) if settings.checkpoint else latest_checkpoint(output_dir / "checkpoints")
         torch.manual_seed(0)  # every weight is overwritten; a seed keeps the build deterministic
-        model = instantiate(cfg.model).to(groups.device)
+        model = build_model(cfg.model, groups, megatron=True)
         load_full_state(model, load_model_state(path), groups.tp_group)
         prompt = torch.tensor(list(settings.prompt.encode("utf-8")), device=groups.device)
         generator = torch.Generator(groups.device).manual_seed(settings.seed)

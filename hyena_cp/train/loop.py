@@ -61,6 +61,7 @@ from hyena_cp.distributed.liveness import Heartbeat
 from hyena_cp.parallel.reductions import group_sum
 from hyena_cp.distributed.state_bytes import max_over_ranks, state_bytes
 from hyena_cp.parallel.tp_layout import tp_partition
+from hyena_cp.train.build_model import build_model
 from hyena_cp.train.checkpoint import CheckpointError, Checkpointer
 from hyena_cp.train.config import PRECISIONS, ParallelConfig, TrainConfig, check_sections, lr_factor
 from hyena_cp.train.export import load_initial_weights
@@ -108,7 +109,7 @@ class Trainer:
     def build(cls, cfg: DictConfig, groups: ParallelGroups, output_dir: Path, name: str) -> Trainer:
         settings, parallel = _sections(cfg)
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
-        model = instantiate(cfg.model).to(groups.device)
+        model = build_model(cfg.model, groups, megatron=parallel.megatron)
         _check_tensor_parallel(model, groups.dims.tp)
         if settings.init_from:
             load_initial_weights(model, settings.init_from, groups.tp_group)

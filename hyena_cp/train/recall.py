@@ -1,8 +1,8 @@
 """The associative-recall task (`hyena_cp.data.associative_recall`) for the megatron-core Hyena LM.
 
 The model is the language model of `LanguageModeling` (``per_token_loss = model(input_ids,
-labels)`` on this rank's zigzag shard ``[b, S / cp]``, groups from megatron-core's
-``parallel_state``); only the data and the metric differ. Training samples are drawn afresh
+labels)`` on this rank's zigzag shard ``[b, S / cp]``, built on the run mesh's groups);
+only the data and the metric differ. Training samples are drawn afresh
 for every step (`FreshBatches`), so there is no training set to overfit and a resumed run reads
 the same batches. Validation is a fixed set drawn from ``eval_seed`` (independent of
 ``train.seed``), and its metric is the accuracy of the argmax over the vocabulary at the query

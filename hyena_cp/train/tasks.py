@@ -119,8 +119,8 @@ class LanguageModeling:
 
     The model is called as ``per_token_loss = model(input_ids, labels)`` with both
     ``[b, S / cp]`` (this rank's zigzag shard), plus ``cu_seqlens=`` (GLOBAL boundaries over
-    the b rows laid end to end, identical on every rank) when packing; it reads its TP and CP
-    groups from megatron-core's ``parallel_state`` (set up by the loop with ``parallel.megatron=true``).
+    the b rows laid end to end, identical on every rank) when packing; it is built on the run
+    mesh's TP and CP groups (``parallel.megatron=true``: `hyena_cp.train.build_model`).
 
     Args:
         data: GLOBAL byte streams; ``data.seq_len`` must be divisible by ``2 * cp``.
