@@ -4,7 +4,9 @@
 (causal, linear or circular, `hyena_cp.ops.boundary`). Causal and linear axes are zero-padded
 to twice their length, so no output we keep sees a wrapped-around term; circular axes wrap by
 definition. The 1-D causal case has its own entry, `fft_causal_conv1d`, the same math with a
-hand-written adjoint, packed documents and the optional CUDA kernel. Both run in float32 (or
+hand-written adjoint, packed documents and the optional CUDA kernel. `fft_conv_nd_spectral` is
+`fft_conv_nd` with the kernel given as its spectrum, which `kernel_spectrum` builds from a
+generator's hidden features without forming the kernel. Both run in float32 (or
 float64 if that is the input dtype) even under autocast, because bf16/fp16 FFTs lose most of the
 signal of a long filter; the result is cast back to the input dtype. On CUDA the 1-D conv of
 unpacked rows may run NVIDIA's subquadratic-ops-torch kernel instead (`hyena_cp.ops.kernels`:
