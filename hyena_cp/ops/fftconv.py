@@ -351,11 +351,11 @@ def _spectrum_grad(grad_f: torch.Tensor, extents: Sequence[int]) -> torch.Tensor
     ``c_f = 2`` for a last-axis bin that also stands for its conjugate twin and 1 for the DC bin and,
     for an even last extent, the Nyquist bin. So ``dL/dRe X + i dL/dIm X = c_f/N rfftn(dL/dx)``: autograd's
     convention for a complex input, which the real-linear ops before it (`kernel_spectrum`) chain."""
-    grad_f = grad_f / math.prod(extents)
-    twice = extents[-1] - grad_f.shape[-1]  # bins 1 .. twice: (n-1)//2 of them, odd or even n
-    if twice > 0:
-        grad_f[..., 1:1 + twice] *= 2
-    return grad_f
+    weight = torch.full((grad_f.shape[-1],), 2.0 / math.prod(extents), dtype=grad_f.real.dtype, device=grad_f.device)
+    weight[0] /= 2
+    if extents[-1] % 2 == 0:  # the Nyquist bin of an even axis stands once too
+        weight[-1] /= 2
+    return grad_f * weight  # one pass over the spectrum
 
 
 def _fft_layout(k: torch.Tensor, sizes: Sequence[int], boundaries: Sequence[str]) -> torch.Tensor:
