@@ -163,7 +163,7 @@ def measure(channels: int, grid: int | tuple[int, ...], rounds: int) -> dict[str
             "ratios": ratios, "saved": saved, "spectral": spectral}
 
 
-def sizes(quick: bool) -> tuple[list[int], int, int]:
+def sizes(quick: bool) -> tuple[list[int | tuple[int, ...]], int, int]:
     """``(grids, channels, rounds)``."""
     return ([8], 16, 2) if quick else ([64, 128, (8, 32, 32)], 256, 7)
 

@@ -140,7 +140,7 @@ class Hyena(nn.Module):
                  spectral_kernel: bool | None = None):
         super().__init__()
         if spectral_kernel not in (None, True, False):
-            raise ValueError(f"spectral_kernel={spectral_kernel!r} must be None (when cheaper), True or False")
+            raise ValueError(f"spectral_kernel={spectral_kernel!r} must be None (when it needs fewer transforms), True or False")
         self.spectral_kernel = spectral_kernel
         self.check_agreement = check_agreement_policy(check_agreement)
         tp_size = group_size(tp_group)
@@ -315,8 +315,8 @@ class Hyena(nn.Module):
         applies to the N-D FFT conv (not the 1-D causal one: packing, the CUDA kernel), a generator
         with ``features`` (a linear output layer ``out``), no mask (a window multiplies the kernel tap
         by tap, which the features' spectra cannot) and one TP rank (the TP path binds the parameters
-        through `copy_to_group`). By default only when cheaper: W + 1 feature transforms against
-        one per selected group (G_sel; under CP, num_heads / P)."""
+        through `copy_to_group`). By default only when it needs fewer transforms: W + 1 features
+        (with the bias) against one per selected group (G_sel; under CP, num_heads / P)."""
         if self.spectral_kernel is False or self.mask is not None or group_size(self.tp_group) > 1 \
                 or not self.geometry.uses_fft_conv_nd or not hasattr(self.filter, "features"):
             return False
