@@ -2,7 +2,7 @@
 same mixer building its kernel (``spectral_kernel=False``): outputs and EVERY gradient (input,
 conditioning, each parameter) in float64, for the Fourier and SIREN generators (FiLM, grouped
 filters), 2-D and 3-D, mixed boundaries, with and without ``checkpoint_filter``; float32 and bf16
-autocast against float64; when the default takes the path; negative twins."""
+autocast against float64; when the path is taken; negative twins."""
 from __future__ import annotations
 
 import copy
@@ -118,16 +118,16 @@ def test_bf16_autocast_runs_the_spectrum_in_float32():
     assert y.dtype == y_ref.dtype and rel_err(y.float(), y_ref.float()) < 1e-2  # bf16 projections, 8 bits
 
 
-def test_default_takes_the_spectral_path_only_when_it_is_cheaper_and_applies():
+def test_when_the_spectral_path_is_taken():
     def hyena(**kw):
         return Hyena(hidden_dim=64, spatial_dims=2, **{"num_heads": 64, "mask": None, "filter_width": 16, **kw})
-    assert hyena().use_spectral(slice(0, 64))  # 17 feature transforms < 64 filters
-    assert not hyena().use_spectral(slice(0, 16))  # a CP rank's block of 16 groups: 17 is not fewer
-    assert not hyena(num_heads=8).use_spectral(slice(0, 8))
-    assert not hyena(mask=ExponentialMask).use_spectral(slice(0, 64))  # a window multiplies the taps
-    assert not hyena(spectral_kernel=False).use_spectral(slice(0, 64))
+    assert not hyena().use_spectral(slice(0, 64))  # the default builds the kernel
+    assert hyena(spectral_kernel=None).use_spectral(slice(0, 64))  # 17 feature transforms < 64 filters
+    assert not hyena(spectral_kernel=None).use_spectral(slice(0, 16))  # a CP rank's 16 groups: 17 is not fewer
+    assert not hyena(num_heads=8, spectral_kernel=None).use_spectral(slice(0, 8))
     assert hyena(num_heads=8, spectral_kernel=True).use_spectral(slice(0, 8))
+    assert not hyena(mask=ExponentialMask, spectral_kernel=True).use_spectral(slice(0, 64))  # a window multiplies the taps
     causal = Hyena(hidden_dim=64, num_heads=64, spatial_dims=1, mask=None, filter_width=16, spectral_kernel=True)
     assert not causal.use_spectral(slice(0, 64))  # the 1-D causal conv keeps its own path
-    with pytest.raises(ValueError, match="spectral_kernel=.yes. must be None"):
+    with pytest.raises(ValueError, match="spectral_kernel='yes' must be None"):
         hyena(spectral_kernel="yes")

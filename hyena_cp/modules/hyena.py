@@ -35,7 +35,7 @@ move the same bytes whatever the boundaries.
 Spectral kernels: a generator whose kernel is a linear output layer over W hidden features (it has
 ``features``) lets the N-D FFT conv take the kernel's SPECTRUM as that layer over the features'
 spectra (`hyena_cp.ops.fftconv.kernel_spectrum`): W + 1 transforms instead of one per filter group,
-forward and backward. ``Hyena.spectral_kernel`` chooses (`use_spectral`); the result is the same.
+forward and backward. ``Hyena(spectral_kernel=)`` chooses (`use_spectral`); the result is the same.
 """
 from __future__ import annotations
 
@@ -122,9 +122,10 @@ class Hyena(nn.Module):
             shapes before the first collective (`hyena_cp.parallel.agreement`); inside a
             `QKVSequenceMixer` the mixer has checked already. "off": trust them.
         spectral_kernel: how the FFT conv gets a generator's kernel (`use_spectral`; it changes the cost,
-            never the result): None (default) as the spectrum of its features when that takes fewer
-            transforms than the filter groups, True whenever that applies, False always the kernel.
-            Also an attribute, to switch an existing operator.
+            never the result): False (default) builds the kernel, True takes the spectrum of the
+            generator's features whenever that applies, None when that needs fewer transforms than
+            the filter groups. False by default because on CPU the spectral path measured 0.85-1.10x
+            the kernel path's speed (docs/benchmarks.md). Also an attribute, to switch an operator.
     """
 
     def __init__(self, *, hidden_dim: int, num_heads: int = 1, spatial_dims: int = 1,
@@ -137,7 +138,7 @@ class Hyena(nn.Module):
                  conv_norm_eps: float | None = None,
                  cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True,
                  tp_group: ProcessGroup | None = None, check_agreement: Literal["always", "off"] = "always",
-                 spectral_kernel: bool | None = None):
+                 spectral_kernel: bool | None = False):
         super().__init__()
         if spectral_kernel not in (None, True, False):
             raise ValueError(f"spectral_kernel={spectral_kernel!r} must be None (when it needs fewer transforms), True or False")
@@ -315,8 +316,8 @@ class Hyena(nn.Module):
         applies to the N-D FFT conv (not the 1-D causal one: packing, the CUDA kernel), a generator
         with ``features`` (a linear output layer ``out``), no mask (a window multiplies the kernel tap
         by tap, which the features' spectra cannot) and one TP rank (the TP path binds the parameters
-        through `copy_to_group`). By default only when it needs fewer transforms: W + 1 features
-        (with the bias) against one per selected group (G_sel; under CP, num_heads / P)."""
+        through `copy_to_group`). With ``spectral_kernel=None`` only when it needs fewer transforms:
+        W + 1 features (with the bias) against one per selected group (G_sel; under CP, num_heads / P)."""
         if self.spectral_kernel is False or self.mask is not None or group_size(self.tp_group) > 1 \
                 or not self.geometry.uses_fft_conv_nd or not hasattr(self.filter, "features"):
             return False
