@@ -124,8 +124,9 @@ class Hyena(nn.Module):
         spectral_kernel: how the FFT conv gets a generator's kernel (`use_spectral`; it changes the cost,
             never the result): False (default) builds the kernel, True takes the spectrum of the
             generator's features whenever that applies, None when that needs fewer transforms than
-            the filter groups. False by default because on CPU the spectral path measured 0.85-1.10x
-            the kernel path's speed (docs/benchmarks.md). Also an attribute, to switch an operator.
+            the filter groups. False by default: on CPU the spectral path measured 0.85-0.97x the
+            kernel path's speed at 64x64 and 0.98-1.10x at larger grids (docs/benchmarks.md).
+            Also an attribute, to switch an operator.
     """
 
     def __init__(self, *, hidden_dim: int, num_heads: int = 1, spatial_dims: int = 1,
