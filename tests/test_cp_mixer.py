@@ -97,6 +97,15 @@ CASES = {
     "1d_siren_gates_no_short_conv_fp32": Case(1, (2, 32, 8), kernel=None, dtype=torch.float32, hyena=(
         ("filter", functools.partial(SirenFilter, L_cache=64, num_blocks=2, learnable_omega=True)),
         ("outer_gate", "silu"), ("inner_gate", "sigmoid"), ("skip", False))),
+    # the spectral kernel path (a rank transforms the features of the full grid, then takes its groups)
+    "2d_spectral_fourier_causal_x_circular": Case(2, (2, 16, 6, 8), boundary=("causal", "circular"), hyena=(
+        ("mask", None), ("spectral_kernel", True))),
+    "2d_spectral_film_siren_fp32": Case(2, (2, 8, 5, 8), boundary=("linear", "circular"), dtype=torch.float32, hyena=(
+        ("filter", functools.partial(SirenFilter, L_cache=(4, 4), cond_dim=5, film_init="small_random",
+                                     film_init_std=0.3)), ("mask", None), ("spectral_kernel", True))),
+    "3d_spectral_siren_mixed": Case(3, (1, 8, 3, 4, 8), heads=8, boundary=("circular", "linear", "circular"), hyena=(
+        ("filter", functools.partial(SirenFilter, L_cache=4, hidden_dim=6)), ("mask", None),
+        ("spectral_kernel", True))),
     # StripedHyena 2 (Evo 2) and safari/HyenaDNA operators. The explicit FIRs run as direct convs with
     # a K-1 halo (P=4: zigzag chunks exactly K-1 long); groups are not split by CP (2 groups on 4 ranks)
     "1d_evo2_se_fir7": Case(1, (2, 48, 8), norm=None, heads=2, hyena=(
@@ -208,6 +217,25 @@ def test_parity_test_catches_a_halo_without_the_wrap(dist_run, name):
     """Negative twin of the circular cases: rank 0 and rank P-1 must be neighbours."""
     case = CASES[name]
     results = dist_run(worker_run_without_wrap, 2, case)
+    with pytest.raises(AssertionError, match="output"):
+        check_parity(case, results)
+
+
+def worker_run_with_the_first_groups_spectrum(case: Case) -> dict:
+    """The spectral path with every rank taking the output layer of the FIRST groups, not its own."""
+    spectrum = Hyena._spectrum
+    Hyena._spectrum = lambda self, spatial, groups, cond: spectrum(self, spatial, slice(0, groups.stop - groups.start),
+                                                                   cond)
+    try:
+        return run_mixer(case, dist.group.WORLD)
+    finally:
+        Hyena._spectrum = spectrum
+
+
+def test_parity_test_catches_a_spectrum_of_the_wrong_groups(dist_run):
+    """Negative twin of the spectral cases: a rank's spectrum must be of its own channel block's groups."""
+    case = CASES["2d_spectral_fourier_causal_x_circular"]
+    results = dist_run(worker_run_with_the_first_groups_spectrum, 2, case)
     with pytest.raises(AssertionError, match="output"):
         check_parity(case, results)
 

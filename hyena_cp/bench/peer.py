@@ -1,4 +1,4 @@
-"""Section ``nvsub``: our 2-D layer against nvSubquadratic's torch path at a matched function.
+"""Section ``nvsub``: our 2-D (and 3-D) layer against nvSubquadratic's torch path at a matched function.
 
 The function is nvSubquadratic 0.2.0's ViT-5 gated Hyena recipe mixer (`recipe`: SIREN kernel per
 channel, SiLU inner and Sigmoid outer gates, L2 QK-norm, RMSNorm before the long conv and at the
@@ -8,13 +8,16 @@ so both compute the same function: the outputs and input gradients are checked t
 round-off before anything is timed. Then forward + backward of ``sum(y)``, fp32, B=1, one process,
 the two layers' calls alternating (`timed_rounds`); the result is the median over rounds of
 theirs / ours (> 1: ours faster). Ours with the default Fourier-MLP filter, one per channel
-(``num_heads=C``), is timed in the same rounds for context (not the same function).
+(``num_heads=C``), is timed in the same rounds for context (not the same function), and so is ours
+with the spectral kernel path (``spectral_kernel=True``: the kernel's spectrum from the SIREN's 32
+features instead of the kernel built and transformed per channel), its speed at a matched function.
 
 nvSubquadratic is imported only here and only when installed; the project never depends on it.
 Without it the section says how to install it (`INSTALL`) and measures nothing.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import statistics
@@ -39,24 +42,28 @@ INSTALL = "pip install --no-deps nvsubquadratic==0.2.0 einops omegaconf"
 # the grid), the norms and the gates give ~1e-6 relative; an indexing or conversion bug is O(1)
 AGREE_TOL = 1e-4
 TITLE = "nvSubquadratic at a matched function (one process)"
+SPECTRAL = "ours, spectral kernel"
 
 
 def installed() -> bool:
     return importlib.util.find_spec(PEER) is not None
 
 
-def recipe(channels: int, grid: int) -> dict[str, Any]:
+def recipe(channels: int, grid: int | tuple[int, ...]) -> dict[str, Any]:
     """nvSubquadratic's ViT-5 gated Hyena mixer (``examples/vit5_imagenet/v2/*hyena*gated*``, 12 blocks)
-    for a ``grid x grid`` patch grid of ``channels`` channels, as its config node in plain data."""
+    for a ``grid x grid`` patch grid (or a grid of the given sizes: 3-D, the same recipe on a volume) of
+    ``channels`` channels, as its config node in plain data."""
+    size = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    dims = len(size)
     init = importlib.import_module(f"{PEER}.utils.init")
     rms = {"__target__": f"{PEER}.modules.rms_norm.RMSNorm", "dim": channels, "eps": 1e-6}
-    siren = {"__target__": f"{PEER}.modules.kernels_nd.SIRENKernelND", "out_dim": channels, "data_dim": 2,
-             "mlp_hidden_dim": 32, "num_layers": 3, "embedding_dim": 32, "omega_0": 10.0, "L_cache": grid,
+    siren = {"__target__": f"{PEER}.modules.kernels_nd.SIRENKernelND", "out_dim": channels, "data_dim": dims,
+             "mlp_hidden_dim": 32, "num_layers": 3, "embedding_dim": 32, "omega_0": 10.0, "L_cache": list(size),
              "use_bias": True, "hidden_omega_0": 1.0}
-    conv = {"__target__": f"{PEER}.modules.ckconv_nd.CKConvND", "data_dim": 2, "hidden_dim": channels,
+    conv = {"__target__": f"{PEER}.modules.ckconv_nd.CKConvND", "data_dim": dims, "hidden_dim": channels,
             "kernel_cfg": siren, "mask_cfg": {"__target__": "torch.nn.modules.linear.Identity"},
             "grid_type": "double", "fft_padding": "zero"}
-    short = {"__target__": "torch.nn.modules.conv.Conv2d", "in_channels": 3 * channels, "out_channels": 3 * channels,
+    short = {"__target__": f"torch.nn.modules.conv.Conv{dims}d", "in_channels": 3 * channels, "out_channels": 3 * channels,
              "kernel_size": 3, "groups": 3 * channels, "bias": False, "padding": 1}
     hyena = {"__target__": f"{PEER}.modules.hyena_nd.Hyena", "global_conv_cfg": conv, "short_conv_cfg": short,
              "gate_nonlinear_cfg": {"__target__": "torch.nn.modules.activation.SiLU"},
@@ -69,18 +76,21 @@ def recipe(channels: int, grid: int) -> dict[str, Any]:
                                 "num_layers": 12}}
 
 
-def matched_layers(channels: int, grid: int, seed: int = 0) -> dict[str, nn.Module]:
-    """``{"nvSubquadratic": theirs, "ours": converted, "ours, Fourier-MLP filter": context}``: theirs built
-    by nvSubquadratic from `recipe`, ours from ``convert`` of the same config and its state_dict."""
+def matched_layers(channels: int, grid: int | tuple[int, ...], seed: int = 0) -> dict[str, nn.Module]:
+    """``{"nvSubquadratic": theirs, "ours": converted, "ours, spectral kernel": the same with
+    ``spectral_kernel=True``, "ours, Fourier-MLP filter": context}``: theirs built by nvSubquadratic
+    from `recipe`, ours from ``convert`` of the same config and its state_dict."""
     torch.manual_seed(seed)
     cfg = recipe(channels, grid)
     theirs = importlib.import_module(f"{PEER}.lazy_config").instantiate(cfg)
     ours_cfg, state = convert(cfg, theirs.state_dict())
     ours = hyena_cp.instantiate(ours_cfg)
     ours.load_state_dict(state)
+    spectral = copy.deepcopy(ours)
+    spectral.hyena.spectral_kernel = True
     ours_cfg.hyena.filter, ours_cfg.hyena.num_heads = None, channels  # the default generator, per channel
     fourier = hyena_cp.instantiate(ours_cfg)
-    return {"nvSubquadratic": theirs, "ours": ours, "ours, Fourier-MLP filter": fourier}
+    return {"nvSubquadratic": theirs, "ours": ours, SPECTRAL: spectral, "ours, Fourier-MLP filter": fourier}
 
 
 def _output_and_grad(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,11 +141,14 @@ def _ratio(times: dict, num: str, den: str, clock: str = "wall") -> float:
     return statistics.median(a / b for a, b in zip(times[num][clock], times[den][clock]))
 
 
-def measure(channels: int, grid: int, rounds: int) -> dict[str, Any]:
-    """One size: agreement, per-call times, ratios and saved-for-backward bytes."""
-    layers = matched_layers(channels, grid)
-    x = torch.randn(1, grid, grid, channels, generator=torch.Generator().manual_seed(1))
+def measure(channels: int, grid: int | tuple[int, ...], rounds: int) -> dict[str, Any]:
+    """One size: agreement (ours by either kernel path), per-call times, ratios and saved-for-backward bytes."""
+    size = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    layers = matched_layers(channels, size)
+    x = torch.randn(1, *size, channels, generator=torch.Generator().manual_seed(1))
     agree = agreement(layers["nvSubquadratic"], layers["ours"], x)
+    agree_spectral = agreement(layers["nvSubquadratic"], layers[SPECTRAL], x)
+    agree = {name: max(agree[name], agree_spectral[name]) for name in agree}
     times = timed({name: _step(layer, x) for name, layer in layers.items()}, rounds)
     saved = {}
     for name, layer in layers.items():
@@ -143,35 +156,45 @@ def measure(channels: int, grid: int, rounds: int) -> dict[str, Any]:
         del y
     ratios = {name: {clock: _ratio(times, "nvSubquadratic", name, clock) for clock in ("wall", "cpu")}
               for name in layers if name != "nvSubquadratic"}
-    return {"grid": grid, "channels": channels, "agreement": agree, "times": times, "ratios": ratios, "saved": saved}
+    ratios["spectral"] = {clock: _ratio(times, "ours", SPECTRAL, clock) for clock in ("wall", "cpu")}
+    hyena = layers[SPECTRAL].hyena
+    if not hyena.use_spectral(slice(0, hyena.num_heads)) or layers["ours"].hyena.use_spectral(slice(0, hyena.num_heads)):
+        raise ValueError("the two kernel paths timed are not the kernel path and the spectral path")
+    return {"grid": "x".join(map(str, size)), "channels": channels, "agreement": agree, "times": times,
+            "ratios": ratios, "saved": saved}
 
 
-def sizes(quick: bool) -> tuple[list[int], int, int]:
+def sizes(quick: bool) -> tuple[list[int | tuple[int, ...]], int, int]:
     """``(grids, channels, rounds)``."""
-    return ([8], 16, 2) if quick else ([64, 128], 256, 7)
+    return ([8], 16, 2) if quick else ([64, 128, (8, 32, 32)], 256, 7)
 
 
 def _table(results: list[dict], threads_used: int) -> Table:
-    table = Table("Our 2-D mixer vs nvSubquadratic's, the same function (forward + backward, fp32, B=1)",
-                  ["grid", "C", "max rel. diff (out / input grad)", "ms theirs / ours", "theirs / ours",
-                   "theirs / ours (CPU time)", "ms ours, Fourier-MLP", "theirs / ours Fourier-MLP",
+    table = Table("Our mixer vs nvSubquadratic's, the same function (forward + backward, fp32, B=1)",
+                  ["grid", "C", "max rel. diff (out / input grad)", "ms theirs / ours / ours spectral",
+                   "theirs / ours", "theirs / ours (CPU time)", "theirs / ours spectral",
+                   "ours / ours spectral", "ms ours, Fourier-MLP", "theirs / ours Fourier-MLP",
                    "saved theirs / ours"])
     for r in results:
         med = {name: 1e3 * statistics.median(t["wall"]) for name, t in r["times"].items()}
-        table.rows.append([f"{r['grid']}x{r['grid']}", r["channels"],
+        table.rows.append([r["grid"], r["channels"],
                            f"{r['agreement']['output']:.1e} / {r['agreement']['input grad']:.1e}",
-                           f"{med['nvSubquadratic']:.0f} / {med['ours']:.0f}", f"{r['ratios']['ours']['wall']:.2f}",
-                           f"{r['ratios']['ours']['cpu']:.2f}", f"{med['ours, Fourier-MLP filter']:.0f}",
+                           f"{med['nvSubquadratic']:.0f} / {med['ours']:.0f} / {med[SPECTRAL]:.0f}",
+                           f"{r['ratios']['ours']['wall']:.2f}", f"{r['ratios']['ours']['cpu']:.2f}",
+                           f"{r['ratios'][SPECTRAL]['wall']:.2f}",
+                           f"{r['ratios']['spectral']['wall']:.2f}", f"{med['ours, Fourier-MLP filter']:.0f}",
                            f"{r['ratios']['ours, Fourier-MLP filter']['wall']:.2f}",
                            f"{fmt_bytes(r['saved']['nvSubquadratic'])} / {fmt_bytes(r['saved']['ours'])}"])
     table.notes.append(
         f"nvSubquadratic {PEER_VERSION}'s ViT-5 gated Hyena mixer (SIREN kernel per channel, SiLU / Sigmoid gates, L2 "
-        f"QK-norm, RMSNorm before the long conv and at the output), converted by hyena_cp.interop.nvsubquadratic.convert "
-        f"(its defaults, e.g. checkpoint_filter=True); torch.set_num_threads({threads_used}). theirs / ours: median over "
-        "rounds of the two calls' wall times, timed alternately (> 1: ours faster); CPU time: the same with process CPU "
-        "seconds (all threads), less sensitive to other jobs on the machine. Fourier-MLP: ours with the default filter "
-        "generator, one per channel (num_heads=C) - context, not the same function. saved: bytes autograd keeps for "
-        "backward.")
+        f"QK-norm, RMSNorm before the long conv and at the output; a 3-D grid: the same recipe with data_dim=3), converted "
+        f"by hyena_cp.interop.nvsubquadratic.convert (its defaults, e.g. checkpoint_filter=True); "
+        f"torch.set_num_threads({threads_used}). theirs / ours: median over rounds of the two calls' wall times, timed "
+        "alternately (> 1: ours faster); CPU time: the same with process CPU seconds (all threads), less sensitive to "
+        "other jobs on the machine. ours spectral: the same layer with spectral_kernel=True (the kernel's spectrum from "
+        "the SIREN's features, not the kernel built and transformed per channel), timed in the same rounds; ours / ours "
+        "spectral: their ratio (> 1: the spectral path faster). Fourier-MLP: ours with the default filter generator, one "
+        "per channel (num_heads=C) - context, not the same function. saved: bytes autograd keeps for backward.")
     return table
 
 
@@ -184,7 +207,7 @@ def run(ctx: BenchContext) -> Section:
         results = [measure(channels, grid, rounds) for grid in grids]
     section = Section(TITLE, [_table(results, ctx.threads)], data={"installed": True, "results": results})
     for r in results:
-        section.notes.append(f"{r['grid']}x{r['grid']}, C={r['channels']}: ours is {r['ratios']['ours']['wall']:.2f}x "
+        section.notes.append(f"{r['grid']}, C={r['channels']}: ours is {r['ratios']['ours']['wall']:.2f}x "
                              f"nvSubquadratic's speed (wall time; {r['ratios']['ours']['cpu']:.2f}x in CPU time), "
                              f"computing its function to {max(r['agreement'].values()):.0e}.")
     return section

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor
 
 from hyena_cp.ops.boundary import check_boundaries, fft_extent, kernel_extent, kernel_offsets, short_conv_reach
-from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv_nd
+from hyena_cp.ops.fftconv import fft_causal_conv1d, fft_conv_nd, fft_conv_nd_spectral
 from hyena_cp.ops.short_conv import causal_depthwise_conv1d, depthwise_conv_nd
 from hyena_cp.parallel import (all_gather_seq, block_halo, causal_halo_1d, channel_to_seq, check_divisible,
                                from_rank_major, group_rank, group_size, num_chunks, seq_to_channel, shard)
@@ -207,6 +207,16 @@ class Geometry:
         if self.boundaries == ("causal",) and k.dim() == 2:
             return fft_causal_conv1d(z, k, d, cu_seqlens=cu_seqlens)
         return fft_conv_nd(z, k, d, self.boundaries)
+
+    @property
+    def uses_fft_conv_nd(self) -> bool:
+        """True when the long conv runs `fft_conv_nd` (every geometry but a 1-D causal sequence, which
+        has its own conv with packing and the CUDA kernel)."""
+        return self.boundaries != ("causal",)
+
+    def long_conv_spectral(self, z: Tensor, k_f: Tensor, d: Tensor | None) -> Tensor:
+        """`long_conv` with the kernel given as its spectrum (`hyena_cp.ops.fftconv.kernel_spectrum`)."""
+        return fft_conv_nd_spectral(z, k_f, d, self.boundaries)
 
     def to_channel_block(self, z: Tensor, cp_group) -> Tensor:
         """``[B, C, S0/P, *S_rest]`` (a shard, every channel) -> ``[B, C/P, S0, *S_rest]`` (this rank's

@@ -31,6 +31,11 @@ end, `hyena_cp.ops.packing`): the long conv restarts at every document. Under CP
 after the AllToAll on the full sequence, in natural order, of a channel block, so the
 per-document conv is local there and needs no extra communication: the same two AllToAlls
 move the same bytes whatever the boundaries.
+
+Spectral kernels: a generator whose kernel is a linear output layer over W hidden features (it has
+``features``) lets the N-D FFT conv take the kernel's SPECTRUM as that layer over the features'
+spectra (`hyena_cp.ops.fftconv.kernel_spectrum`): W + 1 transforms instead of one per filter group,
+forward and backward. ``Hyena(spectral_kernel=)`` chooses (`use_spectral`); the result is the same.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from hyena_cp import flops
 from hyena_cp.modules.gating import Gating
 from hyena_cp.modules.geometry import Geometry
+from hyena_cp.ops.fftconv import kernel_spectrum
 from hyena_cp.ops.filters import FourierFilter, kernel_grid
 from hyena_cp.ops.masks import ExponentialMask
 from hyena_cp.ops.packing import check_cu_seqlens, document_positions, is_one_document_per_row
@@ -115,6 +121,12 @@ class Hyena(nn.Module):
         check_agreement: "always" (default): when called directly, compare the CP ranks'
             shapes before the first collective (`hyena_cp.parallel.agreement`); inside a
             `QKVSequenceMixer` the mixer has checked already. "off": trust them.
+        spectral_kernel: how the FFT conv gets a generator's kernel (`use_spectral`; it changes the cost,
+            never the result): False (default) builds the kernel, True takes the spectrum of the
+            generator's features whenever that applies, None when that needs fewer transforms than
+            the filter groups. False by default: on CPU the spectral path measured 0.85-0.97x the
+            kernel path's speed at 64x64 and 0.98-1.10x at larger grids (docs/benchmarks.md).
+            Also an attribute, to switch an operator.
     """
 
     def __init__(self, *, hidden_dim: int, num_heads: int = 1, spatial_dims: int = 1,
@@ -126,8 +138,12 @@ class Hyena(nn.Module):
                  conv_norm: str | None = None, conv_norm_groups: int = 1, norm_eps: float | None = None,
                  conv_norm_eps: float | None = None,
                  cp_comm: Literal["alltoall", "allgather"] = "alltoall", checkpoint_filter: bool = True,
-                 tp_group: ProcessGroup | None = None, check_agreement: Literal["always", "off"] = "always"):
+                 tp_group: ProcessGroup | None = None, check_agreement: Literal["always", "off"] = "always",
+                 spectral_kernel: bool | None = False):
         super().__init__()
+        if spectral_kernel not in (None, True, False):
+            raise ValueError(f"spectral_kernel={spectral_kernel!r} must be None (when it needs fewer transforms), True or False")
+        self.spectral_kernel = spectral_kernel
         self.check_agreement = check_agreement_policy(check_agreement)
         tp_size = group_size(tp_group)
         if cp_comm not in ("alltoall", "allgather"):
@@ -289,9 +305,45 @@ class Hyena(nn.Module):
         """
         if self.fir_length is not None:
             return self.fir_conv(z, channels, None, cu_seqlens)
-        k = self.build_filter(tuple(z.shape[2:]), self.filter_groups(channels), conditioning)  # [B,] G_blk, *K
+        size, groups = tuple(z.shape[2:]), self.filter_groups(channels)
         skip = None if self.skip is None else self.skip[channels]
+        if self.use_spectral(groups):
+            return self.geometry.long_conv_spectral(z, self.build_spectrum(size, groups, conditioning), skip)
+        k = self.build_filter(size, groups, conditioning)  # [B,] G_blk, *K
         return self.geometry.long_conv(z, k, skip, cu_seqlens)
+
+    def use_spectral(self, groups: slice) -> bool:
+        """Whether the long conv of ``groups`` takes its kernel as a spectrum (`build_spectrum`). It
+        applies to the N-D FFT conv (not the 1-D causal one: packing, the CUDA kernel), a generator
+        with ``features`` (a linear output layer ``out``), no mask (a window multiplies the kernel tap
+        by tap, which the features' spectra cannot) and one TP rank (the TP path binds the parameters
+        through `copy_to_group`). With ``spectral_kernel=None`` only when it needs fewer transforms:
+        W + 1 features (with the bias) against one per selected group (G_sel; under CP, num_heads / P)."""
+        if self.spectral_kernel is False or self.mask is not None or group_size(self.tp_group) > 1 \
+                or not self.geometry.uses_fft_conv_nd or not hasattr(self.filter, "features"):
+            return False
+        transforms = self.filter.out.in_features + (self.filter.out.bias is not None)
+        return bool(self.spectral_kernel) or transforms < len(range(self.num_heads)[groups])
+
+    def build_spectrum(self, spatial: tuple[int, ...], groups: slice,
+                       conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """The spectrum of `build_filter`'s kernel, ``[G_sel, *F]`` (``[B, G_sel, *F]`` conditioned), as the
+        generator's output layer applied to the spectrum of its features (`hyena_cp.ops.fftconv.kernel_spectrum`).
+        Built in the parameters' dtype with autocast off and recomputed in backward under
+        ``checkpoint_filter``, for the reasons `build_filter` gives."""
+        with torch.autocast(device_type=self.dtype_like.device.type, enabled=False):
+            if self.checkpoint_filter and torch.is_grad_enabled():
+                return checkpoint(self._spectrum, spatial, groups, conditioning, use_reentrant=False)
+            return self._spectrum(spatial, groups, conditioning)
+
+    def _spectrum(self, spatial: tuple[int, ...], groups: slice, conditioning: torch.Tensor | None) -> torch.Tensor:
+        like = self.dtype_like
+        grid = kernel_grid(self.geometry.kernel_offsets(spatial), spatial, self.filter.reference(spatial),
+                           device=like.device, dtype=like.dtype)
+        h = self.filter.features(grid, conditioning) if conditioning is not None else self.filter.features(grid)
+        out = self.filter.out
+        return kernel_spectrum(h, out.weight[groups], None if out.bias is None else out.bias[groups], grid.shape,
+                               spatial, self.geometry.boundaries)
 
     def fir_conv(self, z: torch.Tensor, channels: slice, cp_group, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Direct causal conv of an explicit filter (``fir_length`` K): ``z [B, C_sel, L_local]`` is this

@@ -4,7 +4,9 @@
 (causal, linear or circular, `hyena_cp.ops.boundary`). Causal and linear axes are zero-padded
 to twice their length, so no output we keep sees a wrapped-around term; circular axes wrap by
 definition. The 1-D causal case has its own entry, `fft_causal_conv1d`, the same math with a
-hand-written adjoint, packed documents and the optional CUDA kernel. Both run in float32 (or
+hand-written adjoint, packed documents and the optional CUDA kernel. `fft_conv_nd_spectral` is
+`fft_conv_nd` with the kernel given as its spectrum, which `kernel_spectrum` builds from a
+generator's hidden features without forming the kernel. Both run in float32 (or
 float64 if that is the input dtype) even under autocast, because bf16/fp16 FFTs lose most of the
 signal of a long filter; the result is cast back to the input dtype. On CUDA the 1-D conv of
 unpacked rows may run NVIDIA's subquadratic-ops-torch kernel instead (`hyena_cp.ops.kernels`:
@@ -28,6 +30,7 @@ a cross-document term of a long filter is as costly as the conv itself).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +42,7 @@ from hyena_cp.ops.boundary import fft_extent, kernel_extent, kernel_offsets
 from hyena_cp.ops.channels_last import channels_first_copy, copy_in_layout_of
 from hyena_cp.ops.packing import DocumentBuckets, is_one_document_per_row
 
-__all__ = ["fft_causal_conv1d", "fft_conv_nd", "fft_conv2d", "fft_size"]
+__all__ = ["fft_causal_conv1d", "fft_conv_nd", "fft_conv_nd_spectral", "kernel_spectrum", "fft_conv2d", "fft_size"]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -194,8 +197,73 @@ def fft_conv_nd(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None, bounda
     extents = tuple(fft_extent(n, b) for n, b in zip(sizes, boundaries))
     dtype = _compute_dtype(u, k)
     with torch.autocast(device_type=u.device.type, enabled=False):
-        k, starts = _fft_layout(k.to(dtype), sizes, boundaries)
-        y = _FFTConvND.apply(u.to(dtype), k, None if d is None else d.to(dtype), extents, tuple(starts))
+        k = _fft_layout(k.to(dtype), sizes, boundaries)
+        y = _FFTConvND.apply(u.to(dtype), k, None if d is None else d.to(dtype), extents,
+                             _window_starts(sizes, boundaries), False)
+    return y.to(u.dtype)
+
+
+def kernel_spectrum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, taps: Sequence[int],
+                    sizes: Sequence[int], boundaries: Sequence[str]) -> torch.Tensor:
+    """The spectrum `fft_conv_nd_spectral` takes, of the kernel ``k = weight @ h^T + bias`` (a generator's
+    output layer over its last hidden features), for a conv of a grid ``sizes`` with ``boundaries``.
+
+    The transform is linear, so ``rfftn(k) = weight @ rfftn(h^T) + bias * rfftn(1)``: W + 1 transforms
+    of the features instead of G of the kernel, and the kernel itself is never formed (a per-channel
+    filter has G = C, e.g. 256, while W is the generator's width, e.g. 32). Its gradient needs no
+    inverse transform of the kernel either. The ``1`` is one on the kernel's taps only, laid out (and,
+    on a circular axis, rolled) like every other feature, so ``bias`` lands on exactly the kernel's taps.
+
+    Args:
+        h: ``[N, W]`` or ``[B, N, W]`` features at the N taps, row-major over ``taps`` (``K`` per axis,
+            `kernel_extent` of ``sizes`` and ``boundaries``).
+        weight, bias: ``[G, W]``, ``[G]`` (or None): the output layer's, for the groups wanted.
+
+    Returns:
+        ``[G, *F]`` or ``[B, G, *F]``, complex64 (complex128 for float64 inputs), ``F`` the one-sided
+        FFT grid of `fft_conv_nd`.
+    """
+    dims, taps = len(sizes), tuple(taps)
+    if taps != tuple(kernel_extent(n, b) for n, b in zip(sizes, boundaries)) or len(boundaries) != dims \
+            or h.dim() not in (2, 3) or h.shape[-2] != math.prod(taps) or weight.shape[-1] != h.shape[-1]:
+        raise ValueError(f"kernel_spectrum expects h [N, W] or [B, N, W] at the taps of a grid {tuple(sizes)} with "
+                         f"boundaries {tuple(boundaries)} and weight [G, W]; got h {tuple(h.shape)}, taps {taps}, "
+                         f"weight {tuple(weight.shape)}")
+    dtype = _compute_dtype(h, weight)  # bf16 has no FFT, and would lose the long filter's tail
+    h, weight = h.to(dtype), weight.to(dtype)
+    if bias is not None:  # a constant feature carries the bias through the same product
+        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
+        weight = torch.cat([weight, bias.to(dtype)[:, None]], dim=1)
+    feats = h.transpose(-1, -2).reshape(*h.shape[:-2], h.shape[-1], *taps)  # [B,] W(+1), *K
+    feats = _fft_layout(feats, sizes, boundaries)
+    extents = tuple(fft_extent(n, b) for n, b in zip(sizes, boundaries))
+    feats_f = torch.fft.rfftn(feats, s=extents, dim=tuple(range(-dims, 0)))  # [B,] W(+1), *F
+    # a real matmul over the (re, im) pairs: the weights are real, a complex matmul would do twice the work
+    k_f = torch.matmul(weight, torch.view_as_real(feats_f).flatten(-dims - 1))  # [B,] G, prod(F)*2
+    return torch.view_as_complex(k_f.unflatten(-1, (*feats_f.shape[-dims:], 2)))
+
+
+def fft_conv_nd_spectral(u: torch.Tensor, k_f: torch.Tensor, d: torch.Tensor | None,
+                         boundaries: Sequence[str]) -> torch.Tensor:
+    """`fft_conv_nd` with the kernel given as its spectrum ``k_f`` (`kernel_spectrum`: ``[G, *F]`` or
+    ``[B, G, *F]`` complex, the one-sided FFT grid of ``u``'s grid ``[B, C, *S]`` and ``boundaries``);
+    the same result, in ``u``'s dtype, computed in float32 (float64 when ``u`` or ``k_f`` is double)."""
+    sizes = tuple(u.shape[2:])
+    dims = len(sizes)
+    boundaries = tuple(boundaries)
+    extents = tuple(fft_extent(n, b) for n, b in zip(sizes, boundaries))
+    want = (*extents[:-1], extents[-1] // 2 + 1)
+    if len(boundaries) != dims or not k_f.is_complex() or tuple(k_f.shape[-dims:]) != want \
+            or k_f.dim() not in (dims + 1, dims + 2) or (k_f.dim() == dims + 2 and k_f.shape[0] != u.shape[0]):
+        raise ValueError(f"fft_conv_nd_spectral expects u [B, C, *S] with one boundary per axis and a complex k_f "
+                         f"[G, *F] or [B, G, *F] with F={want}; got u {tuple(u.shape)}, k_f {tuple(k_f.shape)}, "
+                         f"boundaries {boundaries}")
+    _check_groups(u, k_f)
+    dtype = torch.float64 if torch.float64 in (u.dtype, k_f.real.dtype) else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        k_f = k_f.to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+        y = _FFTConvND.apply(u.to(dtype), k_f, None if d is None else d.to(dtype), extents,
+                             _window_starts(sizes, boundaries), True)
     return y.to(u.dtype)
 
 
@@ -237,19 +305,20 @@ class _FFTConvND(torch.autograd.Function):
     full complex FFT of a zero-padded complex gradient, twice. The inverse transforms compute only the
     rows their window keeps (`_irfftn_window`), and ``u`` (and ``g``) are transformed from a contiguous
     copy: a channels-last tensor transforms ~2x slower, and the copy is cheap next to it. Saves the two
-    spectra (as autograd's product would) and ``u`` when ``d`` needs a gradient."""
+    spectra (as autograd's product would) and ``u`` when ``d`` needs a gradient. With ``spectral`` the
+    kernel comes as its spectrum (`fft_conv_nd_spectral`) and so does its gradient (`_spectrum_grad`)."""
 
     @staticmethod
-    def forward(ctx, u, k, d, extents, starts):
+    def forward(ctx, u, k, d, extents, starts, spectral):
         dims = len(extents)
         axes = tuple(range(-dims, 0))
         sizes = tuple(u.shape[-dims:])
         u_f = torch.fft.rfftn(channels_first_copy(u), s=extents, dim=axes)
-        k_f = torch.fft.rfftn(k, s=extents, dim=axes)
+        k_f = k if spectral else torch.fft.rfftn(k, s=extents, dim=axes)
         y = _irfftn_window(_grouped_product(u_f, k_f), extents, starts, sizes)
         keep_u = d is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(u_f, k_f, d, u if keep_u else None)
-        ctx.extents, ctx.starts, ctx.sizes, ctx.taps = extents, starts, sizes, tuple(k.shape[-dims:])
+        ctx.extents, ctx.starts, ctx.sizes, ctx.taps = extents, starts, sizes, None if spectral else tuple(k.shape[-dims:])
         return _in_layout_of(u, y, d, u)
 
     @staticmethod
@@ -267,33 +336,49 @@ class _FFTConvND(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             per_sample = k_f.dim() == u_f.dim()
             groups = k_f.shape[1] if per_sample else k_f.shape[0]
-            grad_k = _irfftn_window(_group_sum(g_f, u_f, groups, per_sample), extents, zero, ctx.taps)
+            grad_k = _group_sum(g_f, u_f, groups, per_sample)
+            grad_k = _spectrum_grad(grad_k, extents) if ctx.taps is None else _irfftn_window(grad_k, extents, zero, ctx.taps)
         if u is not None:
             grad_d = (grad * u).sum(dim=(0, *range(2, 2 + dims)))
-        return grad_u, grad_k, grad_d, None, None
+        return grad_u, grad_k, grad_d, None, None, None
 
 
-def _fft_layout(k: torch.Tensor, sizes: Sequence[int], boundaries: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
-    """A kernel in offset layout ``[..., *K]`` made ready for the FFT product, and where each axis's
-    output starts in the product.
+def _spectrum_grad(grad_f: torch.Tensor, extents: Sequence[int]) -> torch.Tensor:
+    """The gradient w.r.t. a kernel GIVEN as its one-sided spectrum ``X`` (``spectral``), from
+    ``grad_f = rfftn(g) * conj(u_f)`` summed like the kernel (`_group_sum`).
+
+    ``irfftn`` reads ``X`` as ``x[n] = 1/N sum_f c_f Re(X[f] e^{2 pi i f.n/N})`` (N = prod(extents)), where
+    ``c_f = 2`` for a last-axis bin that also stands for its conjugate twin and 1 for the DC bin and,
+    for an even last extent, the Nyquist bin. So ``dL/dRe X + i dL/dIm X = c_f/N rfftn(dL/dx)``: autograd's
+    convention for a complex input, which the real-linear ops before it (`kernel_spectrum`) chain."""
+    weight = torch.full((grad_f.shape[-1],), 2.0 / math.prod(extents), dtype=grad_f.real.dtype, device=grad_f.device)
+    weight[0] /= 2
+    if extents[-1] % 2 == 0:  # the Nyquist bin of an even axis stands once too
+        weight[-1] /= 2
+    return grad_f * weight  # one pass over the spectrum
+
+
+def _fft_layout(k: torch.Tensor, sizes: Sequence[int], boundaries: Sequence[str]) -> torch.Tensor:
+    """A kernel in offset layout ``[..., *K]`` made ready for the FFT product.
 
     A circular axis rolls the kernel so offset ``o`` sits at index ``o mod n`` (the product is then
     the conv itself). A causal or linear axis leaves the kernel as it is (`rfftn` zero-pads it) and
-    shifts the OUTPUT window instead: with offset ``first`` at index 0, ``y[i]`` is the product at
-    ``i - first``, and the 2n padding keeps that window free of wrapped terms. Cropping the output
-    is a view, while rolling a padded kernel copies it twice — and the kernel is ``2^dims`` times the
-    size of a channel's grid."""
-    dims, starts = len(sizes), []
+    shifts the OUTPUT window instead (`_window_starts`): with offset ``first`` at index 0, ``y[i]`` is
+    the product at ``i - first``, and the 2n padding keeps that window free of wrapped terms. Cropping
+    the output is a view, while rolling a padded kernel copies it twice — and the kernel is ``2^dims``
+    times the size of a channel's grid."""
+    dims = len(sizes)
     for axis, (n, b) in enumerate(zip(sizes, boundaries)):
-        first = kernel_offsets(n, b)[0]
-        if b != "circular":
-            starts.append(-first)
-            continue
-        dim = k.dim() - dims + axis
-        k = F.pad(k, (0, 0) * (k.dim() - 1 - dim) + (0, n - k.shape[dim]))
-        k = torch.roll(k, shifts=first, dims=dim) if first else k
-        starts.append(0)
-    return k, starts
+        if b == "circular":
+            first, dim = kernel_offsets(n, b)[0], k.dim() - dims + axis
+            k = F.pad(k, (0, 0) * (k.dim() - 1 - dim) + (0, n - k.shape[dim]))
+            k = torch.roll(k, shifts=first, dims=dim) if first else k
+    return k
+
+
+def _window_starts(sizes: Sequence[int], boundaries: Sequence[str]) -> tuple[int, ...]:
+    """Where each axis's output starts in the FFT product of a kernel laid out by `_fft_layout`."""
+    return tuple(0 if b == "circular" else -kernel_offsets(n, b)[0] for n, b in zip(sizes, boundaries))
 
 
 def fft_conv2d(u: torch.Tensor, k: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,10 @@ Every generator has ``num_groups``, ``spatial_dims``, ``reference(size)`` (the p
 that turn integer offsets into coordinates, raising ``ValueError`` for a size it does not accept),
 ``absolute`` (True when the coordinates do not depend on the size: then a shorter sequence sees
 exactly the prefix of a longer one's filter — what decoding and packed documents need),
-``forward(grid, groups, conditioning=None)`` and ``flop_count(taps)``. A mask has ``num_groups``,
+``forward(grid, groups, conditioning=None)`` and ``flop_count(taps)``. A generator whose kernel is a
+linear output layer ``out`` of hidden features also has ``features(grid, conditioning=None)`` (those
+features, ``[N, W]`` or ``[B, N, W]``): the operator then transforms the W features instead of the G
+filters (`hyena_cp.ops.fftconv.kernel_spectrum`). A mask has ``num_groups``,
 ``spatial_dims`` and ``forward(grid, groups)``, and is evaluated on the generator's coordinates.
 A generator with ``fir_length = K`` is a finite impulse response: the operator builds only its K
 taps and applies them as a direct causal convolution (under CP with a halo of K-1 tokens, no
@@ -166,10 +169,14 @@ class FourierFilter(nn.Module):
         return check_size(size, self.max_size, names)
 
     def forward(self, grid: KernelGrid, groups: slice = slice(None), conditioning: torch.Tensor | None = None):
+        return group_major(self.out, groups, self.features(grid, conditioning)).reshape(-1, *grid.shape)
+
+    def features(self, grid: KernelGrid, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden layer at every tap, ``[N, width]``: the kernel is ``out`` of it."""
         if conditioning is not None:
             raise ValueError("FourierFilter takes no conditioning; use SirenFilter(cond_dim=...) for FiLM")
         feats = torch.cat([fourier_features(t, self.num_bands) for t in grid.mesh()], dim=-1)  # N, F
-        return group_major(self.out, groups, self.hidden(feats)).reshape(-1, *grid.shape)
+        return self.hidden(feats)
 
     def flop_count(self, grid_numel: int) -> int:
         """Matmul FLOPs (2 per MAC) of building all groups at ``grid_numel`` taps."""

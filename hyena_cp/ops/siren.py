@@ -183,6 +183,10 @@ class SirenFilter(_GridGenerator):
 
     def forward(self, grid: KernelGrid, groups: slice = slice(None),
                 conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        return self._output(self.features(grid, conditioning), groups, grid)
+
+    def features(self, grid: KernelGrid, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden layer at every tap, ``[N, hidden]`` (``[B, N, hidden]`` with FiLM)."""
         if (conditioning is None) != (self.film is None):
             raise ValueError("this SirenFilter " + ("needs a `conditioning` [B, cond_dim] tensor (it has FiLM)"
                                                     if self.film is not None else "has no FiLM: pass no conditioning"))
@@ -201,7 +205,7 @@ class SirenFilter(_GridGenerator):
             if self.film is not None:
                 gamma, beta = next(films)
                 h = gamma * h + beta
-        return self._output(h, groups, grid)
+        return h
 
     def flop_count(self, grid_numel: int) -> int:
         """Matmul FLOPs (2 per MAC) of building all groups at ``grid_numel`` taps."""
@@ -244,13 +248,17 @@ class RandomFourierFilter(_GridGenerator):
 
     def forward(self, grid: KernelGrid, groups: slice = slice(None),
                 conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        return self._output(self.features(grid, conditioning), groups, grid)
+
+    def features(self, grid: KernelGrid, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden layer at every tap, ``[N, hidden]``."""
         if conditioning is not None:
             raise ValueError("RandomFourierFilter takes no conditioning; use SirenFilter(cond_dim=...) for FiLM")
         z = self.embedding(torch.stack(grid.mesh(), dim=-1))  # N, E/2
         h = torch.cat([torch.cos(z), torch.sin(z)], dim=-1)
         for layer in self.hidden:
             h = self.act(layer(h))
-        return self._output(h, groups, grid)
+        return h
 
     def flop_count(self, grid_numel: int) -> int:
         macs = self.spatial_dims * self.embedding_dim // 2 + sum(l.in_features * l.out_features for l in self.hidden)
