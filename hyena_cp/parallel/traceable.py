@@ -171,26 +171,25 @@ p2p_exchange_op.register_autograd(_p2p_backward, setup_context=_p2p_setup)
 # Forward-only ops: `reductions` wraps them in autograd.Functions (dynamo traces those, forward
 # and backward), whose adjoints are other collectives of this list.
 
+def _all_reduce(x: Tensor, group_name: str, op: dist.ReduceOp) -> Tensor:
+    group = _resolve_process_group(group_name)
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=op, group=group)
+    world = group.size()
+    record("all_reduce", 2 * (world - 1) * nbytes(out) // world)  # a ring all-reduce's bytes per rank
+    return out
+
+
 @_collective("all_reduce_sum")
 def all_reduce_sum_op(x: Tensor, group_name: str) -> Tensor:
     """Sum of ``x`` over the group, on every rank (a new tensor)."""
-    group = _resolve_process_group(group_name)
-    out = x.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    world = group.size()
-    record("all_reduce", 2 * (world - 1) * nbytes(out) // world)
-    return out
+    return _all_reduce(x, group_name, dist.ReduceOp.SUM)
 
 
 @_collective("all_reduce_max")
 def all_reduce_max_op(x: Tensor, group_name: str) -> Tensor:
     """Elementwise maximum of ``x`` over the group, on every rank (a new tensor)."""
-    group = _resolve_process_group(group_name)
-    out = x.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
-    world = group.size()
-    record("all_reduce", 2 * (world - 1) * nbytes(out) // world)
-    return out
+    return _all_reduce(x, group_name, dist.ReduceOp.MAX)
 
 
 @_collective("all_gather")
