@@ -331,15 +331,10 @@ class Hyena(nn.Module):
         generator's output layer applied to the spectrum of its features (`hyena_cp.ops.fftconv.kernel_spectrum`).
         Built in the parameters' dtype with autocast off and recomputed in backward under
         ``checkpoint_filter``, for the reasons `build_filter` gives."""
-        with torch.autocast(device_type=self.dtype_like.device.type, enabled=False):
-            if self.checkpoint_filter and torch.is_grad_enabled():
-                return checkpoint(self._spectrum, spatial, groups, conditioning, use_reentrant=False)
-            return self._spectrum(spatial, groups, conditioning)
+        return self._run_filter_net(self._spectrum, spatial, groups, conditioning)
 
     def _spectrum(self, spatial: tuple[int, ...], groups: slice, conditioning: torch.Tensor | None) -> torch.Tensor:
-        like = self.dtype_like
-        grid = kernel_grid(self.geometry.kernel_offsets(spatial), spatial, self.filter.reference(spatial),
-                           device=like.device, dtype=like.dtype)
+        grid = self._kernel_grid(spatial)
         h = self.filter.features(grid, conditioning) if conditioning is not None else self.filter.features(grid)
         out = self.filter.out
         return kernel_spectrum(h, out.weight[groups], None if out.bias is None else out.bias[groups], grid.shape,
@@ -382,17 +377,25 @@ class Hyena(nn.Module):
         positions neighbouring taps would read the same input and the long filter would turn
         into a staircase; the FFT conv it feeds runs in fp32 anyway, and the MLP is small.
         """
-        params = self._filter_params()
+        return self._run_filter_net(self._build, spatial, groups, self._filter_params(), conditioning)
+
+    def _run_filter_net(self, fn, *args):
+        """``fn(*args)`` in the parameters' dtype (autocast off) and, under ``checkpoint_filter``,
+        recomputed in backward: `build_filter` says why."""
         with torch.autocast(device_type=self.dtype_like.device.type, enabled=False):
             if self.checkpoint_filter and torch.is_grad_enabled():
-                return checkpoint(self._build, spatial, groups, params, conditioning, use_reentrant=False)
-            return self._build(spatial, groups, params, conditioning)
+                return checkpoint(fn, *args, use_reentrant=False)
+            return fn(*args)
+
+    def _kernel_grid(self, spatial: tuple[int, ...]):
+        """The generator's coordinates of every tap of a global grid ``spatial``, in the geometry's offset layout."""
+        like = self.dtype_like
+        return kernel_grid(self.geometry.kernel_offsets(spatial), spatial, self.filter.reference(spatial),
+                           device=like.device, dtype=like.dtype)
 
     def _build(self, spatial: tuple[int, ...], groups: slice, params: dict[str, torch.Tensor] | None,
                conditioning: torch.Tensor | None) -> torch.Tensor:
-        like = self.dtype_like
-        grid = kernel_grid(self.geometry.kernel_offsets(spatial), spatial, self.filter.reference(spatial),
-                           device=like.device, dtype=like.dtype)
+        grid = self._kernel_grid(spatial)
         parts = {"filter": self.filter, "mask": self.mask}
         if params is not None:  # under TP: the parameters after their copy_to_group
             parts = {role: module if module is None else _Bound(module, params, role) for role, module in parts.items()}
