@@ -76,6 +76,10 @@ CASES = {
     "evo2_mr_fir7_decay": Case(norm=None, hyena=(
         ("filter", functools.partial(ExplicitFilter, length=7, decay="savanna", L_cache=48, init_std=0.3)),
         ("mask", None))),
+    # a longer FIR (K-1 = 11 > most documents) takes the blocked Toeplitz conv; P = 4's 6-token chunks can't hold it
+    "evo2_mr_fir12_blocked": Case(norm=None, worlds=(1, 2), hyena=(
+        ("filter", functools.partial(ExplicitFilter, length=12, decay="savanna", L_cache=48, init_std=0.3)),
+        ("mask", None))),
     "evo2_li_modal": Case(heads=8, norm=None, hyena=(("filter", functools.partial(ModalFilter, state_size=4)),
                                                      ("mask", None))),
     "hyenadna_safari": Case(heads=8, norm=None, hyena=(

@@ -120,25 +120,43 @@ def test_modal_mixer_equals_direct_sum(parametrization):
     assert rel_err(mixer(x), mixer_reference(mixer, x, wrong)) > 1e-3
 
 
-@pytest.mark.parametrize("chunk", [None, 3])  # one chunk of positions, and 7 chunks (the last one shorter)
-def test_modal_kernel_adjoint(monkeypatch, chunk):
+@pytest.mark.parametrize("block", [None, 1, 3, 20])  # sqrt-sized, one position, 7 blocks (the last shorter), one
+def test_modal_kernel_adjoint(monkeypatch, block):
     from hyena_cp.ops import modal
-    if chunk is not None:
-        monkeypatch.setattr(modal, "_chunk", lambda groups, modes: chunk)
+    if block is not None:
+        monkeypatch.setattr(modal, "_block", lambda length: block)
     torch.manual_seed(1)
     poles = (-torch.rand(3, 4, dtype=torch.float64) * 0.3).requires_grad_()
     residues = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    t = torch.arange(20, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: modal_kernel(a, b, t), (poles, residues))
-    assert rel_err(modal_kernel(poles, residues, t), modal_taps(poles, residues, 20)) < 1e-14
+    assert torch.autograd.gradcheck(lambda a, b: modal_kernel(a, b, 20), (poles, residues))
+    assert rel_err(modal_kernel(poles, residues, 20), modal_taps(poles, residues, 20)) < 1e-14
 
 
-def test_modal_recurrence_equals_the_convolution():
+def test_modal_kernel_float32_error_is_that_of_one_exponential():
+    """The factored exponentials exp(λ k m) exp(λ n) keep float32's accuracy at 16k positions: within a
+    few ulps of the float64 filter, relative to the largest tap (the filter is a sum of S terms)."""
+    torch.manual_seed(3)
+    poles, residues = -torch.rand(8, 16, dtype=torch.float64) * 0.01, torch.randn(8, 16, dtype=torch.float64)
+    exact = modal_kernel(poles, residues, 16384)
+    fp32 = modal_kernel(poles.float(), residues.float(), 16384).double()
+    scale = residues.abs().sum(1, keepdim=True)  # bounds every tap: |h| <= sum |R| for stable poles
+    # per term, relative to |R|, in units of u = 2^-24: λ's and R's rounding to float32 (an argument error
+    # x u moves exp(-x) by x e^-x u <= u/e, and R by u), the argument products λ k m and λ n (u/e each),
+    # the two exponentials and their product (3u), the residue product (u); then the sum of 16 terms
+    # (<= 15u of the sum's bound): < 22u; 32u leaves room for an exp within a few ulps.
+    assert ((fp32 - exact).abs() / scale).max() < 32 * 2 ** -24
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_modal_recurrence_equals_the_convolution(monkeypatch, block):
+    from hyena_cp.ops import modal
+    if block is not None:
+        monkeypatch.setattr(modal, "_block", lambda length: block)  # the prefill of 11 tokens in 3 blocks
     torch.manual_seed(2)
     poles, residues = -torch.rand(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     d, z = torch.randn(6, dtype=torch.float64), torch.randn(2, 6, 30, dtype=torch.float64)
     full = causal_sum(z, modal_taps(poles, residues, 30)) + d[:, None] * z
-    state = modal_state(z[..., :11], poles, chunk=4)  # prefill of 11 tokens, in chunks
+    state = modal_state(z[..., :11], poles)  # prefill of 11 tokens
     assert rel_err(torch.einsum("bcs,cs->bc", state, residues) + d * z[..., 10], full[..., 10]) < 1e-13
     for t in range(11, 30):
         y, state = modal_step(state, z[..., t], poles, residues, d)

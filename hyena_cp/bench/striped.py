@@ -3,6 +3,8 @@
 - Layer forward + backward on CPU, one process: the mixer with each filter — Hyena-SE (explicit
   FIR, K=7, direct conv), Hyena-MR (K=128, direct conv), Hyena-LI (modal, S=16, FFT), HyenaDNA's
   safari filter (FFT) and the original Hyena filter (FFT) — at the same width and length.
+- The kernels' two forms side by side: direct convs as shifted taps vs blocked Toeplitz matmuls,
+  the modal filter with one exponential per position vs factored exponentials.
 - Decode tokens/s of a small Evo 2-shaped model (SE, MR, LI, and attention) after a prefill, the
   cached step (SE/MR: the last K-1 values of z; LI: the modal recurrence) against recomputing the
   whole sequence; and without attention, whose KV cache is the only part that grows.
@@ -24,7 +26,7 @@ import torch
 
 from hyena_cp.bench.common import BenchContext, Section, Table, fmt_bytes, median_time, threads
 
-__all__ = ["run", "layer_times", "decode_rates", "embed_rates", "layer_bytes", "evo2_1b_memory", "EVO2_1B"]
+__all__ = ["run", "layer_times", "kernel_forms", "decode_rates", "embed_rates", "layer_bytes", "evo2_1b_memory", "EVO2_1B"]
 
 # Evo 2 1B (evo2-1b-8k.yml): hidden 1920, inner 5120, 25 layers, SE/MR groups 128, 15 heads, 16 poles
 EVO2_1B = dict(hidden=1920, ffn=5120, vocab=512, groups=128, heads=15, state=16, pattern="SDHASDHSDHASDHSDHASDHSDHA")
@@ -62,6 +64,49 @@ def layer_times(group, channels: int, length: int, repeats: int, threads_used: i
             x = torch.randn(1, length, channels, requires_grad=True)
             seconds = median_time(lambda: fwd_bwd(layer, x), repeats=repeats)
             rows.append({"operator": name, "seconds": seconds, "flops": layer.flop_count(length)})
+    return rows
+
+
+def kernel_forms(group, channels: int, length: int, repeats: int, threads_used: int) -> list[dict]:
+    """One process: median seconds of forward + backward of each operator's kernel in two forms, side
+    by side: the direct causal conv of K taps as K shifted multiply-adds against blocked Toeplitz
+    matmuls (`hyena_cp.ops.toeplitz_conv`), and the modal filter with one exponential per position
+    against the factored exponentials (`hyena_cp.ops.modal`)."""
+    from hyena_cp.ops import short_conv, toeplitz_conv
+    from hyena_cp.ops.modal import modal_kernel
+
+    def fir(forward, backward, kernel):
+        x, weight = torch.randn(1, channels, length), torch.randn(channels, kernel)
+        left = torch.randn(1, channels, kernel - 1)
+
+        def step():
+            y = forward(x, weight, None, left)
+            backward(torch.ones_like(y), x, weight, left, True, True, True)
+        return step
+
+    def per_position(poles, residues):
+        t = torch.arange(length, dtype=poles.dtype)
+        return torch.einsum("gs,gsn->gn", residues, torch.exp(poles[:, :, None] * t))
+
+    def modal(build):
+        poles = (-torch.rand(channels, 16) * 0.1).requires_grad_()
+        residues = torch.randn(channels, 16, requires_grad=True)
+        return lambda: build(poles, residues).sum().backward()
+
+    forms = [(f"direct conv, K={k}", "shifted taps", fir(short_conv._shifted_conv, short_conv._shifted_conv_backward, k),
+              "blocked Toeplitz", fir(toeplitz_conv.blocked_causal_conv1d,
+                                      toeplitz_conv.blocked_causal_conv1d_backward, k)) for k in (7, 16, 128)]
+    forms.append(("modal filter, S=16", "exp per position", modal(per_position),
+                  "factored exp", modal(lambda p, r: modal_kernel(p, r, length))))
+    rows = []
+    with threads(threads_used):
+        for kernel, base_name, base, new_name, new in forms:
+            times = {}
+            for _ in range(2):  # alternating rounds, so load from other jobs hits both alike
+                for name, fn in ((base_name, base), (new_name, new)):
+                    times.setdefault(name, []).append(median_time(fn, repeats=repeats))
+            rows.append({"kernel": kernel, "baseline": base_name, "baseline_s": min(times[base_name]),
+                         "form": new_name, "form_s": min(times[new_name])})
     return rows
 
 
@@ -203,8 +248,17 @@ def run(ctx: BenchContext) -> Section:
     for r in times:
         layers.rows.append([r["operator"], f"{1e3 * r['seconds']:.1f}", f"{r['seconds'] / base:.2f}",
                             f"{r['flops'] / 3 / 1e9:.3f}"])
-    layers.notes.append("SE/MR: C/16 filter groups, a direct causal conv of K taps (K shifted multiply-adds: no FFT, "
-                        "no AllToAll under CP); LI and safari: one filter per channel, FFT conv of 2L points.")
+    layers.notes.append("SE/MR: C/16 filter groups, a direct causal conv of K taps (no FFT, no AllToAll under CP: "
+                        "SE as K shifted multiply-adds, MR as blocked Toeplitz matmuls); LI and safari: one filter per "
+                        "channel, FFT conv of 2L points.")
+    (forms,) = ctx.pools.run(1, kernel_forms, channels, length, repeats, ctx.threads)
+    kernels = Table(f"Kernel forms, forward + backward, one process (fp32, C={channels}, L={length})",
+                    ["kernel", "baseline", "ms", "form used", "ms", "speed-up"])
+    for r in forms:
+        kernels.rows.append([r["kernel"], r["baseline"], f"{1e3 * r['baseline_s']:.1f}", r["form"],
+                             f"{1e3 * r['form_s']:.1f}", f"{r['baseline_s'] / r['form_s']:.2f}x"])
+    kernels.notes.append("The operators use the right-hand form: blocked Toeplitz matmuls from K >= 8 taps (SE, K=7, "
+                         "keeps the shifted taps), the factored exponentials exp(λkm)exp(λn) for every modal filter.")
     contexts, steps = ([64, 160], 3) if ctx.quick else ([1024, 4096, 16384], 9)
     (rates,) = ctx.pools.run(1, decode_rates, ["SDH", "SDHA"], contexts, steps, ctx.threads)
     decode = Table("Decode tokens/s after a prefill of the context, one process (hidden 64, batch 1)",
@@ -241,7 +295,7 @@ def run(ctx: BenchContext) -> Section:
                         f"process and a 2x wider model within {100 * worst:.1f}%. Attention's core counted as a flash "
                         "kernel at 1M tokens (its shard's q, k, v, output, plus the all-gathered K and V); fp32 "
                         "(bf16 halves most of it). Measure it on a GPU for the real figure.")
-    data = {"layers": times, "decode": rates, "embed": {str(w): r for w, r in embeds.items()},
+    data = {"layers": times, "kernel_forms": forms, "decode": rates, "embed": {str(w): r for w, r in embeds.items()},
             "fits": {k: list(v) for k, v in fits.items()}, "fit_check": worst,
             "memory": evo2_1b_memory(fits, [8, 16, 32, 64])}
-    return Section("StripedHyena 2 and HyenaDNA operators", [layers, decode, embedding, memory], [], [], data)
+    return Section("StripedHyena 2 and HyenaDNA operators", [layers, kernels, decode, embedding, memory], [], [], data)

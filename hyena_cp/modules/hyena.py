@@ -168,6 +168,9 @@ class Hyena(nn.Module):
         self.channel_offset = group_rank(tp_group) * self.local_dim
         self.filter = _build_part(filter, "filter", num_heads, spatial_dims)
         self.mask = _build_part(mask, "mask", num_heads, spatial_dims)
+        if getattr(self.filter, "causal_only", False) and self.geometry.boundaries != ("causal",):
+            raise ValueError(f"{type(self.filter).__name__} is a causal filter (taps at offsets 0, 1, 2, ...): it needs "
+                             f"spatial_dims=1 and boundary='causal', got {self.geometry.boundaries}")
         self.fir_length = getattr(self.filter, "fir_length", None)  # explicit taps: a direct conv
         if self.fir_length is not None and (self.geometry.boundaries != ("causal",) or cp_comm != "alltoall"):
             raise ValueError(f"an explicit filter (fir_length={self.fir_length}) runs as a direct causal conv with a "

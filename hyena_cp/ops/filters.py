@@ -17,7 +17,8 @@ Every generator has ``num_groups``, ``spatial_dims``, ``reference(size)`` (the p
 that turn integer offsets into coordinates, raising ``ValueError`` for a size it does not accept),
 ``absolute`` (True when the coordinates do not depend on the size: then a shorter sequence sees
 exactly the prefix of a longer one's filter — what decoding and packed documents need),
-``forward(grid, groups, conditioning=None)`` and ``flop_count(taps)``. A generator whose kernel is a
+``forward(grid, groups, conditioning=None)`` and ``flop_count(taps)``; one whose taps are only defined
+at the causal offsets 0, 1, 2, ... says ``causal_only = True`` (the operator then refuses other boundaries). A generator whose kernel is a
 linear output layer ``out`` of hidden features also has ``features(grid, conditioning=None)`` (those
 features, ``[N, W]`` or ``[B, N, W]``): the operator then transforms the W features instead of the G
 filters (`hyena_cp.ops.fftconv.kernel_spectrum`). A mask has ``num_groups``,

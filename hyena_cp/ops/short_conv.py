@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from hyena_cp.ops import kernels
 from hyena_cp.ops.boundary import short_conv_reach
+from hyena_cp.ops.toeplitz_conv import BLOCKED_MIN_TAPS, blocked_causal_conv1d, blocked_causal_conv1d_backward
 
 __all__ = ["causal_depthwise_conv1d", "depthwise_conv_nd", "depthwise_conv2d_same"]
 
@@ -30,6 +31,8 @@ def causal_depthwise_conv1d(
     Computed as K shifted multiply-adds rather than an aten convolution: with K of 3 or 4
     that is a few elementwise passes, needs no zero-padded copy of ``x``, and its backward
     is the same few passes (a oneDNN depthwise conv backward on long sequences is not).
+    From ``BLOCKED_MIN_TAPS`` taps on (Hyena-MR's 128) K passes cost more than blocked
+    Toeplitz matmuls (`hyena_cp.ops.toeplitz_conv`), which run instead.
 
     Args:
         x: ``[N, C, L]``.
@@ -127,24 +130,61 @@ def _subtract_tap_grads(grad_w: torch.Tensor, n: torch.Tensor, t: torch.Tensor, 
         grad_w.t().index_add_(0, j, -(_tokens(grad)[n, t] * _tokens(source)[n, src]))
 
 
+def _shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  left_context: torch.Tensor | None) -> torch.Tensor:
+    """The unmasked conv as K shifted multiply-adds in place (the short filters' form)."""
+    kernel, length = weight.shape[1], x.shape[-1]
+    last = weight[:, -1:]
+    y = x * last if bias is None else torch.addcmul(bias[:, None], x, last)
+    for shift, j, n in _shifted_taps(kernel, length):
+        tap = weight[:, j, None]
+        if shift < length:
+            y[..., shift:].addcmul_(x[..., :length - shift], tap)
+        if left_context is not None:
+            y[..., :n].addcmul_(left_context[..., j:j + n], tap)
+    return y
+
+
+def _shifted_conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           left_context: torch.Tensor | None, need_x: bool, need_w: bool,
+                           need_halo: bool) -> tuple[torch.Tensor | None, ...]:
+    """`_shifted_conv`'s adjoint without the bias: the gradient of x is the same taps run
+    anti-causally, that of each tap a per-channel dot product of shifted sequences."""
+    kernel, length = weight.shape[1], x.shape[-1]
+    grad_x = grad_w = grad_halo = None
+    if need_x:
+        grad_x = grad * weight[:, -1:]
+        for shift, j, _ in _shifted_taps(kernel, length):
+            if shift < length:
+                grad_x[..., :length - shift].addcmul_(grad[..., shift:], weight[:, j, None])
+    if need_halo:
+        grad_halo = torch.zeros_like(left_context)
+        for _, j, n in _shifted_taps(kernel, length):
+            grad_halo[..., j:j + n].addcmul_(grad[..., :n], weight[:, j, None])
+    if need_w:
+        grad_w = torch.empty_like(weight)
+        grad_w[:, -1] = _channel_dot(grad, x)
+        for shift, j, n in _shifted_taps(kernel, length):
+            tap = grad.new_zeros(weight.shape[0])
+            if shift < length:  # a sequence shorter than the tap reads it only from the halo
+                tap += _channel_dot(grad[..., shift:], x[..., :length - shift])
+            if left_context is not None:
+                tap += _channel_dot(grad[..., :n], left_context[..., j:j + n])
+            grad_w[:, j] = tap
+    return grad_x, grad_w, grad_halo
+
+
 class _CausalDepthwiseConv1d(torch.autograd.Function):
-    """``causal_depthwise_conv1d`` with its backward written out: the gradient of x is the
-    same taps run anti-causally, that of each tap a per-channel dot product of shifted
-    sequences; autograd through in-place slice updates would copy the full gradient per tap.
+    """``causal_depthwise_conv1d`` with its backward written out (autograd through in-place
+    slice updates would copy the full gradient per tap). Short filters run as shifted taps,
+    long ones (``K >= BLOCKED_MIN_TAPS``) as blocked Toeplitz matmuls (`hyena_cp.ops.toeplitz_conv`).
     Packed documents: the cross-document terms (`_CrossTaps`) are subtracted after the
     unmasked conv, and their adjoints after the unmasked backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, left_context, positions):
-        kernel, length = weight.shape[1], x.shape[-1]
-        last = weight[:, -1:]
-        y = x * last if bias is None else torch.addcmul(bias[:, None], x, last)
-        for shift, j, n in _shifted_taps(kernel, length):
-            tap = weight[:, j, None]
-            if shift < length:
-                y[..., shift:].addcmul_(x[..., :length - shift], tap)
-            if left_context is not None:
-                y[..., :n].addcmul_(left_context[..., j:j + n], tap)
+        kernel = weight.shape[1]
+        y = (blocked_causal_conv1d if kernel >= BLOCKED_MIN_TAPS else _shifted_conv)(x, weight, bias, left_context)
         cross = None if positions is None else _CrossTaps(positions, kernel)
         if cross is not None:
             n, t, j, src = cross.seq
@@ -160,29 +200,12 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, left_context = ctx.saved_tensors
         grad = grad.contiguous()
-        kernel, length, cross = weight.shape[1], x.shape[-1], ctx.cross
+        cross = ctx.cross
         need_x, need_w, need_b, need_halo, _ = ctx.needs_input_grad
         need_halo = need_halo and left_context is not None
-        grad_x = grad_w = grad_b = grad_halo = None
-        if need_x:
-            grad_x = grad * weight[:, -1:]
-            for shift, j, _ in _shifted_taps(kernel, length):
-                if shift < length:
-                    grad_x[..., :length - shift].addcmul_(grad[..., shift:], weight[:, j, None])
-        if need_halo:
-            grad_halo = torch.zeros_like(left_context)
-            for _, j, n in _shifted_taps(kernel, length):
-                grad_halo[..., j:j + n].addcmul_(grad[..., :n], weight[:, j, None])
-        if need_w:
-            grad_w = torch.empty_like(weight)
-            grad_w[:, -1] = _channel_dot(grad, x)
-            for shift, j, n in _shifted_taps(kernel, length):
-                tap = grad.new_zeros(weight.shape[0])
-                if shift < length:  # a sequence shorter than the tap reads it only from the halo
-                    tap += _channel_dot(grad[..., shift:], x[..., :length - shift])
-                if left_context is not None:
-                    tap += _channel_dot(grad[..., :n], left_context[..., j:j + n])
-                grad_w[:, j] = tap
+        unmasked = blocked_causal_conv1d_backward if weight.shape[1] >= BLOCKED_MIN_TAPS else _shifted_conv_backward
+        grad_x, grad_w, grad_halo = unmasked(grad, x, weight, left_context, need_x, need_w, need_halo)
+        grad_b = None
         if cross is not None:  # the adjoints of the subtracted cross-document terms
             n, t, j, src = cross.seq
             if need_x:
