@@ -165,5 +165,7 @@ class ModalFilter(nn.Module):
         return modal_kernel(self.poles(groups), self.residues[groups], grid.shape[0]).to(self.residues.dtype)
 
     def flop_count(self, taps: int) -> int:
-        """An exponential, a multiply and an add per mode, tap and group (transcendentals as one FLOP)."""
-        return 3 * self.state_size * self.num_groups * taps
+        """A multiply-add per mode, tap and group (the block matmul), and per mode and group the
+        ``m + taps/m`` factored exponentials and block weights (transcendentals as one FLOP)."""
+        m = _block(taps)
+        return self.state_size * self.num_groups * (2 * taps + 2 * (m + -(-taps // m)))
