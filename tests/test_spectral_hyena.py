@@ -131,3 +131,16 @@ def test_when_the_spectral_path_is_taken():
     assert not causal.use_spectral(slice(0, 64))  # the 1-D causal conv keeps its own path
     with pytest.raises(ValueError, match="spectral_kernel='yes' must be None"):
         hyena(spectral_kernel="yes")
+
+
+def test_flop_count_counts_the_transforms_the_spectral_path_runs():
+    """64 filter groups, W = 16 features (+ the bias): the spectral path transforms 17 signals instead of
+    64 kernels, and applies the output layer to their spectra (4 FLOPs per group, transform and bin)."""
+    from hyena_cp import flops
+
+    def fft_flops(**kw):
+        h = Hyena(hidden_dim=64, spatial_dims=2, num_heads=64, mask=None, filter_width=16, **kw)
+        return h.flop_count((8, 8))["fft_conv"]
+    numel = 16 * 16  # the FFT of an 8 x 8 linear-boundary grid: 16 x 16 points
+    assert fft_flops() == flops.fft_conv(64, 64, numel)
+    assert fft_flops(spectral_kernel=True) == flops.fft_conv(64, 17, numel) + 4 * 64 * 17 * (numel // 2 + 1)

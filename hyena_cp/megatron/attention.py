@@ -10,7 +10,8 @@ into 2P chunks and CP rank r holds chunks r and 2P-1-r). Queries stay local; key
 are all-gathered over the CP group with `hyena_cp.parallel.all_gather_seq` (its backward is
 the reduce-scatter, the exact adjoint; the ViT attention uses the same op), put back in
 natural order with ``from_rank_major``, and masked causally by GLOBAL position: a query at
-global position p sees keys 0..p. Memory: each attention layer keeps the gathered K and V
+global position p sees keys 0..p (`zigzag_causal_attention`: each zigzag chunk against the keys
+before its end only). Memory: each attention layer keeps the gathered K and V
 for backward, ``2 * L * b * ng * hn`` elements per rank (P times its own shard's); ring
 attention would avoid it at the cost of P steps.
 
@@ -34,6 +35,8 @@ a local-keys twin that must fail) and, inside the LM, tests/test_megatron_lm*.py
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -45,10 +48,10 @@ from hyena_cp.megatron.compat import PackedSeqParams, resolve_cp_group
 from hyena_cp.megatron.packing import cu_seqlens_from, zigzag_rows
 from hyena_cp.megatron.rope import zigzag_positions
 from hyena_cp.ops.packing import check_cu_seqlens, document_ids
-from hyena_cp.parallel import all_gather_seq, from_rank_major, group_size, is_parallel
+from hyena_cp.parallel import all_gather_seq, from_rank_major, group_rank, group_size, is_parallel
 
 __all__ = ["TorchCoreAttention", "check_attention_parallelism", "gather_zigzag_sequence", "packed_attention_mask",
-           "zigzag_causal_mask"]
+           "zigzag_causal_attention", "zigzag_causal_mask"]
 
 _CP_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask)
 
@@ -79,6 +82,29 @@ def zigzag_causal_mask(local_len: int, cp_group: ProcessGroup | None, device: to
     q_pos = zigzag_positions(local_len, cp_group, device)
     k_pos = torch.arange(local_len * group_size(cp_group), device=device)
     return k_pos[None, :] <= q_pos[:, None]
+
+
+def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, cp_group: ProcessGroup | None, attention) -> Tensor:
+    """Causal attention of this rank's zigzag queries ``q [b, n, s_local, d]`` over the GLOBAL keys and
+    values ``[b, n, L, d]`` (natural order), one zigzag chunk at a time: chunk i (c tokens, global
+    positions ``[i c, (i+1) c)``) reads only the keys ``[0, (i+1) c)``, with the causal mask of its
+    own c x c diagonal block (none at all for chunk 0: ``is_causal``). Against one ``[s_local, L]``
+    mask over every key this skips the keys no query of the chunk sees (rank r of P computes
+    ``(2P + 1) c^2`` scores instead of ``4P c^2``) and hands SDPA an additive float mask, which it
+    would otherwise convert from a bool one. ``attention``: ``scaled_dot_product_attention`` with the
+    layer's dropout and scale."""
+    world, rank = group_size(cp_group), group_rank(cp_group)
+    chunk = q.shape[2] // 2
+    outs = []
+    for local, index in enumerate((rank, 2 * world - 1 - rank)):
+        rows, keys = slice(local * chunk, (local + 1) * chunk), (index + 1) * chunk
+        if index == 0:
+            outs.append(attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], is_causal=True))
+            continue
+        # key j - query i > index * chunk: a key after the query (-inf), everything else visible (0)
+        mask = torch.full((chunk, keys), float("-inf"), dtype=q.dtype, device=q.device).triu_(index * chunk + 1)
+        outs.append(attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], attn_mask=mask))
+    return torch.cat(outs, dim=2)
 
 
 def packed_attention_mask(cu_seqlens: Tensor, batch: int, local_len: int, cp_group: ProcessGroup | None,
@@ -149,13 +175,16 @@ class TorchCoreAttention(MegatronModule):
                 raise ValueError("under context parallelism TorchCoreAttention builds the causal mask from global "
                                  "positions: pass attention_mask=None with a causal or no_mask mask type")
             key, value = gather_zigzag_sequence(torch.stack([key, value], dim=1), self.cp_group).unbind(1)
-        keep, is_causal = self._mask(query, attention_mask, mask_type, cu_seqlens)
         rep = query.shape[2] // key.shape[2]
         q = rearrange(query, "s b n d -> b n s d")
         k, v = (rearrange(t, "s b g d -> b g s d").repeat_interleave(rep, dim=1) for t in (key, value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=is_causal,
-                                             dropout_p=self.dropout if self.training else 0.0,
-                                             scale=self.softmax_scale)
+        attention = functools.partial(F.scaled_dot_product_attention, dropout_p=self.dropout if self.training else 0.0,
+                                      scale=self.softmax_scale)
+        if is_parallel(self.cp_group) and cu_seqlens is None and mask_type == AttnMaskType.causal:
+            out = zigzag_causal_attention(q, k, v, self.cp_group, attention)
+        else:
+            keep, is_causal = self._mask(query, attention_mask, mask_type, cu_seqlens)
+            out = attention(q, k, v, attn_mask=keep, is_causal=is_causal)
         return rearrange(out, "b n s d -> s b (n d)")
 
     def _packed(self, params: PackedSeqParams | None, attention_mask: Tensor | None, mask_type: AttnMaskType,
@@ -183,8 +212,8 @@ class TorchCoreAttention(MegatronModule):
             return mask, False
         if attention_mask is not None:  # one process (refused under CP)
             return ~attention_mask, False
-        if is_parallel(self.cp_group):  # the causal mask of GLOBAL positions
-            return (zigzag_causal_mask(query.shape[0], self.cp_group, query.device) if causal else None), False
+        if is_parallel(self.cp_group):  # no_mask (causal CP runs `zigzag_causal_attention`)
+            return None, False
         return None, causal
 
 

@@ -36,13 +36,15 @@ Spectral kernels: a generator whose kernel is a linear output layer over W hidde
 ``features``) lets the N-D FFT conv take the kernel's SPECTRUM as that layer over the features'
 spectra (`hyena_cp.ops.fftconv.kernel_spectrum`): W + 1 transforms instead of one per filter group,
 forward and backward. ``Hyena(spectral_kernel=)`` chooses (`use_spectral`); the result is the same.
+
+The argument checks (every rule a call must meet, raised on every rank before any collective) are
+the `hyena_cp.modules.hyena_checks.HyenaChecks` mixin.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
-
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
@@ -52,17 +54,15 @@ from torch.utils.checkpoint import checkpoint
 from hyena_cp import flops
 from hyena_cp.modules.gating import Gating
 from hyena_cp.modules.geometry import Geometry
+from hyena_cp.modules.hyena_checks import HyenaChecks, Sharding
 from hyena_cp.ops.fftconv import kernel_spectrum
 from hyena_cp.ops.filters import FourierFilter, kernel_grid
 from hyena_cp.ops.masks import ExponentialMask
-from hyena_cp.ops.packing import check_cu_seqlens, document_positions, is_one_document_per_row
+from hyena_cp.ops.packing import document_positions
 from hyena_cp.parallel import (agreement, check_agreement_policy, copy_to_group, group_rank, group_size, shape_of,
                                shard)
 
 __all__ = ["Hyena"]
-
-Sharding = Literal["sequence", "channel"]
-
 
 Factory = Callable[..., nn.Module]
 
@@ -84,7 +84,7 @@ def _build_part(part: nn.Module | Factory | None, role: str, num_groups: int, sp
     return part
 
 
-class Hyena(nn.Module):
+class Hyena(HyenaChecks, nn.Module):
     """Order-2 Hyena long-convolution core.
 
     Args:
@@ -216,84 +216,6 @@ class Hyena(nn.Module):
     def dtype_like(self) -> torch.Tensor:
         """A parameter whose dtype and device are the operator's (the filter's output layer)."""
         return next(self.filter.parameters())
-
-    def check_input(self, global_spatial: tuple[int, ...], world: int, sharded: Sharding = "sequence") -> None:
-        """Raise the constraints of this operator for a global size ``(L,)``/``(H, W)`` on a
-        cp_group of ``world`` ranks (called on every rank before any collective). ``sharded``:
-        how the operator will receive q, k, v (an explicit filter on sequence shards splits no
-        filter group, and needs zigzag chunks of at least its halo K-1)."""
-        self.filter.reference(global_spatial)
-        if self.fir_length is not None and sharded == "sequence":
-            self._check_fir_shard(global_spatial[0], world)
-            return
-        tp = group_size(self.tp_group)
-        if self.hidden_dim % (tp * world):
-            raise ValueError(f"hidden_dim={self.hidden_dim} must be divisible by tp_size*cp_size={tp}*{world}; "
-                             f"change hidden_dim or the context-parallel size")
-        if self.num_heads % (tp * world):
-            raise ValueError(f"num_heads={self.num_heads} must be divisible by tp_size*cp_size={tp}*{world} (filter "
-                             f"groups are never split across ranks); set num_heads to a multiple of {tp * world}")
-
-    def _check_fir_shard(self, length: int, world: int) -> None:
-        """An explicit filter on zigzag shards: each chunk must hold the K-1 tokens its halo reads."""
-        if world == 1:
-            return
-        self.geometry.check_shard((length,), world, 1, halo=False)  # L % 2P
-        chunk, halo = length // (2 * world), self.fir_length - 1
-        if chunk < halo:
-            raise ValueError(f"zigzag chunk length L/(2*cp_size)={length}/{2 * world}={chunk} is shorter than the halo "
-                             f"K-1={halo} of the explicit filter (fir_length={self.fir_length}): its direct conv reads "
-                             f"the K-1 tokens before each chunk from ONE neighbour; use L >= {2 * world * halo} or "
-                             f"fewer context-parallel ranks")
-
-    def check_packing(self, cu_seqlens: torch.Tensor | None, batch: int, global_len: int) -> None:
-        """Raise ``ValueError`` (before any collective) unless ``cu_seqlens`` is None or valid
-        boundaries of ``batch`` rows of ``global_len`` tokens (1-D causal only)."""
-        if cu_seqlens is None:
-            return
-        if self.geometry.boundaries != ("causal",):
-            raise ValueError("cu_seqlens (packed sequences) is for a causal 1-D Hyena; a grid or a non-causal "
-                             "sequence has no documents: pass cu_seqlens=None")
-        if self.cond_dim is not None:
-            raise ValueError("cu_seqlens (packed sequences) with a conditioned filter is not supported: its filter "
-                             "bank is per row, not per document")
-        check_cu_seqlens(cu_seqlens, batch * global_len, global_len)
-        self.check_packed_filter(cu_seqlens, batch, global_len)
-
-    def check_packed_filter(self, cu_seqlens: torch.Tensor, batch: int, global_len: int) -> None:
-        """Refuse documents shorter than their row with length-relative filters: positions are then
-        normalised by the packed length, so a document would see a prefix of the length-L filter,
-        not the filter it gets alone (one document per row is the unpacked case, exact)."""
-        if not self.filter.absolute and not is_one_document_per_row(cu_seqlens, batch * global_len, global_len):
-            raise ValueError("packed documents (cu_seqlens / packed_seq_params) need Hyena filters with absolute "
-                             "positions, but max_len=None: the filters are then normalised by the packed length, "
-                             "so a document would not behave as it does alone. Set max_len to the longest sequence "
-                             "(Hyena(max_len=...), HyenaMixerConfig(max_len=...); a filter= generator: its own size "
-                             "setting) or do not pack")
-
-    def check_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sharded: str,
-                  mask: torch.Tensor | None, world: int) -> None:
-        """Raise ``ValueError`` unless q, k, v (and ``mask``) fit `forward`'s contract."""
-        if sharded not in ("sequence", "channel"):
-            raise ValueError(f"sharded={sharded!r} must be 'sequence' (q, k, v are sequence shards) or 'channel' (they "
-                             f"hold the full sequence of this rank's channel block)")
-        shapes = [shape_of(t) for t in (q, k, v)]
-        layout = "[B, C, " + ", ".join("L" if self.spatial_dims == 1 else "HW"[:2] if self.spatial_dims == 2 else "THW") + "]"
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or len(set(shapes)) != 1 \
-                or q.dim() != 2 + self.spatial_dims:
-            raise ValueError(f"q, k, v must be tensors of one shape {layout} (channels first), got {shapes}")
-        channels = self.local_dim if sharded == "sequence" else self.local_dim // world
-        if q.shape[1] != channels:
-            raise ValueError(f"q, k, v have {q.shape[1]} channels; with sharded={sharded!r} they must have {channels} "
-                             f"(local_dim={self.local_dim}" + (f" / cp_size={world})" if sharded == "channel" else ")"))
-        if mask is not None:
-            try:
-                fits = isinstance(mask, torch.Tensor) and torch.broadcast_shapes(mask.shape, q.shape) == q.shape
-            except RuntimeError:
-                fits = False
-            if not fits:
-                raise ValueError(f"mask must be a tensor broadcastable to q's shape {tuple(q.shape)} (1 = real token, "
-                                 f"0 = padding), got {shape_of(mask)}")
 
     def long_conv(self, z: torch.Tensor, channels: slice, cu_seqlens: torch.Tensor | None = None,
                   conditioning: torch.Tensor | None = None) -> torch.Tensor:
@@ -439,31 +361,6 @@ class Hyena(nn.Module):
             self._check_call(q, k, v, cp_group, sharded, mask, cu_seqlens, conditioning)
             return self._forward(q, k, v, cp_group, sharded, mask, cu_seqlens, conditioning)
 
-    def _check_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group, sharded: Sharding,
-                    mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                    conditioning: torch.Tensor | None) -> None:
-        """Everything `forward` needs of its arguments on this rank (after the ranks agreed)."""
-        world = group_size(cp_group)
-        self.check_qkv(q, k, v, sharded, mask, world)
-        self.check_conditioning(conditioning, q)
-        if sharded == "channel" and world > 1 and not self.gating.token_local:
-            raise ValueError("qk_norm / conv_norm need every channel of a token, which channel shards "
-                             "(sharded='channel', the mixer's short_conv_cp='a2a') do not hold; use short_conv_cp='halo'")
-        global_spatial = tuple(q.shape[2:]) if sharded == "channel" else self.geometry.global_size(q.shape[2:], world)
-        self.check_input(global_spatial, world, sharded)
-        self.check_packing(cu_seqlens, q.shape[0], global_spatial[0])
-
-    def check_conditioning(self, conditioning: torch.Tensor | None, like: torch.Tensor) -> None:
-        """``conditioning`` is given exactly when the filter is conditioned, as ``[B, cond_dim]``."""
-        if (conditioning is None) != (self.cond_dim is None):
-            raise ValueError("this Hyena's filter " + ("is conditioned: pass conditioning [B, cond_dim="
-                                                       f"{self.cond_dim}]" if self.cond_dim is not None else
-                                                       "takes no conditioning: pass none"))
-        if conditioning is not None and (not isinstance(conditioning, torch.Tensor)
-                                         or tuple(conditioning.shape) != (like.shape[0], self.cond_dim)):
-            raise ValueError(f"conditioning must be [B, cond_dim] = {[like.shape[0], self.cond_dim]}, "
-                             f"got {shape_of(conditioning)}")
-
     def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group, sharded: Sharding,
                  mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                  conditioning: torch.Tensor | None) -> torch.Tensor:
@@ -490,10 +387,17 @@ class Hyena(nn.Module):
         if self.fir_length is not None:
             return {"filter_mlp": self.filter.flop_count(self.fir_length),
                     "fir_conv": flops.depthwise_conv(tokens, self.hidden_dim, self.fir_length), "gating": gating}
-        taps = math.prod(self.geometry.kernel_shape(spatial))
+        taps, fft_numel = math.prod(self.geometry.kernel_shape(spatial)), self.geometry.fft_numel(spatial)
+        if self.use_spectral(slice(None)):  # W + 1 feature transforms, then the output layer on their spectra
+            out = self.filter.out
+            transforms = out.in_features + (out.bias is not None)
+            fft = flops.fft_conv(self.hidden_dim, transforms, fft_numel) + \
+                4 * self.num_heads * transforms * (fft_numel // 2 + 1)  # real weight x complex bin: 2 mul + 2 add
+        else:
+            fft = flops.fft_conv(self.hidden_dim, self.num_heads, fft_numel)
         return {
             "filter_mlp": self.filter.flop_count(taps),
-            "fft_conv": flops.fft_conv(self.hidden_dim, self.num_heads, self.geometry.fft_numel(spatial)),
+            "fft_conv": fft,
             # z = k*v, q*y (+ gates and norms), and D*z + conv: elementwise FLOPs per token-channel
             "gating": gating,
         }
