@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from hyena_cp.megatron import HyenaMixerConfig, build_hyena_lm
-from hyena_cp.parallel import group_sum
+from hyena_cp.parallel import group_sum, unshard
 from references import rel_err
 
 from hyena_cp.data.stdlib_text import EOS, IGNORE_INDEX, TokenSplits, load_stdlib_text
@@ -112,10 +112,22 @@ def test_packing_needs_document_starts():
         plain.packed_samples("train", torch.tensor([0]))
 
 
-def test_seq_len_must_split_into_the_zigzag_chunks():
-    data = TokenSplits(train=torch.zeros(100, dtype=torch.uint8), val=torch.zeros(100, dtype=torch.uint8), seq_len=12)
-    with pytest.raises(ValueError, match=r"data.seq_len=12 must be divisible by 2\*parallel.cp=8 .*parallel.cp=4"):
-        LanguageModeling(data=data, global_batch_size=4, groups=groups(4, 0), seed=0)
+def test_windows_of_any_length_are_padded_to_what_cp_shards(text):
+    """seq_len=30 at cp=4: windows padded at the end to 32 (8 zigzag chunks of 4), inputs 0, labels
+    ignored there; the counted tokens, and the packed boundaries up to the last document, unchanged."""
+    data = TokenSplits(train=text.train, val=text.val, seq_len=30, train_starts=text.train_starts,
+                       val_starts=text.val_starts)
+    for pack in (False, True):
+        shards = [LanguageModeling(data=data, global_batch_size=4, pack=pack, groups=groups(4, r), seed=0).batch(0)
+                  for r in range(4)]
+        assert all(b.input_ids.shape == (4, 8) for b in shards)
+        labels = unshard([b.labels for b in shards], 1, "zigzag")  # b, 32
+        assert (labels[:, 30:] == IGNORE_INDEX).all() and shards[0].counted == int((labels != IGNORE_INDEX).sum())
+        one = LanguageModeling(data=data, global_batch_size=4, pack=pack, groups=groups(1, 0), seed=0).batch(0)
+        assert one.input_ids.shape == (4, 30) and torch.equal(labels[:, :30], one.labels)
+        if pack:  # the same documents, the last one of each row running into its padding
+            assert torch.equal(shards[0].cu_seqlens[:-1] // 32, one.cu_seqlens[:-1] // 30)
+            assert shards[0].cu_seqlens[-1] == 4 * 32
 
 
 def test_document_ids_follow_the_files(text):
@@ -130,12 +142,12 @@ def test_document_ids_follow_the_files(text):
                 assert ids[t + 1] == ids[t] + 1
 
 
-def worker_task_with_lm(pack: bool) -> dict:
+def worker_task_with_lm(pack: bool, seq_len: int = 32) -> dict:
     """The task's packed batch of a step with document boundaries through the real LM (HAH)."""
     g = init_parallel(dist.get_world_size(), megatron=True)  # the run's mesh and parallel_state, cp = world
     cp_group = g.cp_group
     try:
-        text = load_stdlib_text(seq_len=32, val_fraction=0.4, max_bytes=60_000)
+        text = load_stdlib_text(seq_len=seq_len, val_fraction=0.4, max_bytes=60_000)
         task = LanguageModeling(data=text, global_batch_size=4, pack=pack, groups=g, seed=0)
         step = next(s for s in range(task.sampler.steps_per_epoch)
                     if len(LanguageModeling(data=text, global_batch_size=4, pack=True, groups=g, seed=0)
@@ -159,3 +171,12 @@ def test_packed_task_under_cp2_trains_like_one_process(dist_run):
         assert rel_err(cp2["grads"][name], grad) < 1e-5, name  # float32
     plain = dist_run(worker_task_with_lm, 1, False)[0]  # the same windows, unpacked
     assert abs(plain["loss"] - single["loss"]) > 1e-4, "packing changed nothing: the test would be vacuous"
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_windows_not_a_multiple_of_2cp_train_like_one_process(dist_run, pack):
+    """30-token windows: padded to 32 at CP=2, not padded in one process; the same loss and gradients."""
+    single, cp2 = dist_run(worker_task_with_lm, 1, pack, 30)[0], dist_run(worker_task_with_lm, 2, pack, 30)[0]
+    assert abs(cp2["loss"] - single["loss"]) < 1e-5 * single["loss"]
+    for name, grad in single["grads"].items():
+        assert rel_err(cp2["grads"][name], grad) < 1e-5, name  # float32

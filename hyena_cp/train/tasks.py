@@ -32,7 +32,6 @@ from hyena_cp.data.sampling import GlobalBatchSampler, cp_shard_tokens, dp_slice
 from hyena_cp.data.stdlib_text import IGNORE_INDEX, TokenSplits
 from hyena_cp.ops.packing import concat_cu_seqlens
 from hyena_cp.distributed.mesh import ParallelGroups
-from hyena_cp.parallel.layouts import check_divisible
 from hyena_cp.parallel.reductions import group_sum
 
 __all__ = ["ImageClassification", "LanguageModeling", "Task"]
@@ -123,7 +122,11 @@ class LanguageModeling:
     mesh's TP and CP groups (``parallel.megatron=true``: `hyena_cp.train.build_model`).
 
     Args:
-        data: GLOBAL byte streams; ``data.seq_len`` must be divisible by ``2 * cp``.
+        data: GLOBAL byte streams, windows of any ``data.seq_len``: under CP each window is padded at
+            its END to a multiple of ``2 * cp`` (inputs 0, labels ``IGNORE_INDEX``), as
+            `hyena_cp.megatron.embeddings` pads a sequence. The model is causal, so no real token
+            reads the padding, and the padding has no loss: the run equals one process on the
+            unpadded windows (a model whose halos need longer zigzag chunks says so).
         global_batch_size: sequences per optimizer step over all replicas (divisible by dp).
         eval_batch_size: sequences per forward pass during evaluation (per replica).
         eval_samples: validation sequences evaluated (None: all of them).
@@ -136,8 +139,8 @@ class LanguageModeling:
 
     def __init__(self, *, data: TokenSplits, global_batch_size: int, eval_batch_size: int = 16,
                  eval_samples: int | None = 64, pack: bool = False, groups: ParallelGroups, seed: int):
-        cp = groups.dims.cp
-        check_divisible(data.seq_len, "zigzag", cp, "data.seq_len", cp_name="parallel.cp")
+        parts = 2 * groups.dims.cp
+        self.shard_len = -(-data.seq_len // parts) * parts  # what the zigzag layout shards
         self.data, self.groups, self.eval_batch_size, self.pack = data, groups, eval_batch_size, pack
         self.sampler = GlobalBatchSampler(num_samples=data.num_samples("train"), global_batch_size=global_batch_size,
                                           seed=seed)
@@ -150,15 +153,17 @@ class LanguageModeling:
         g, cu_seqlens = self.groups, None
         if self.pack:
             inputs, labels, rows = self.data.packed_samples(split, indices)  # b, S (full sequences)
-            cu_seqlens = concat_cu_seqlens(rows, self.data.seq_len).to(g.device)
+            cu_seqlens = concat_cu_seqlens(rows, self.shard_len).to(g.device)  # the last document takes the padding
         else:
             inputs, labels = self.data.samples(split, indices)  # b, S (full sequences)
+        pad = self.shard_len - self.data.seq_len
+        inputs, labels = F.pad(inputs, (0, pad)), F.pad(labels, (0, pad), value=IGNORE_INDEX)  # b, S padded
         counted = int((labels != IGNORE_INDEX).sum())
         shard = [cp_shard_tokens(t, g.dims.cp, g.cp_rank).to(g.device) for t in (inputs, labels)]  # b, S/cp
         return LMBatch(shard[0], shard[1], cu_seqlens, counted)
 
     def batch(self, step: int) -> LMBatch:
-        """This rank's `LMBatch`: ``input_ids``, ``labels`` ``[b_dp, S / cp]`` int64 zigzag shards."""
+        """This rank's `LMBatch`: ``input_ids``, ``labels`` ``[b_dp, S_padded / cp]`` int64 zigzag shards."""
         return self._local("train", dp_slice(self.sampler.indices(step), self.groups.dims.dp, self.groups.dp_rank))
 
     @staticmethod
