@@ -142,7 +142,7 @@ def test_document_ids_follow_the_files(text):
                 assert ids[t + 1] == ids[t] + 1
 
 
-def worker_task_with_lm(pack: bool, seq_len: int = 32) -> dict:
+def worker_task_with_lm(pack: bool, seq_len: int = 32, count_padding: bool = False) -> dict:
     """The task's packed batch of a step with document boundaries through the real LM (HAH)."""
     g = init_parallel(dist.get_world_size(), megatron=True)  # the run's mesh and parallel_state, cp = world
     cp_group = g.cp_group
@@ -156,7 +156,10 @@ def worker_task_with_lm(pack: bool, seq_len: int = 32) -> dict:
         model = build_hyena_lm(vocab_size=256, max_sequence_length=32, num_layers=3, hidden_size=16,
                                ffn_hidden_size=32, num_attention_heads=2, layer_pattern="HAH",
                                hyena=HyenaMixerConfig(num_heads=2, filter_width=8, max_len=32))
-        share = task.loss_share(model, task.batch(step))
+        batch = task.batch(step)
+        if count_padding:  # twin: the padding's tokens counted in the normalisation
+            batch = batch._replace(counted=batch.input_ids.shape[0] * task.shard_len)
+        share = task.loss_share(model, batch)
         share.backward()
         return {"loss": float(group_sum(share.detach(), cp_group)),
                 "grads": {n: group_sum(p.grad, cp_group) for n, p in model.named_parameters()}}
@@ -180,3 +183,5 @@ def test_windows_not_a_multiple_of_2cp_train_like_one_process(dist_run, pack):
     assert abs(cp2["loss"] - single["loss"]) < 1e-5 * single["loss"]
     for name, grad in single["grads"].items():
         assert rel_err(cp2["grads"][name], grad) < 1e-5, name  # float32
+    twin = dist_run(worker_task_with_lm, 2, pack, 30, True)[0]
+    assert abs(twin["loss"] - single["loss"]) > 1e-2 * single["loss"], "counting the padding must show"

@@ -41,9 +41,29 @@ def reference_attention(q, k, v):
 
 
 # ------------------------------------------------------------- core attention under CP
-def worker_core_attention(groups: int, local_keys: bool) -> dict:
+def top_left_chunks(q, k, v, cp_group, attention):
+    """Twin of `zigzag_causal_attention`: every chunk ``is_causal`` over its key prefix, which SDPA
+    aligns top-left (query j sees keys <= j) instead of at the chunk's end (keys <= i c + j)."""
+    world, rank, chunk = dist.get_world_size(cp_group), dist.get_rank(cp_group), q.shape[2] // 2
+    return torch.cat([attention(q[:, :, n * chunk:(n + 1) * chunk], k[:, :, :(i + 1) * chunk], v[:, :, :(i + 1) * chunk],
+                                is_causal=True) for n, i in enumerate((rank, 2 * world - 1 - rank))], dim=2)
+
+
+def worker_core_attention(groups: int, local_keys: bool, twin: bool = False) -> dict:
     """Every rank: the same GLOBAL q, k, v and output grad; this rank's zigzag shard through
-    the CP core attention (``local_keys``: the negative twin, no CP group)."""
+    the CP core attention (``local_keys``: the negative twin, no CP group; ``twin``: chunks masked
+    top-left, `top_left_chunks`)."""
+    from hyena_cp.megatron import attention as attention_module
+    exact = attention_module.zigzag_causal_attention
+    if twin:
+        attention_module.zigzag_causal_attention = top_left_chunks
+    try:
+        return _core_attention(groups, local_keys)
+    finally:  # the pool's worker runs the next tests
+        attention_module.zigzag_causal_attention = exact
+
+
+def _core_attention(groups: int, local_keys: bool) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     pgs = ProcessGroupCollection(cp=None if local_keys else dist.group.WORLD)
     attn = TorchCoreAttention(make_config(), layer_number=1, attn_mask_type=AttnMaskType.causal,
@@ -82,6 +102,11 @@ def test_cp_core_attention_matches_the_float64_reference(dist_run, world, groups
 def test_attention_over_local_keys_only_fails_the_parity_check(dist_run, world):
     errors = core_attention_errors(dist_run(worker_core_attention, world, 4, True))
     assert errors["out"] > 1e-3 and errors["grad k"] > 1e-3, errors
+
+
+def test_chunks_masked_top_left_fail_the_parity_check(dist_run):
+    errors = core_attention_errors(dist_run(worker_core_attention, 2, 4, False, True))
+    assert errors["out"] > 1e-3 and errors["grad q"] > 1e-3, errors
 
 
 def worker_bad_core_attention(kwargs: dict) -> None:
