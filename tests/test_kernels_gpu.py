@@ -1,4 +1,5 @@
-"""The real optional kernels against the pure-torch path, on a GPU (skipped without CUDA).
+"""The real optional kernels against the pure-torch path, on a GPU (skipped without CUDA), and the
+StripedHyena kernels that no optional kernel takes (blocked Toeplitz conv, modal filter) on the GPU.
 
 `launch/gpu_kernel_check.sh` installs the kernels where it can and runs this file. A kernel that
 is not installed skips its tests; one that is installed but fails its self-test FAILS them.
@@ -145,3 +146,28 @@ def test_mixer_on_gpu_equals_torch(spy):
     finally:
         kernels.set_kernel_policy(previous)
     _assert_near(fast, ref, 1e-4, 1e-3)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_striped_kernels_on_gpu_equal_the_cpu(packed):
+    """Hyena-MR's blocked Toeplitz conv (K=128, with a halo) and Hyena-LI's factored modal filter,
+    float64 on the GPU against the same code on the CPU: the pure-torch paths the operators run
+    there (no optional kernel takes K=128)."""
+    from hyena_cp.ops.modal import modal_kernel
+    from hyena_cp.ops.packing import document_positions
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8, 1000, generator=g, dtype=torch.float64), torch.randn(8, 128, generator=g, dtype=torch.float64)
+    halo = torch.randn(2, 8, 127, generator=g, dtype=torch.float64)
+    positions = document_positions(torch.tensor([0, 300, 1000, 1500, 2000]), 2000).view(2, 1000) if packed else None
+
+    def conv(device):
+        inputs = [t.to(device).requires_grad_() for t in (x, w, halo)]
+        return _grads(lambda a, b, h: causal_depthwise_conv1d(a, b, None, h, None if positions is None
+                                                              else positions.to(device)), inputs)
+    for got, want in zip(conv(DEVICE), conv("cpu")):
+        assert (got.cpu() - want).abs().max() <= 1e-12 * want.abs().max()
+    poles, residues = -torch.rand(16, 16, generator=g, dtype=torch.float64) * 0.1, torch.randn(16, 16, generator=g,
+                                                                                               dtype=torch.float64)
+    on_gpu = modal_kernel(poles.to(DEVICE), residues.to(DEVICE), 5000).cpu()
+    want = modal_kernel(poles, residues, 5000)
+    assert (on_gpu - want).abs().max() <= 1e-12 * want.abs().max()
