@@ -311,6 +311,18 @@ def test_quick_run_striped_section(quick_run):
         assert row["states"] == 16 * row["params"] // row["cp"]
 
 
+def test_byte_model_gpu_check_code_path_on_cpu():
+    """The GPU check of the byte model (run where CUDA is present), on the CPU at a tiny size: a row per
+    layer kind and length, each with bytes measured and a model figure."""
+    from types import SimpleNamespace
+
+    from hyena_cp.bench.striped import gpu_check
+    with RankPools() as pools:
+        table, rows = gpu_check(SimpleNamespace(pools=pools), {k: (100.0, 0.0) for k in "SDHA"}, 32, [256], "cpu")
+    assert [r["layer"] for r in rows] == ["S", "D", "H", "A", "core attention"] and len(table.rows) == 5
+    assert all(r["measured"] > 0 and r["model"] > 0 for r in rows)
+
+
 def worker_parameter_count() -> tuple[int, int]:
     import copy
 

@@ -14,7 +14,8 @@
   (`measure.saved_for_backward`), fitted as ``D * (a * L / P + c)`` per layer kind (``c``: the halos;
   checked against one process and a wider model), and extrapolated; attention layers are counted as
   a flash kernel would store them (CPU SDPA stores the L x L scores); parameters, gradients and AdamW
-  state are 16 bytes per parameter, sharded over the CP ranks by FSDP.
+  state are 16 bytes per parameter, sharded over the CP ranks by FSDP. With a GPU, the same per-layer
+  bytes measured there, one process, against the model (`gpu_check`).
 """
 from __future__ import annotations
 
@@ -172,17 +173,18 @@ def embed_rates(group, length: int, repeats: int, hidden: int = 64) -> dict:
         destroy_parallel(groups)
 
 
-def layer_bytes(group, hidden: int, length: int) -> dict[str, int]:
+def layer_bytes(group, hidden: int, length: int, device: str = "cpu") -> dict[str, int]:
     """On every rank (CP = the group's size): bytes saved for backward per layer of an "SDHA" model,
-    by layer kind (the attention layer without its core attention: counted analytically)."""
+    by layer kind (the attention layer without its core attention: counted analytically), with the
+    model and tokens on ``device`` (one process on a GPU: `gpu_check`)."""
     from hyena_cp.bench.measure import saved_for_backward
     from hyena_cp.parallel import group_rank, shard
     from hyena_cp.distributed.mesh import destroy_parallel, init_parallel
 
     groups = init_parallel(group.size(), megatron=True)
     try:
-        model = _evo2_model("SDHA", length, hidden).train()
-        ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0))
+        model = _evo2_model("SDHA", length, hidden).train().to(device)
+        ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
         local = shard(ids, 1, "zigzag", group.size(), group_rank(groups.cp_group))
 
         def label(name: str) -> str:
@@ -221,6 +223,25 @@ def _parameters(shape: dict) -> int:
     per_kind = {"S": hyena + shape["groups"] * 7, "D": hyena + shape["groups"] * 128 + d,
                 "H": hyena + 2 * d * shape["state"] + d, "A": 4 * d * d + d}
     return shape["vocab"] * d + d + sum(block + per_kind[k] for k in shape["pattern"])
+
+
+def gpu_check(ctx: BenchContext, fits: dict[str, tuple[float, float]], hidden: int, lengths: list[int],
+              device: str = "cuda") -> tuple[Table, list[dict]]:
+    """The byte model against a GPU: bytes saved for backward per layer kind of the same model, one
+    process on ``device`` (CUDA: flash attention), measured and predicted from the CPU fit."""
+    table = Table(f"Byte model against one GPU (SDHA, hidden {hidden}, one process, fp32)",
+                  ["L", "layer", "measured", "byte model", "measured / model"])
+    rows = []
+    for length in lengths:
+        (got,) = ctx.pools.run(1, layer_bytes, hidden, length, device)
+        flash = 4 * 4 * length * hidden  # a flash kernel in one process keeps q, k, v and its output (+ the lse)
+        for kind, model in [*((k, _predict(fits[k], hidden, length, 1)) for k in "SDHA"), ("core attention", flash)]:
+            rows.append({"length": length, "layer": kind, "measured": got.get(kind, 0), "model": model})
+            table.rows.append([length, kind, fmt_bytes(got.get(kind, 0)), fmt_bytes(model),
+                               f"{got.get(kind, 0) / model:.2f}"])
+    table.notes.append("Measured with `measure.saved_for_backward` on the device (what autograd keeps, by layer); "
+                       "the model's core-attention term is a flash kernel's q, k, v and output at 4 bytes.")
+    return table, rows
 
 
 def evo2_1b_memory(fits: dict[str, tuple[float, float]], worlds: list[int], length: int = 2 ** 20) -> list[dict]:
@@ -299,7 +320,13 @@ def run(ctx: BenchContext) -> Section:
                         f"process and a 2x wider model within {100 * worst:.1f}%. Attention's core counted as a flash "
                         "kernel at 1M tokens (its shard's q, k, v, output, plus the all-gathered K and V); fp32 "
                         "(bf16 halves most of it). Measure it on a GPU for the real figure.")
-    data = {"layers": times, "kernel_forms": forms, "decode": rates, "embed": {str(w): r for w, r in embeds.items()},
+    tables, on_gpu = [layers, kernels, decode, embedding, memory], []
+    if torch.cuda.is_available() and not ctx.quick:
+        table, on_gpu = gpu_check(ctx, fits, 256, [16384, 65536])
+        tables.append(table)
+    else:
+        memory.notes.append("No CUDA device: on one, this section also measures the byte model against the GPU.")
+    data = {"layers": times, "kernel_forms": forms, "gpu_check": on_gpu, "decode": rates, "embed": {str(w): r for w, r in embeds.items()},
             "fits": {k: list(v) for k, v in fits.items()}, "fit_check": worst,
             "memory": evo2_1b_memory(fits, [8, 16, 32, 64])}
-    return Section("StripedHyena 2 and HyenaDNA operators", [layers, kernels, decode, embedding, memory], [], [], data)
+    return Section("StripedHyena 2 and HyenaDNA operators", tables, [], [], data)
