@@ -102,3 +102,14 @@ def test_float32_blocked_conv_within_its_sums_bound():
     for (name, n), a, b_, mag in zip(terms.items(), got, want, magnitudes):
         excess = (a.double() - b_).abs() - (n + 2) * 2 ** -24 * mag
         assert excess.max() <= 0, (name, excess.max().item())
+
+
+def test_autocast_leaves_the_blocked_conv_in_the_inputs_dtype():
+    """Under bf16 autocast the blocked conv, like the shifted taps, computes in x's dtype: a float32
+    input gives the float32 result, forward and backward, bit for bit."""
+    (x, w, b, left), _ = inputs(1, 3, 100, 40, True, True, False, dtype=torch.float32)
+    upstream = torch.randn(1, 3, 100)
+    plain = value_and_grads(causal_depthwise_conv1d, [x, w, b, left], None, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = value_and_grads(causal_depthwise_conv1d, [x, w, b, left], None, upstream)
+    assert all(a.dtype == torch.float32 and torch.equal(a, p) for a, p in zip(cast, plain))

@@ -75,6 +75,11 @@ def blocked_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """``short_conv.causal_depthwise_conv1d`` (one document) by blocked matmuls: ``x [N, C, L]``,
     ``weight [C, K]``, ``bias [C]`` or None, ``left_context [N, C, K-1]`` or None -> ``[N, C, L]``
     contiguous. No autograd (the caller's Function applies `blocked_causal_conv1d_backward`)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):  # in x's dtype, as the shifted taps
+        return _forward(x, weight, bias, left_context)
+
+
+def _forward(x, weight, bias, left_context):
     batch, channels, length = x.shape
     m = _block(weight.shape[1])
     t1, t0 = _toeplitz(weight, m)
@@ -95,6 +100,11 @@ def blocked_causal_conv1d_backward(grad: torch.Tensor, x: torch.Tensor, weight: 
                                    need_halo: bool) -> tuple[torch.Tensor | None, ...]:
     """The adjoint of `blocked_causal_conv1d` without its bias: ``(grad_x, grad_weight, grad_halo)``,
     None where not needed."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _backward(grad, x, weight, left_context, need_x, need_w, need_halo)
+
+
+def _backward(grad, x, weight, left_context, need_x, need_w, need_halo):
     batch, channels, length = x.shape
     kernel = weight.shape[1]
     m = _block(kernel)
