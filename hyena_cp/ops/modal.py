@@ -86,11 +86,12 @@ def modal_state(z: torch.Tensor, log_poles: torch.Tensor) -> torch.Tensor:
                          f"{tuple(log_poles.shape)}")
     dtype = _compute_dtype(z, log_poles)
     length, poles = z.shape[-1], log_poles.to(dtype)
-    across, within = _factors(poles, length)  # C, S, blocks / m
-    m = within.shape[-1]
-    lags = F.pad(z.to(dtype).flip(-1), (0, across.shape[-1] * m - length))  # B, C, blocks * m: z at lag k m + n
-    per_block = torch.einsum("bckn,csn->bcks", lags.unflatten(-1, (-1, m)), within)
-    return torch.einsum("bcks,csk->bcs", per_block, across)
+    with torch.autocast(device_type=z.device.type, enabled=False):  # the state keeps float32
+        across, within = _factors(poles, length)  # C, S, blocks / m
+        m = within.shape[-1]
+        lags = F.pad(z.to(dtype).flip(-1), (0, across.shape[-1] * m - length))  # B, C, blocks * m: z at lag k m + n
+        per_block = torch.einsum("bckn,csn->bcks", lags.unflatten(-1, (-1, m)), within)
+        return torch.einsum("bcks,csk->bcs", per_block, across)
 
 
 def modal_step(state: torch.Tensor, z: torch.Tensor, log_poles: torch.Tensor,
