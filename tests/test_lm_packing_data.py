@@ -185,3 +185,12 @@ def test_windows_not_a_multiple_of_2cp_train_like_one_process(dist_run, pack):
         assert rel_err(cp2["grads"][name], grad) < 1e-5, name  # float32
     twin = dist_run(worker_task_with_lm, 2, pack, 30, True)[0]
     assert abs(twin["loss"] - single["loss"]) > 1e-2 * single["loss"], "counting the padding must show"
+
+
+def test_padded_windows_longer_than_the_model_are_refused_naming_the_settings(text):
+    from hyena_cp.train.loop import _check_padded_windows
+    data = TokenSplits(train=text.train, val=text.val, seq_len=30)
+    task = LanguageModeling(data=data, global_batch_size=4, groups=groups(2, 0), seed=0)  # padded to 32
+    _check_padded_windows(SimpleNamespace(max_sequence_length=32), task, 2)
+    with pytest.raises(ValueError, match=r"task.data.seq_len=30 is padded to 32 .* model.max_sequence_length=31"):
+        _check_padded_windows(SimpleNamespace(max_sequence_length=31), task, 2)

@@ -126,6 +126,7 @@ class Trainer:
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule scales this base rate
         task = instantiate(cfg.task, groups=groups, seed=settings.seed)
+        _check_padded_windows(model, task, dims.cp)
         torch.manual_seed(settings.seed + 1000 * (groups.dp_rank + 1))  # per replica, see TrainConfig
         checkpointer = Checkpointer(output_dir / "checkpoints", groups, keep=settings.keep_checkpoints,
                                     dp_mode=parallel.dp_mode)
@@ -339,6 +340,17 @@ def _check_tensor_parallel(model: nn.Module, tp: int) -> None:
         raise ValueError(f"parallel.tp={tp} but the model has no tensor-parallel parameters (megatron-core's "
                          f"tensor_model_parallel attribute); only megatron-core models are tensor parallel: "
                          f"use parallel.tp=1 for this model")
+
+
+def _check_padded_windows(model: nn.Module, task, cp: int) -> None:
+    """A language model's windows, padded to what the CP group shards (`LanguageModeling`), must fit
+    its ``max_sequence_length``; said here, naming the settings, instead of by the first forward."""
+    limit, padded = getattr(model, "max_sequence_length", None), getattr(task, "shard_len", None)
+    if limit is not None and padded is not None and padded > limit:
+        seq_len = task.data.seq_len
+        raise ValueError(f"task.data.seq_len={seq_len} is padded to {padded} tokens (a multiple of 2*parallel.cp="
+                         f"{2 * cp}), more than model.max_sequence_length={limit}: raise model.max_sequence_length to "
+                         f"{padded}, or use a seq_len that is a multiple of {2 * cp}")
 
 
 def _check_autocast(precision: str, megatron: bool, device: torch.device) -> None:
